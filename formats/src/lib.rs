@@ -1,0 +1,18 @@
+//! Byte-level model formats for Cairn.
+//!
+//! Everything here works on `&[u8]` and allocates only through `alloc`: no files, no
+//! threads, no devices. That keeps the parsers usable from any host (phones, WASM, a
+//! fuzzer) and makes every size and offset check local and testable.
+#![no_std]
+#![forbid(unsafe_code)]
+
+extern crate no_std_compat as std;
+
+pub mod error;
+pub mod gguf;
+pub mod quant;
+pub mod types;
+
+pub use error::{Error, Result};
+pub use gguf::{Gguf, GgufBuilder, MetaValue, TensorInfo};
+pub use types::GgmlType;
