@@ -6,6 +6,7 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
 extern crate no_std_compat as std;
 
 pub mod error;

@@ -190,7 +190,7 @@ impl GgmlType {
 }
 
 fn alloc_fmt(ty: GgmlType, n: u64) -> std::string::String {
-    std::format!(
+    alloc::format!(
         "row of {n} values is not a whole number of {} blocks of {}",
         ty.name(),
         ty.block_size()

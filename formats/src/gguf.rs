@@ -1,0 +1,515 @@
+//! GGUF v2/v3 reader over a byte slice, and a writer for building files in memory.
+//!
+//! The reader trusts nothing: every count is bounded by the bytes that remain before
+//! anything is allocated, nesting depth is capped, and every tensor's extent is checked
+//! against the data section. A malformed file yields an [`Error`], never a panic.
+
+use std::prelude::v1::*;
+
+use crate::error::{Error, Result};
+use crate::types::GgmlType;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Nested arrays deeper than this are rejected: no real file needs more, and it bounds
+/// recursion on hostile input.
+const MAX_DEPTH: usize = 8;
+const MAX_DIMS: usize = 4;
+
+/// A metadata value. Strings are decoded lossily: GGUF says UTF-8, but a stray byte in a
+/// vocabulary entry should not make a whole model unloadable.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<MetaValue>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl MetaValue {
+    fn type_id(&self) -> u32 {
+        match self {
+            MetaValue::U8(_) => 0,
+            MetaValue::I8(_) => 1,
+            MetaValue::U16(_) => 2,
+            MetaValue::I16(_) => 3,
+            MetaValue::U32(_) => 4,
+            MetaValue::I32(_) => 5,
+            MetaValue::F32(_) => 6,
+            MetaValue::Bool(_) => 7,
+            MetaValue::String(_) => 8,
+            MetaValue::Array(_) => 9,
+            MetaValue::U64(_) => 10,
+            MetaValue::I64(_) => 11,
+            MetaValue::F64(_) => 12,
+        }
+    }
+
+    /// Any integer type that fits in a u64 (negative values do not).
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            MetaValue::U8(v) => Some(v as u64),
+            MetaValue::U16(v) => Some(v as u64),
+            MetaValue::U32(v) => Some(v as u64),
+            MetaValue::U64(v) => Some(v),
+            MetaValue::I8(v) => u64::try_from(v).ok(),
+            MetaValue::I16(v) => u64::try_from(v).ok(),
+            MetaValue::I32(v) => u64::try_from(v).ok(),
+            MetaValue::I64(v) => u64::try_from(v).ok(),
+            MetaValue::Bool(v) => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            MetaValue::I8(v) => Some(v as i64),
+            MetaValue::I16(v) => Some(v as i64),
+            MetaValue::I32(v) => Some(v as i64),
+            MetaValue::I64(v) => Some(v),
+            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
+        }
+    }
+
+    /// Any numeric type as f64.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetaValue::F32(v) => Some(v as f64),
+            MetaValue::F64(v) => Some(v),
+            _ => self.as_i64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the tensor directory. `dims[0]` is the innermost (contiguous) dimension,
+/// as in ggml: a weight matrix of `dims = [k, m]` has `m` rows of `k` values each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    /// Offset from the start of the file (already includes the data section's start).
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// A parsed GGUF file borrowing its bytes.
+#[derive(Debug, Clone)]
+pub struct Gguf<'a> {
+    pub version: u32,
+    pub metadata: Vec<(String, MetaValue)>,
+    pub tensors: Vec<TensorInfo>,
+    pub alignment: u64,
+    pub data_offset: u64,
+    bytes: &'a [u8],
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        match end {
+            Some(end) => {
+                let s = &self.buf[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(Error::Truncated { what: what.into(), offset: self.pos }),
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8> {
+        Ok(self.array::<1>(what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn count(&mut self, what: &str) -> Result<u64> {
+        self.u64(what)
+    }
+
+    /// A count of items each at least `min_size` bytes long, bounded by what remains so
+    /// that a hostile count cannot make us allocate or loop beyond the input's size.
+    fn bounded_count(&mut self, what: &str, min_size: usize) -> Result<usize> {
+        let at = self.pos;
+        let n = self.count(what)?;
+        let max = (self.remaining() / min_size.max(1)) as u64;
+        if n > max {
+            return Err(Error::invalid(format!(
+                "{what} at byte {at} claims {n} items, more than the {} remaining bytes can hold",
+                self.remaining()
+            )));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.bounded_count(what, 1)?;
+        let s = self.take(n, what)?;
+        Ok(String::from_utf8_lossy(s).into_owned())
+    }
+
+    fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<MetaValue> {
+        Ok(match ty {
+            0 => MetaValue::U8(self.u8(key)?),
+            1 => MetaValue::I8(self.u8(key)? as i8),
+            2 => MetaValue::U16(self.u16(key)?),
+            3 => MetaValue::I16(self.u16(key)? as i16),
+            4 => MetaValue::U32(self.u32(key)?),
+            5 => MetaValue::I32(self.u32(key)? as i32),
+            6 => MetaValue::F32(f32::from_bits(self.u32(key)?)),
+            7 => match self.u8(key)? {
+                0 => MetaValue::Bool(false),
+                1 => MetaValue::Bool(true),
+                b => return Err(Error::invalid(format!("metadata {key}: bad bool byte {b}"))),
+            },
+            8 => MetaValue::String(self.string(key)?),
+            9 => {
+                if depth >= MAX_DEPTH {
+                    return Err(Error::invalid(format!(
+                        "metadata {key}: arrays nested deeper than {MAX_DEPTH}"
+                    )));
+                }
+                let elem_ty = self.u32(key)?;
+                let min = min_value_size(elem_ty).ok_or_else(|| {
+                    Error::invalid(format!("metadata {key}: unknown array element type {elem_ty}"))
+                })?;
+                let n = self.bounded_count(key, min)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(elem_ty, depth + 1, key)?);
+                }
+                MetaValue::Array(items)
+            }
+            10 => MetaValue::U64(self.u64(key)?),
+            11 => MetaValue::I64(self.u64(key)? as i64),
+            12 => MetaValue::F64(f64::from_bits(self.u64(key)?)),
+            t => return Err(Error::invalid(format!("metadata {key}: unknown value type {t}"))),
+        })
+    }
+}
+
+/// Smallest encoded size of a value of type `ty` (None for unknown types).
+fn min_value_size(ty: u32) -> Option<usize> {
+    let count = 8;
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 => count,
+        9 => 4 + count,
+        10..=12 => 8,
+        _ => return None,
+    })
+}
+
+impl<'a> Gguf<'a> {
+    /// Parse the header, metadata and tensor directory of `bytes`, checking that every
+    /// tensor lies inside the file.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        if bytes.len() < 4 {
+            return Err(Error::Truncated { what: "magic".into(), offset: 0 });
+        }
+        if &bytes[..4] != MAGIC {
+            return Err(Error::BadMagic);
+        }
+        let mut c = Cursor { buf: bytes, pos: 4 };
+        let version = c.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::UnsupportedVersion(version));
+        }
+        // Each tensor info is at least 8 (name) + 4 + 8 + 4 + 8 bytes.
+        let n_tensors = c.count("tensor count")?;
+        let n_kv = c.count("metadata count")?;
+        let n_kv = bound(n_kv, c.remaining(), 8 + 4 + 1, "metadata count")?;
+        let n_tensors = bound(n_tensors, c.remaining(), 8 + 4 + 8 + 4 + 8, "tensor count")?;
+
+        let mut metadata = Vec::with_capacity(n_kv);
+        for _ in 0..n_kv {
+            let key = c.string("metadata key")?;
+            let ty = c.u32(&key)?;
+            let v = c.value(ty, 0, &key)?;
+            metadata.push((key, v));
+        }
+
+        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, v)) => {
+                let a = v.as_u64().ok_or_else(|| Error::invalid("general.alignment is not an integer"))?;
+                if a == 0 || !a.is_power_of_two() || a > 1 << 20 {
+                    return Err(Error::invalid(format!("general.alignment {a} is not a power of two up to 1 MiB")));
+                }
+                a
+            }
+            None => DEFAULT_ALIGNMENT,
+        };
+
+        let mut raw = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = c.string("tensor name")?;
+            let n_dims = c.u32(&name)? as usize;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(Error::invalid(format!("tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                dims.push(c.u64(&name)?);
+            }
+            let ty_id = c.u32(&name)?;
+            let ty = GgmlType::from_id(ty_id)
+                .map_err(|_| Error::invalid(format!("tensor {name}: unknown type id {ty_id}")))?;
+            let offset = c.u64(&name)?;
+            raw.push((name, dims, ty, offset));
+        }
+
+        let data_offset = align_up(c.pos as u64, alignment)
+            .ok_or_else(|| Error::invalid("data offset overflows"))?;
+        if data_offset > bytes.len() as u64 && n_tensors > 0 {
+            return Err(Error::Truncated { what: "tensor data".into(), offset: bytes.len() });
+        }
+        let data_len = (bytes.len() as u64).saturating_sub(data_offset);
+
+        let mut tensors = Vec::with_capacity(raw.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, dims, ty, rel) in raw {
+            let mut n: u64 = 1;
+            for &d in &dims {
+                n = n
+                    .checked_mul(d)
+                    .ok_or_else(|| Error::invalid(format!("tensor {name}: element count overflows")))?;
+            }
+            let row = ty
+                .row_bytes(dims[0])
+                .map_err(|e| Error::invalid(format!("tensor {name}: {e}")))?;
+            let size = row
+                .checked_mul(n / dims[0].max(1))
+                .ok_or_else(|| Error::invalid(format!("tensor {name}: size overflows")))?;
+            if rel % alignment != 0 {
+                return Err(Error::invalid(format!("tensor {name}: offset {rel} is not aligned to {alignment}")));
+            }
+            match rel.checked_add(size) {
+                Some(end) if end <= data_len => {}
+                _ => {
+                    return Err(Error::Truncated {
+                        what: format!("tensor {name} ({size} bytes at data offset {rel})"),
+                        offset: bytes.len(),
+                    })
+                }
+            }
+            if !seen.insert(name.clone()) {
+                return Err(Error::invalid(format!("tensor {name} appears twice")));
+            }
+            tensors.push(TensorInfo { name, dims, ty, offset: data_offset + rel, size });
+        }
+
+        Ok(Gguf { version, metadata, tensors, alignment, data_offset, bytes })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(MetaValue::as_str)
+    }
+
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(MetaValue::as_u64)
+    }
+
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        self.get(key).and_then(MetaValue::as_f64)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The bytes of a tensor; in bounds by construction (checked in `parse`).
+    pub fn tensor_data(&self, t: &TensorInfo) -> &'a [u8] {
+        &self.bytes[t.offset as usize..(t.offset + t.size) as usize]
+    }
+
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+}
+
+fn bound(n: u64, remaining: usize, min: usize, what: &str) -> Result<usize> {
+    if n > (remaining / min) as u64 {
+        return Err(Error::invalid(format!(
+            "{what} {n} is larger than the {remaining} remaining bytes can hold"
+        )));
+    }
+    Ok(n as usize)
+}
+
+fn align_up(x: u64, a: u64) -> Option<u64> {
+    Some(x.checked_add(a - 1)? / a * a)
+}
+
+/// Builds a GGUF v3 file in memory: synthetic models for tests, and (later) exporters.
+#[derive(Debug, Default, Clone)]
+pub struct GgufBuilder {
+    metadata: Vec<(String, MetaValue)>,
+    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+    alignment: u64,
+}
+
+impl GgufBuilder {
+    pub fn new() -> Self {
+        GgufBuilder { alignment: DEFAULT_ALIGNMENT, ..Default::default() }
+    }
+
+    pub fn meta(mut self, key: &str, v: MetaValue) -> Self {
+        if key == "general.alignment" {
+            if let Some(a) = v.as_u64() {
+                self.alignment = a;
+            }
+        }
+        self.metadata.push((key.into(), v));
+        self
+    }
+
+    /// Add a tensor from its raw block bytes; the size must match `dims` and `ty`.
+    pub fn tensor(mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Result<Self> {
+        let n: u64 = dims.iter().product();
+        let want = ty.row_bytes(dims[0])? * (n / dims[0].max(1));
+        if want != data.len() as u64 {
+            return Err(Error::invalid(format!(
+                "tensor {name}: {} bytes given, {want} expected",
+                data.len()
+            )));
+        }
+        self.tensors.push((name.into(), dims.to_vec(), ty, data));
+        Ok(self)
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            put_str(&mut out, k);
+            out.extend_from_slice(&v.type_id().to_le_bytes());
+            put_value(&mut out, v);
+        }
+        let a = self.alignment.max(1);
+        let mut rel = 0u64;
+        let mut offsets = Vec::new();
+        for (name, dims, ty, data) in &self.tensors {
+            put_str(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&ty.id().to_le_bytes());
+            out.extend_from_slice(&rel.to_le_bytes());
+            offsets.push(rel);
+            rel = align_up(rel + data.len() as u64, a).unwrap_or(u64::MAX);
+        }
+        pad_to(&mut out, a);
+        let base = out.len();
+        for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
+            out.resize(base + off as usize, 0);
+            out.extend_from_slice(data);
+        }
+        pad_to(&mut out, a);
+        out
+    }
+}
+
+fn pad_to(out: &mut Vec<u8>, a: u64) {
+    let len = align_up(out.len() as u64, a).unwrap_or(out.len() as u64);
+    out.resize(len as usize, 0);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
+    match v {
+        MetaValue::U8(x) => out.push(*x),
+        MetaValue::I8(x) => out.push(*x as u8),
+        MetaValue::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::Bool(x) => out.push(*x as u8),
+        MetaValue::String(s) => put_str(out, s),
+        MetaValue::Array(items) => {
+            // An empty array's element type is irrelevant; u8 is as good as any.
+            let et = items.first().map_or(0, MetaValue::type_id);
+            out.extend_from_slice(&et.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for it in items {
+                put_value(out, it);
+            }
+        }
+        MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}

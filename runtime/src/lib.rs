@@ -1,0 +1,1 @@
+//! Cairn: a portable on-device LLM inference runtime.
