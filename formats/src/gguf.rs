@@ -224,14 +224,11 @@ impl<'a> Cursor<'a> {
             8 => MetaValue::String(self.string(key)?),
             9 => {
                 if depth >= MAX_DEPTH {
-                    return Err(Error::invalid(format!(
-                        "metadata {key}: arrays nested deeper than {MAX_DEPTH}"
-                    )));
+                    return Err(Error::invalid(format!("metadata {key}: arrays nested deeper than {MAX_DEPTH}")));
                 }
                 let elem_ty = self.u32(key)?;
-                let min = min_value_size(elem_ty).ok_or_else(|| {
-                    Error::invalid(format!("metadata {key}: unknown array element type {elem_ty}"))
-                })?;
+                let min = min_value_size(elem_ty)
+                    .ok_or_else(|| Error::invalid(format!("metadata {key}: unknown array element type {elem_ty}")))?;
                 let n = self.bounded_count(key, min)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -319,8 +316,7 @@ impl<'a> Gguf<'a> {
             raw.push((name, dims, ty, offset));
         }
 
-        let data_offset = align_up(c.pos as u64, alignment)
-            .ok_or_else(|| Error::invalid("data offset overflows"))?;
+        let data_offset = align_up(c.pos as u64, alignment).ok_or_else(|| Error::invalid("data offset overflows"))?;
         if data_offset > bytes.len() as u64 && n_tensors > 0 {
             return Err(Error::Truncated { what: "tensor data".into(), offset: bytes.len() });
         }
@@ -335,9 +331,7 @@ impl<'a> Gguf<'a> {
                     .checked_mul(d)
                     .ok_or_else(|| Error::invalid(format!("tensor {name}: element count overflows")))?;
             }
-            let row = ty
-                .row_bytes(dims[0])
-                .map_err(|e| Error::invalid(format!("tensor {name}: {e}")))?;
+            let row = ty.row_bytes(dims[0]).map_err(|e| Error::invalid(format!("tensor {name}: {e}")))?;
             let size = row
                 .checked_mul(n / dims[0].max(1))
                 .ok_or_else(|| Error::invalid(format!("tensor {name}: size overflows")))?;
@@ -394,9 +388,7 @@ impl<'a> Gguf<'a> {
 
 fn bound(n: u64, remaining: usize, min: usize, what: &str) -> Result<usize> {
     if n > (remaining / min) as u64 {
-        return Err(Error::invalid(format!(
-            "{what} {n} is larger than the {remaining} remaining bytes can hold"
-        )));
+        return Err(Error::invalid(format!("{what} {n} is larger than the {remaining} remaining bytes can hold")));
     }
     Ok(n as usize)
 }
@@ -433,10 +425,7 @@ impl GgufBuilder {
         let n: u64 = dims.iter().product();
         let want = ty.row_bytes(dims[0])? * (n / dims[0].max(1));
         if want != data.len() as u64 {
-            return Err(Error::invalid(format!(
-                "tensor {name}: {} bytes given, {want} expected",
-                data.len()
-            )));
+            return Err(Error::invalid(format!("tensor {name}: {} bytes given, {want} expected", data.len())));
         }
         self.tensors.push((name.into(), dims.to_vec(), ty, data));
         Ok(self)

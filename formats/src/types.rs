@@ -183,18 +183,12 @@ impl GgmlType {
         if n % bs as u64 != 0 {
             return Err(Error::invalid(alloc_fmt(self, n)));
         }
-        (n / bs as u64)
-            .checked_mul(ts as u64)
-            .ok_or_else(|| Error::invalid("tensor size overflows"))
+        (n / bs as u64).checked_mul(ts as u64).ok_or_else(|| Error::invalid("tensor size overflows"))
     }
 }
 
 fn alloc_fmt(ty: GgmlType, n: u64) -> std::string::String {
-    alloc::format!(
-        "row of {n} values is not a whole number of {} blocks of {}",
-        ty.name(),
-        ty.block_size()
-    )
+    alloc::format!("row of {n} values is not a whole number of {} blocks of {}", ty.name(), ty.block_size())
 }
 
 impl core::fmt::Display for GgmlType {

@@ -1,1 +1,19 @@
 //! Cairn: a portable on-device LLM inference runtime.
+//!
+//! Layers, bottom up: [`weights`] maps model files; [`backend`] computes; [`model`]
+//! defines architectures against the backend trait; [`engine`] ties a model to its
+//! tokenizer and template for generation.
+
+pub mod backend;
+pub mod chat;
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod pull;
+pub mod sampling;
+pub mod synthetic;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,190 @@
+//! The CPU backend: the always-available reference, multi-threaded on a persistent pool.
+//!
+//! Weights stay in the mapped file in their storage type; kernels dequantize block by
+//! block inside the dot products.
+
+mod attention;
+mod matmul;
+mod ops;
+
+use rayon::prelude::*;
+
+use super::{AttnParams, Backend, KvLayer, RopeStyle};
+use crate::error::{Error, Result};
+use crate::weights::HostTensor;
+
+pub use matmul::dot_f32;
+
+/// Row-major f32 activations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// A weight borrowed from the mapping; small 1-D tensors (norms) are kept as f32.
+pub struct CpuWeight {
+    pub host: HostTensor,
+    vector: Option<Vec<f32>>,
+}
+
+impl CpuWeight {
+    fn vector(&self) -> &[f32] {
+        self.vector.as_deref().unwrap_or(&[])
+    }
+}
+
+/// A layer's cache: keys and values as `[position][kv_heads * head_dim]`, grown as
+/// positions arrive so that a short chat does not pay for the whole context.
+pub struct CpuKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
+    capacity: usize,
+    width: usize,
+}
+
+impl KvLayer for CpuKv {
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        self.k.truncate(self.len * self.width);
+        self.v.truncate(self.len * self.width);
+    }
+}
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// A backend with `threads` workers (0: one per available core).
+    pub fn new(threads: usize) -> Result<Self> {
+        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("cairn-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::model(format!("cannot start {threads} CPU threads: {e}")))?;
+        Ok(CpuBackend { pool, threads })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type Kv = CpuKv;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn load_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
+        let vector = if t.dims.len() == 1 { Some(t.to_f32()?) } else { None };
+        Ok(CpuWeight { host: t.clone(), vector })
+    }
+
+    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
+        assert_eq!(data.len(), rows * cols, "from_host: shape does not match data");
+        CpuTensor { data: data.to_vec(), rows, cols }
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
+        x.data.clone()
+    }
+
+    fn rows(&self, x: &CpuTensor, start: usize, n: usize) -> CpuTensor {
+        let data = x.data[start * x.cols..(start + n) * x.cols].to_vec();
+        CpuTensor { data, rows: n, cols: x.cols }
+    }
+
+    fn embed(&self, table: &CpuWeight, ids: &[u32], scale: f32) -> Result<CpuTensor> {
+        let (vocab, dim) = (table.host.rows(), table.host.cols());
+        let rb = table.host.row_bytes();
+        let mut out = vec![0f32; ids.len() * dim];
+        for (row, &id) in out.chunks_mut(dim).zip(ids) {
+            if id as usize >= vocab {
+                return Err(Error::input(format!("token id {id} is outside the vocabulary of {vocab}")));
+            }
+            let src = &table.host.bytes()[id as usize * rb..(id as usize + 1) * rb];
+            cairn_formats::quant::dequantize(table.host.ty, src, row)
+                .map_err(|e| Error::model(format!("{}: {e}", table.host.name)))?;
+            if scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        Ok(CpuTensor { data: out, rows: ids.len(), cols: dim })
+    }
+
+    fn matmul(&self, x: &CpuTensor, w: &CpuWeight) -> CpuTensor {
+        self.pool.install(|| matmul::matmul(x, &w.host))
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
+        let w = w.vector();
+        let mut out = x.clone();
+        self.pool.install(|| {
+            out.data.par_chunks_mut(w.len()).for_each(|row| ops::rms_norm(row, w, eps));
+        });
+        out
+    }
+
+    fn rope(&self, x: &mut CpuTensor, head_dim: usize, pos0: usize, base: f32, style: RopeStyle) {
+        let cols = x.cols;
+        self.pool.install(|| {
+            x.data.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
+                ops::rope_row(row, head_dim, pos0 + i, base, style);
+            });
+        });
+    }
+
+    fn swiglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
+        let mut out = gate.clone();
+        out.data.iter_mut().zip(&up.data).for_each(|(g, u)| *g = ops::silu(*g) * u);
+        out
+    }
+
+    fn geglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
+        let mut out = gate.clone();
+        out.data.iter_mut().zip(&up.data).for_each(|(g, u)| *g = ops::gelu(*g) * u);
+        out
+    }
+
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+    }
+
+    fn kv_new(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<CpuKv> {
+        Ok(CpuKv { k: Vec::new(), v: Vec::new(), len: 0, capacity, width: n_kv_heads * head_dim })
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        kv: &mut CpuKv,
+        pos0: usize,
+        p: AttnParams,
+    ) -> Result<CpuTensor> {
+        if pos0 != kv.len {
+            return Err(Error::input(format!("attention at position {pos0} but the cache holds {}", kv.len)));
+        }
+        if kv.len + q.rows > kv.capacity {
+            return Err(Error::input(format!(
+                "context is full: {} cached + {} new positions exceed the context length {}",
+                kv.len, q.rows, kv.capacity
+            )));
+        }
+        kv.k.extend_from_slice(&k.data);
+        kv.v.extend_from_slice(&v.data);
+        kv.len += q.rows;
+        let out = self.pool.install(|| attention::attention(q, kv, pos0, &p));
+        Ok(out)
+    }
+}

@@ -1,0 +1,88 @@
+//! The backend interface: the few operations a transformer needs, over tensors the
+//! backend owns. Model definitions are written once against this trait; a backend
+//! (CPU, wgpu, CUDA) or a weight storage type never needs its own copy of a model.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::weights::HostTensor;
+
+/// How RoPE pairs up the values of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent values (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by the llama
+    /// architecture in GGUF (its q/k weights are permuted at conversion time).
+    Adjacent,
+    /// The two halves of the head (x[i], x[i + d/2]): "neox" mode (Gemma, Qwen, ...).
+    Halves,
+}
+
+/// Parameters of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnParams {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q·k before the softmax (usually 1/√head_dim).
+    pub scale: f32,
+    /// Only keys within this many positions are visible (sliding-window layers).
+    pub window: Option<usize>,
+}
+
+/// One layer's cache, as the model sees it.
+pub trait KvLayer: Send {
+    /// Forget every position from `len` on.
+    fn truncate(&mut self, len: usize);
+}
+
+/// A compute backend. Activations are 2-D, `[rows, cols]` row-major, one row per token.
+pub trait Backend: Send + Sync {
+    /// Activations living on the backend's device.
+    type Tensor;
+    /// A weight in its storage type, resident wherever the backend computes.
+    type Weight: Send + Sync;
+    /// One layer's key/value cache.
+    type Kv: KvLayer;
+
+    fn name(&self) -> String;
+
+    /// Prepare a weight for use (the CPU borrows the mapped bytes; a GPU uploads them).
+    fn load_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
+
+    /// Host f32 values → a tensor of `rows` rows.
+    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
+    /// A tensor → host f32 values, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+    /// Rows `start..start + n` of `x`.
+    fn rows(&self, x: &Self::Tensor, start: usize, n: usize) -> Self::Tensor;
+
+    /// Rows of an embedding table (`[vocab, dim]`) for `ids`, times `scale`.
+    fn embed(&self, table: &Self::Weight, ids: &[u32], scale: f32) -> Result<Self::Tensor>;
+    /// `x W^T`: `[n, k] × [m, k]^T → [n, m]`, for a weight of any storage type.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight) -> Self::Tensor;
+    /// Root-mean-square norm of each row of `x` (or of each `w.len()`-wide slice of it,
+    /// for per-head norms), times the weight.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// Rotate the heads of `x` in place; row `i` is at position `pos0 + i`.
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, pos0: usize, base: f32, style: RopeStyle);
+    /// `silu(gate) * up`.
+    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
+    /// `gelu(gate) * up` (tanh approximation, as ggml).
+    fn geglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+
+    /// An empty cache for up to `capacity` positions.
+    fn kv_new(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self::Kv>;
+    /// Append `k`, `v` (rows at positions `pos0..`) to the cache, then causal attention of
+    /// `q` over everything cached so far. `pos0` must equal the cache's length.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        kv: &mut Self::Kv,
+        pos0: usize,
+        p: AttnParams,
+    ) -> Result<Self::Tensor>;
+}

@@ -1,0 +1,193 @@
+//! The commands themselves: load what they need, do one job, print the result.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::ModelArgs;
+use crate::engine::{self, Chat, Engine, EngineOptions};
+use crate::error::{Error, Result};
+use crate::pull::{self, PullOptions};
+use crate::sampling::{Sampler, SamplerConfig};
+use crate::weights::ModelFile;
+
+fn model_path(m: &ModelArgs) -> Result<PathBuf> {
+    pull::resolve_model(m.model.as_deref()).map_err(|e| Error::Fetch(e.to_string()))
+}
+
+fn load(m: &ModelArgs) -> Result<Engine> {
+    Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads })
+}
+
+fn flush(s: &str) -> ControlFlow<()> {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (`| head`) ends the generation rather than the process.
+    match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(_) => ControlFlow::Break(()),
+    }
+}
+
+pub fn pull(name: Option<&str>, verify: bool) -> Result<()> {
+    let name = name.unwrap_or(pull::default_model());
+    let opts = PullOptions { verify, ..PullOptions::default() };
+    let path = pull::pull(name, &opts).map_err(|e| Error::Fetch(e.to_string()))?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+pub fn chat(
+    m: &ModelArgs,
+    prompt: Option<&str>,
+    system: Option<&str>,
+    max_new: usize,
+    cfg: SamplerConfig,
+) -> Result<()> {
+    let engine = load(m)?;
+    let mut chat = Chat::new(&engine, m.ctx_size, system)?;
+    let mut sampler = Sampler::new(cfg);
+    if let Some(p) = prompt {
+        chat.reply(p, max_new, &mut sampler, flush)?;
+        println!();
+        return Ok(());
+    }
+    eprintln!(
+        "Chatting with {} ({}). Type /exit or Ctrl-D to quit, /reset to start over.",
+        engine.file.path.display(),
+        engine.runner.backend_name()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).map_err(|e| Error::Input(e.to_string()))? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => return Ok(()),
+            "/reset" => {
+                chat = Chat::new(&engine, m.ctx_size, system)?;
+                continue;
+            }
+            _ => {}
+        }
+        let t = Instant::now();
+        match chat.reply(line, max_new, &mut sampler, flush) {
+            Ok(g) => {
+                println!();
+                let s = t.elapsed().as_secs_f64();
+                log::info!("{} tokens in {s:.2} s", g.ids.len());
+            }
+            // A turn that cannot run (context full, ...) is reported; the chat goes on.
+            Err(e) => eprintln!("\nerror: {e}"),
+        }
+    }
+}
+
+pub fn generate(m: &ModelArgs, prompt: &str, max_new: usize, cfg: SamplerConfig, json: bool) -> Result<()> {
+    let engine = load(m)?;
+    let ids = engine.tokenize(prompt)?;
+    let mut session = engine.new_session(m.ctx_size)?;
+    let mut sampler = Sampler::new(cfg);
+    if json {
+        let g = session.generate(&ids, max_new, &mut sampler, |_| ControlFlow::Continue(()))?;
+        let v = serde_json::json!({ "prompt_ids": ids, "ids": g.ids, "text": g.text });
+        println!("{v}");
+    } else {
+        let _ = flush(prompt);
+        session.generate(&ids, max_new, &mut sampler, flush)?;
+        println!();
+    }
+    Ok(())
+}
+
+pub fn tokenize(m: &ModelArgs, text: &str, json: bool) -> Result<()> {
+    let engine = load(m)?;
+    let ids = engine.tokenize(text)?;
+    if json {
+        println!("{}", serde_json::json!({ "ids": ids }));
+    } else {
+        for id in ids {
+            let piece = engine.tokenizer.token_to_piece(id)?;
+            println!("{id:6} {:?}", String::from_utf8_lossy(piece));
+        }
+    }
+    Ok(())
+}
+
+pub fn eval(m: &ModelArgs, ids: &[u32], top: usize, json: bool) -> Result<()> {
+    let engine = load(m)?;
+    let vocab = engine.vocab();
+    let logits = engine.eval_all(ids)?;
+    let tops: Vec<Vec<(u32, f32)>> = logits.chunks(vocab).map(|row| top_k(row, top)).collect();
+    if json {
+        let v: Vec<Vec<serde_json::Value>> =
+            tops.iter().map(|t| t.iter().map(|&(id, l)| serde_json::json!([id, l])).collect()).collect();
+        println!("{}", serde_json::json!({ "top": v }));
+    } else {
+        for (pos, t) in tops.iter().enumerate() {
+            let cells: Vec<String> = t.iter().map(|(id, l)| format!("{id}:{l:.3}")).collect();
+            println!("{pos:4} {}", cells.join(" "));
+        }
+    }
+    Ok(())
+}
+
+/// The `k` largest logits, largest first (ties: lower id first).
+pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.into_iter().map(|i| (i, row[i as usize])).collect()
+}
+
+pub fn perplexity(m: &ModelArgs, file: &Path, window: usize, windows: Option<usize>) -> Result<()> {
+    let engine = load(m)?;
+    let text = std::fs::read(file).map_err(|source| Error::Io { path: file.to_path_buf(), source })?;
+    let text = String::from_utf8_lossy(&text);
+    let t = Instant::now();
+    let (all, half) = engine::perplexity(&engine, &text, window, windows, |w, n, ppl| {
+        eprintln!("window {w}/{n}: running ppl {ppl:.4} ({:.1} s)", t.elapsed().as_secs_f64());
+    })?;
+    println!("ppl = {all:.4} (second half: {half:.4})");
+    Ok(())
+}
+
+pub fn info(m: &ModelArgs) -> Result<()> {
+    let path = model_path(m)?;
+    let file = ModelFile::open(&path)?;
+    let c = crate::model::ModelConfig::from_file(&file);
+    println!("file: {} ({} bytes)", path.display(), file.file_bytes());
+    for key in ["general.name", "general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre"] {
+        if let Some(v) = file.meta(key).and_then(|v| v.as_str()) {
+            println!("{key}: {v}");
+        }
+    }
+    match c {
+        Ok(c) => {
+            println!("layers {}, hidden {}, heads {} (kv {}), head dim {}, ffn {}, vocab {}, context {}, rope base {}, norm eps {:e}",
+                c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab, c.context, c.rope_base, c.norm_eps);
+        }
+        Err(e) => println!("hyper-parameters: {e}"),
+    }
+    let mut by_type: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
+    for t in &file.tensors {
+        let e = by_type.entry(t.ty.name()).or_default();
+        e.0 += 1;
+        e.1 += t.n_elements();
+        e.2 += t.size;
+    }
+    println!("{} tensors:", file.tensors.len());
+    for (ty, (n, elems, bytes)) in by_type {
+        println!(
+            "  {ty:6} {n:4} tensors {elems:>12} values {bytes:>12} bytes ({:.2} bits/value)",
+            bytes as f64 * 8.0 / elems as f64
+        );
+    }
+    Ok(())
+}

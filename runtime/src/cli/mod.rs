@@ -1,0 +1,171 @@
+//! Command-line interface: argument parsing here, one function per command.
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::sampling::SamplerConfig;
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "Portable on-device LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a model (default: smollm2-135m-instruct) and print its path.
+    Pull {
+        name: Option<String>,
+        /// Re-hash a model that is already present.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Chat with a model: interactive, or one answer with -p.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Answer this one message and exit.
+        #[arg(short, long)]
+        prompt: Option<String>,
+        /// System message.
+        #[arg(long)]
+        system: Option<String>,
+        /// Most tokens per answer.
+        #[arg(short = 'n', long, default_value_t = 512)]
+        max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Raw completion of a prompt, without a chat template.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(short, long)]
+        prompt: String,
+        #[arg(short = 'n', long, default_value_t = 128)]
+        max_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print one JSON object {"prompt_ids", "ids", "text"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the token ids of a text (special tokens parsed).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        json: bool,
+        text: String,
+    },
+    /// One batched pass over token ids; the top logits at every position.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity of a text over fixed windows.
+    Perplexity {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Window size in tokens.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Evaluate at most this many windows.
+        #[arg(long)]
+        windows: Option<usize>,
+    },
+    /// Architecture, hyper-parameters, tensor types and sizes.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model name (see `cairn pull`) or path to a .gguf file.
+    #[arg(short, long)]
+    model: Option<String>,
+    /// CPU threads (default: all cores).
+    #[arg(short, long, default_value_t = 0)]
+    threads: usize,
+    /// Context length (default: the model's).
+    #[arg(short, long, default_value_t = 0)]
+    ctx_size: usize,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Random seed (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> Result<SamplerConfig> {
+        let bad = |m: &str| Err(Error::input(m.to_string()));
+        if !(self.temp.is_finite()) || self.temp < 0.0 {
+            return bad("--temp must be a number ≥ 0");
+        }
+        if !(0.0..=1.0).contains(&self.top_p) || !(0.0..=1.0).contains(&self.min_p) {
+            return bad("--top-p and --min-p must be between 0 and 1");
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return bad("--repeat-penalty must be > 0");
+        }
+        Ok(SamplerConfig {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed.unwrap_or_else(crate::sampling::seed_from_time),
+            ..SamplerConfig::default()
+        })
+    }
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Pull { name, verify } => commands::pull(name.as_deref(), verify),
+        Command::Chat { model, prompt, system, max_tokens, sampling } => {
+            commands::chat(&model, prompt.as_deref(), system.as_deref(), max_tokens, sampling.config()?)
+        }
+        Command::Generate { model, prompt, max_tokens, sampling, json } => {
+            commands::generate(&model, &prompt, max_tokens, sampling.config()?, json)
+        }
+        Command::Tokenize { model, json, text } => commands::tokenize(&model, &text, json),
+        Command::Eval { model, ids, top, json } => commands::eval(&model, &ids, top, json),
+        Command::Perplexity { model, file, ctx, windows } => commands::perplexity(&model, &file, ctx, windows),
+        Command::Info { model } => commands::info(&model),
+    }
+}

@@ -1,0 +1,58 @@
+//! Model definitions: one per architecture, each written once against [`Backend`].
+
+pub mod config;
+pub mod llama;
+
+use std::any::Any;
+
+pub use config::ModelConfig;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::weights::ModelFile;
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only for the last token (generation).
+    Last,
+    /// For every token of the batch (evaluation, perplexity).
+    All,
+}
+
+/// The state of one sequence: its KV cache. Boxed behind a trait so that a context can
+/// hold the cache of whatever model and backend it runs.
+pub trait KvState: Send {
+    /// Positions cached.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn capacity(&self) -> usize;
+    /// Forget every position from `len` on (e.g. to reuse a common chat prefix).
+    fn truncate(&mut self, len: usize);
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// A loaded model, backend and architecture erased.
+pub trait Runner: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    fn backend_name(&self) -> String;
+    /// A fresh cache for up to `capacity` positions (at most the model's context).
+    fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvState>>;
+    /// Run `ids` at the positions following what `cache` holds, append them to it and
+    /// return logits, `vocab` values per returned row.
+    fn forward(&self, cache: &mut dyn KvState, ids: &[u32], logits: Logits) -> Result<Vec<f32>>;
+}
+
+/// Build the model described by `file` on `backend`.
+pub fn load<B: Backend + 'static>(file: &ModelFile, backend: B) -> Result<Box<dyn Runner>> {
+    let config = ModelConfig::from_file(file)?;
+    match config.arch.as_str() {
+        "llama" => Ok(Box::new(llama::Llama::load(file, config, backend)?)),
+        other => Err(Error::model(format!(
+            "{}: architecture '{other}' is not supported (supported: llama)",
+            file.path.display()
+        ))),
+    }
+}

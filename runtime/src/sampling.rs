@@ -1,0 +1,271 @@
+//! Choosing the next token from the model's logits.
+//!
+//! The chain and its defaults follow llama.cpp's (`common_params_sampling`), so that
+//! settings users know from llama.cpp mean the same here:
+//! repetition penalties → top-k → top-p → min-p → temperature → draw.
+//! Temperature comes last, as in llama.cpp: top-p and min-p pick the allowed set from
+//! the untempered distribution, and temperature only reshapes the odds inside it.
+//! A temperature ≤ 0 means greedy decoding (argmax after the penalties).
+
+/// Sampling settings. `Default` gives llama.cpp's defaults; [`SamplerConfig::greedy`]
+/// gives plain argmax decoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerConfig {
+    /// Divides logits before drawing; ≤ 0 means greedy.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches p; 1 keeps all.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the most likely one's probability; 0 keeps all.
+    pub min_p: f32,
+    /// Seen tokens: positive logits divided by this, negative ones multiplied; 1 disables.
+    pub repeat_penalty: f32,
+    /// How many of the most recent history tokens the penalties look at; 0 disables them.
+    pub repeat_last_n: usize,
+    /// Subtracted once from the logit of every token seen in the window.
+    pub presence_penalty: f32,
+    /// Subtracted from a seen token's logit once per occurrence in the window.
+    pub frequency_penalty: f32,
+    /// Seed of the random generator: same seed, same logits → same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0x5EED,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// Argmax decoding with no penalties: what the llama.cpp reference outputs use.
+    pub fn greedy() -> Self {
+        SamplerConfig { temperature: 0.0, ..SamplerConfig::default() }
+    }
+
+    fn penalties_active(&self) -> bool {
+        self.repeat_last_n > 0
+            && (self.repeat_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0)
+    }
+}
+
+/// A seed from the clock and the process, for callers that want a different draw on
+/// every run (llama.cpp's default).
+pub fn seed_from_time() -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    SplitMix64(nanos ^ (u64::from(std::process::id()) << 32)).next()
+}
+
+/// SplitMix64: spreads a seed over the 256 bits xoshiro needs (any seed, even 0, works).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// xoshiro256**: small, fast and statistically strong; a dependency-free PRNG whose
+/// stream is fixed by its seed on every platform.
+#[derive(Debug, Clone)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        let mut sm = SplitMix64(seed);
+        Rng { s: [sm.next(), sm.next(), sm.next(), sm.next()] }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1), 53 bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// A token id with its (possibly adjusted) logit.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    id: u32,
+    logit: f32,
+}
+
+/// Highest logit first; equal logits by lower id, so results never depend on sort
+/// stability.
+fn by_logit_desc(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+}
+
+/// Draws tokens according to a [`SamplerConfig`]. Keeps its random state between calls,
+/// and scratch buffers so that a step allocates nothing after the first.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    cfg: SamplerConfig,
+    rng: Rng,
+    candidates: Vec<Candidate>,
+    counts: std::collections::HashMap<u32, u32>,
+}
+
+impl Sampler {
+    pub fn new(cfg: SamplerConfig) -> Sampler {
+        let rng = Rng::new(cfg.seed);
+        Sampler { cfg, rng, candidates: Vec::new(), counts: Default::default() }
+    }
+
+    pub fn config(&self) -> &SamplerConfig {
+        &self.cfg
+    }
+
+    /// Restart the random stream (e.g. for a new request with the same settings).
+    pub fn reseed(&mut self, seed: u64) {
+        self.cfg.seed = seed;
+        self.rng = Rng::new(seed);
+    }
+
+    /// Pick the next token. `logits` (one per vocabulary entry) are modified in place by
+    /// the penalties; `history` is the sequence so far (prompt and generated tokens),
+    /// of which the last `repeat_last_n` are penalized. NaN logits count as −∞. An
+    /// empty `logits` slice yields 0.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        for l in logits.iter_mut() {
+            if l.is_nan() {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        self.apply_penalties(logits, history);
+        if self.cfg.temperature <= 0.0 || self.cfg.top_k == 1 {
+            return argmax(logits);
+        }
+
+        let cfg = &self.cfg;
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| **l > f32::NEG_INFINITY)
+                .map(|(i, &logit)| Candidate { id: i as u32, logit }),
+        );
+        if c.is_empty() {
+            return argmax(logits);
+        }
+
+        // top-k
+        if cfg.top_k > 0 && cfg.top_k < c.len() {
+            c.select_nth_unstable_by(cfg.top_k - 1, by_logit_desc);
+            c.truncate(cfg.top_k);
+        }
+        // top-p: the shortest prefix (most likely first) whose mass reaches p.
+        if cfg.top_p < 1.0 {
+            c.sort_unstable_by(by_logit_desc);
+            let probs = softmax(c.iter().map(|x| x.logit), 1.0);
+            let target = f64::from(cfg.top_p);
+            let mut cum = 0.0;
+            let mut keep = c.len();
+            for (i, p) in probs.iter().enumerate() {
+                cum += p;
+                if cum >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep.max(1));
+        }
+        // min-p: p_i ≥ min_p · p_max ⇔ logit_i ≥ logit_max + ln(min_p).
+        if cfg.min_p > 0.0 {
+            let max = c.iter().map(|x| x.logit).fold(f32::NEG_INFINITY, f32::max);
+            let threshold = max + cfg.min_p.ln();
+            c.retain(|x| x.logit >= threshold);
+        }
+
+        // temperature, then draw
+        let probs = softmax(c.iter().map(|x| x.logit), cfg.temperature);
+        let total: f64 = probs.iter().sum();
+        let mut r = self.rng.next_f64() * total;
+        for (x, p) in c.iter().zip(&probs) {
+            if r < *p {
+                return x.id;
+            }
+            r -= p;
+        }
+        // Rounding left r just above the total: the last candidate.
+        c.last().map_or(0, |x| x.id)
+    }
+
+    /// llama.cpp's repetition, frequency and presence penalties over the window.
+    fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
+        if !self.cfg.penalties_active() {
+            return;
+        }
+        let window = &history[history.len().saturating_sub(self.cfg.repeat_last_n)..];
+        self.counts.clear();
+        for &t in window {
+            *self.counts.entry(t).or_insert(0) += 1;
+        }
+        for (&id, &count) in &self.counts {
+            let Some(l) = logits.get_mut(id as usize) else {
+                continue;
+            };
+            // Dividing a negative logit would make the token *more* likely.
+            if *l <= 0.0 {
+                *l *= self.cfg.repeat_penalty;
+            } else {
+                *l /= self.cfg.repeat_penalty;
+            }
+            *l -= count as f32 * self.cfg.frequency_penalty + self.cfg.presence_penalty;
+        }
+    }
+}
+
+/// Index of the largest logit; the lowest index among equals; 0 for an empty slice.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &l) in logits.iter().enumerate() {
+        // Strictly greater keeps the first of equal maxima; NaN never wins.
+        if l > logits[best] || (logits[best].is_nan() && !l.is_nan()) {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Probabilities of `logits / temperature`, in f64 so that long tails still sum to ~1.
+fn softmax(logits: impl Iterator<Item = f32> + Clone, temperature: f32) -> Vec<f64> {
+    let t = f64::from(temperature);
+    let max = logits.clone().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<f64> = logits.map(|l| ((f64::from(l) - f64::from(max)) / t).exp()).collect();
+    let sum: f64 = p.iter().sum();
+    if sum > 0.0 {
+        p.iter_mut().for_each(|x| *x /= sum);
+    }
+    p
+}

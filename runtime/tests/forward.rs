@@ -1,0 +1,196 @@
+//! The CPU backend against a plain f32 reference forward pass (simple loops, every
+//! weight dequantized up front), on synthetic models of every storage type and on the
+//! real default model.
+
+mod common;
+
+use cairn::backend::cpu::CpuBackend;
+use cairn::model::{self, Logits};
+use cairn::synthetic::{llama_gguf, SyntheticConfig};
+use cairn::weights::ModelFile;
+use cairn_formats::{quant, GgmlType};
+
+/// The llama architecture, written as plainly as possible.
+struct Reference {
+    c: cairn::model::ModelConfig,
+    embed: Vec<f32>,
+    layers: Vec<[Vec<f32>; 9]>,
+    out_norm: Vec<f32>,
+    output: Vec<f32>,
+}
+
+fn deq(file: &ModelFile, name: &str) -> Vec<f32> {
+    let t = file.tensor_info(name).unwrap_or_else(|| panic!("missing {name}"));
+    let n = t.n_elements() as usize;
+    let g = file.gguf().unwrap();
+    let mut out = vec![0f32; n];
+    quant::dequantize(t.ty, g.tensor_data(t), &mut out).unwrap();
+    out
+}
+
+impl Reference {
+    fn new(file: &ModelFile) -> Self {
+        let c = cairn::model::ModelConfig::from_file(file).unwrap();
+        let layers = (0..c.n_layers)
+            .map(|i| {
+                let names = [
+                    "attn_norm",
+                    "attn_q",
+                    "attn_k",
+                    "attn_v",
+                    "attn_output",
+                    "ffn_norm",
+                    "ffn_gate",
+                    "ffn_up",
+                    "ffn_down",
+                ];
+                names.map(|n| deq(file, &format!("blk.{i}.{n}.weight")))
+            })
+            .collect();
+        let embed = deq(file, "token_embd.weight");
+        let output =
+            if file.tensor_info("output.weight").is_some() { deq(file, "output.weight") } else { embed.clone() };
+        Reference { out_norm: deq(file, "output_norm.weight"), c, embed, layers, output }
+    }
+
+    fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
+        let k = x.len();
+        (0..w.len() / k).map(|j| (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>() as f32).collect()
+    }
+
+    fn norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        x.iter().zip(w).map(|(v, w)| (*v as f64 * inv) as f32 * w).collect()
+    }
+
+    fn rope(x: &mut [f32], hd: usize, pos: usize, base: f32) {
+        for head in x.chunks_mut(hd) {
+            for i in 0..hd / 2 {
+                let theta = pos as f64 / (base as f64).powf(2.0 * i as f64 / hd as f64);
+                let (a, b) = (head[2 * i] as f64, head[2 * i + 1] as f64);
+                head[2 * i] = (a * theta.cos() - b * theta.sin()) as f32;
+                head[2 * i + 1] = (a * theta.sin() + b * theta.cos()) as f32;
+            }
+        }
+    }
+
+    /// Logits at every position of `ids`.
+    fn logits(&self, ids: &[u32]) -> Vec<Vec<f32>> {
+        let c = &self.c;
+        let (d, hd) = (c.dim, c.head_dim);
+        let group = c.n_heads / c.n_kv_heads;
+        let mut xs: Vec<Vec<f32>> =
+            ids.iter().map(|&t| self.embed[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
+        for l in &self.layers {
+            let mut ks = Vec::new();
+            let mut vs = Vec::new();
+            let mut qs = Vec::new();
+            for (pos, x) in xs.iter().enumerate() {
+                let h = Self::norm(x, &l[0], c.norm_eps);
+                let mut q = Self::matvec(&l[1], &h);
+                let mut k = Self::matvec(&l[2], &h);
+                Self::rope(&mut q, hd, pos, c.rope_base);
+                Self::rope(&mut k, hd, pos, c.rope_base);
+                qs.push(q);
+                ks.push(k);
+                vs.push(Self::matvec(&l[3], &h));
+            }
+            for (pos, x) in xs.iter_mut().enumerate() {
+                let mut att = vec![0f32; c.n_heads * hd];
+                for h in 0..c.n_heads {
+                    let g = h / group;
+                    let q = &qs[pos][h * hd..(h + 1) * hd];
+                    let s: Vec<f64> = (0..=pos)
+                        .map(|j| {
+                            (0..hd).map(|i| q[i] as f64 * ks[j][g * hd + i] as f64).sum::<f64>() / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                    for i in 0..hd {
+                        att[h * hd + i] =
+                            (0..=pos).map(|j| (s[j] - m).exp() / z * vs[j][g * hd + i] as f64).sum::<f64>() as f32;
+                    }
+                }
+                let o = Self::matvec(&l[4], &att);
+                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+                let h = Self::norm(x, &l[5], c.norm_eps);
+                let g = Self::matvec(&l[6], &h);
+                let u = Self::matvec(&l[7], &h);
+                let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let dn = Self::matvec(&l[8], &a);
+                x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+            }
+        }
+        xs.iter().map(|x| Self::matvec(&self.output, &Self::norm(x, &self.out_norm, c.norm_eps))).collect()
+    }
+}
+
+/// Largest |a - b| relative to the largest |b| of the row.
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+}
+
+fn check(file: &ModelFile, ids: &[u32], tol: f32) {
+    let reference = Reference::new(file).logits(ids);
+    let runner = model::load(file, CpuBackend::new(2).unwrap()).unwrap();
+    let vocab = runner.config().vocab;
+    // All positions in one batch.
+    let mut cache = runner.new_cache(ids.len()).unwrap();
+    let all = runner.forward(cache.as_mut(), ids, Logits::All).unwrap();
+    for (pos, r) in reference.iter().enumerate() {
+        let d = max_rel_diff(&all[pos * vocab..(pos + 1) * vocab], r);
+        assert!(d < tol, "batched logits at position {pos} differ by {d} (relative)");
+    }
+    // One token at a time through the cache must agree too.
+    let mut cache = runner.new_cache(ids.len()).unwrap();
+    for (pos, &id) in ids.iter().enumerate() {
+        let last = runner.forward(cache.as_mut(), &[id], Logits::Last).unwrap();
+        let d = max_rel_diff(&last, &reference[pos]);
+        assert!(d < tol, "incremental logits at position {pos} differ by {d} (relative)");
+    }
+}
+
+fn synthetic(matrix_type: GgmlType, embed_type: GgmlType, untied: bool) -> ModelFile {
+    let c = SyntheticConfig {
+        matrix_type,
+        embed_type,
+        untied_output: untied,
+        dim: 256,
+        ffn_dim: 512,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ..Default::default()
+    };
+    ModelFile::from_bytes("synthetic.gguf", llama_gguf(&c, 7).unwrap()).unwrap()
+}
+
+#[test]
+fn synthetic_models_match_f32_reference() {
+    let ids = [1u32, 5, 9, 33, 2, 80, 17, 17, 64, 3];
+    for (mt, et, untied) in [
+        (GgmlType::F32, GgmlType::F32, false),
+        (GgmlType::F16, GgmlType::Q8_0, true),
+        (GgmlType::BF16, GgmlType::F16, false),
+        (GgmlType::Q4_0, GgmlType::Q8_0, false),
+        (GgmlType::Q4_1, GgmlType::Q8_0, false),
+        (GgmlType::Q5_0, GgmlType::Q4_0, true),
+        (GgmlType::Q5_1, GgmlType::Q5_1, false),
+        (GgmlType::Q8_0, GgmlType::Q8_0, false),
+        (GgmlType::Q4K, GgmlType::Q6K, false),
+        (GgmlType::Q5K, GgmlType::Q8_0, false),
+        (GgmlType::Q6K, GgmlType::Q4K, true),
+    ] {
+        eprintln!("{mt} matrices, {et} embedding");
+        check(&synthetic(mt, et, untied), &ids, 1e-3);
+    }
+}
+
+#[test]
+fn real_model_matches_f32_reference() {
+    let file = ModelFile::open(&common::model_path()).unwrap();
+    // "The capital of France is" and a few more tokens.
+    check(&file, &[504, 3575, 282, 4649, 314, 7042, 30], 1e-3);
+}
