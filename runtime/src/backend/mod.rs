@@ -50,7 +50,7 @@ pub trait Backend: Send + Sync {
     fn load_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
 
     /// Host f32 values → a tensor of `rows` rows.
-    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
     /// A tensor → host f32 values, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
     /// Rows `start..start + n` of `x`.

@@ -40,7 +40,7 @@ impl ModelConfig {
         let dim = int("embedding_length")?;
         let n_heads = int("attention.head_count")?;
         let n_kv_heads = int("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = int("attention.key_length").unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
+        let head_dim = int("attention.key_length").unwrap_or(dim.checked_div(n_heads).unwrap_or(0));
         let ffn_dim = int("feed_forward_length")?;
         let context = int("context_length")?;
         let vocab =

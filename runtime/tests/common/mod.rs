@@ -5,11 +5,14 @@ use std::path::PathBuf;
 
 /// The default model, fetched through the project's own pull code (cached under
 /// `$CAIRN_HOME`, so reruns find it).
+/// Resolved once per test binary, so that parallel tests never race one download.
 pub fn model_path() -> PathBuf {
-    match cairn::pull::resolve_model(None) {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| match cairn::pull::resolve_model(None) {
         Ok(p) => p,
         Err(e) => panic!("cannot get the default model: {e}"),
-    }
+    })
+    .clone()
 }
 
 /// llama.cpp's reference outputs for the default model (a copy of

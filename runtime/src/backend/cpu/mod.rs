@@ -89,8 +89,8 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { host: t.clone(), vector })
     }
 
-    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
-        assert_eq!(data.len(), rows * cols, "from_host: shape does not match data");
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
+        assert_eq!(data.len(), rows * cols, "upload: shape does not match data");
         CpuTensor { data: data.to_vec(), rows, cols }
     }
 
