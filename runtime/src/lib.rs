@@ -5,6 +5,7 @@
 //! tokenizer and template for generation.
 
 pub mod backend;
+pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod engine;

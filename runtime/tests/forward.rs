@@ -135,7 +135,7 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 
 fn check(file: &ModelFile, ids: &[u32], tol: f32) {
     let reference = Reference::new(file).logits(ids);
-    let runner = model::load(file, CpuBackend::new(2).unwrap()).unwrap();
+    let runner = model::load(file, CpuBackend::reference(2).unwrap()).unwrap();
     let vocab = runner.config().vocab;
     // All positions in one batch.
     let mut cache = runner.new_cache(ids.len()).unwrap();

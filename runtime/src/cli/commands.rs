@@ -191,3 +191,15 @@ pub fn info(m: &ModelArgs) -> Result<()> {
     }
     Ok(())
 }
+
+pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str) -> Result<()> {
+    let path = model_path(m)?;
+    let opts = crate::bench::BenchOptions { prompt, gen, threads: m.threads, reps: reps.max(1) };
+    let report = crate::bench::run(&path, &opts)?;
+    if output == "json" {
+        println!("{}", serde_json::to_string(&report).map_err(|e| Error::Input(e.to_string()))?);
+    } else {
+        print!("{}", report.markdown());
+    }
+    Ok(())
+}

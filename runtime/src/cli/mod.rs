@@ -88,6 +88,23 @@ enum Command {
         #[arg(long)]
         windows: Option<usize>,
     },
+    /// Prompt-processing and generation speed, as llama-bench measures them.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt tokens (one batch); 0 skips the test.
+        #[arg(short = 'p', long, default_value_t = 512)]
+        prompt: usize,
+        /// Generated tokens (one at a time); 0 skips the test.
+        #[arg(short = 'n', long, default_value_t = 128)]
+        gen: usize,
+        /// Repetitions (after one warm-up).
+        #[arg(short = 'r', long, default_value_t = 5)]
+        reps: usize,
+        /// Output format.
+        #[arg(short = 'o', long, default_value = "md", value_parser = ["md", "json"])]
+        output: String,
+    },
     /// Architecture, hyper-parameters, tensor types and sizes.
     Info {
         #[command(flatten)]
@@ -166,6 +183,7 @@ pub fn run() -> Result<()> {
         Command::Tokenize { model, json, text } => commands::tokenize(&model, &text, json),
         Command::Eval { model, ids, top, json } => commands::eval(&model, &ids, top, json),
         Command::Perplexity { model, file, ctx, windows } => commands::perplexity(&model, &file, ctx, windows),
+        Command::Bench { model, prompt, gen, reps, output } => commands::bench(&model, prompt, gen, reps, &output),
         Command::Info { model } => commands::info(&model),
     }
 }

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::kernels::{self, Isa, Q8Acts};
 use super::CpuTensor;
 use crate::weights::HostTensor;
 
@@ -28,9 +29,50 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-pub fn matmul(x: &CpuTensor, w: &HostTensor) -> CpuTensor {
+/// Integer kernels with 8-bit activations where the weight type has them, else f32.
+pub fn matmul(x: &CpuTensor, w: &HostTensor, isa: Option<Isa>, threads: usize) -> CpuTensor {
+    assert_eq!(x.cols, w.cols(), "matmul: {} expects {} inputs, got {}", w.name, w.cols(), x.cols);
+    match isa {
+        Some(isa) if kernels::supports(w.ty) => matmul_q8(x, w, isa, threads),
+        _ => matmul_f32(x, w),
+    }
+}
+
+fn matmul_q8(x: &CpuTensor, w: &HostTensor, isa: Isa, threads: usize) -> CpuTensor {
     let (n, k, m) = (x.rows, x.cols, w.rows());
-    assert_eq!(k, w.cols(), "matmul: {} expects {} inputs, got {k}", w.name, w.cols());
+    let (rb, bytes, ty) = (w.row_bytes(), w.bytes(), w.ty);
+    let mut q = Q8Acts::default();
+    q.quantize(&x.data, n, k);
+    // A few chunks per thread, each a multiple of the 4-row tile.
+    let chunk = m.div_ceil(threads * 4).next_multiple_of(4).max(4);
+    if n == 1 {
+        let mut out = vec![0f32; m];
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            let r0 = c * chunk;
+            kernels::matvec(isa, ty, &bytes[r0 * rb..(r0 + o.len()) * rb], rb, q.row(0), o);
+        });
+        return CpuTensor { data: out, rows: 1, cols: m };
+    }
+    let mut out_t = vec![0f32; m * n];
+    out_t.par_chunks_mut(chunk * n).enumerate().for_each(|(c, o)| {
+        let (r0, rows) = (c * chunk, o.len() / n);
+        kernels::matmul(isa, ty, &bytes[r0 * rb..(r0 + rows) * rb], rb, &q, o);
+    });
+    transpose(&out_t, m, n)
+}
+
+fn transpose(src: &[f32], rows: usize, cols: usize) -> CpuTensor {
+    let mut out = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = src[r * cols + c];
+        }
+    }
+    CpuTensor { data: out, rows: cols, cols: rows }
+}
+
+fn matmul_f32(x: &CpuTensor, w: &HostTensor) -> CpuTensor {
+    let (n, k, m) = (x.rows, x.cols, w.rows());
     let rb = w.row_bytes();
     let bytes = w.bytes();
     let ty = w.ty;
@@ -60,11 +102,5 @@ pub fn matmul(x: &CpuTensor, w: &HostTensor) -> CpuTensor {
             }
         }
     });
-    let mut out = vec![0f32; n * m];
-    for j in 0..m {
-        for t in 0..n {
-            out[t * m + j] = out_t[j * n + t];
-        }
-    }
-    CpuTensor { data: out, rows: n, cols: m }
+    transpose(&out_t, m, n)
 }

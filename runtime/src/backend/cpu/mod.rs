@@ -4,6 +4,7 @@
 //! block inside the dot products.
 
 mod attention;
+pub mod kernels;
 mod matmul;
 mod ops;
 
@@ -56,18 +57,31 @@ impl KvLayer for CpuKv {
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
+    /// `None`: the f32 reference path (weights dequantized, activations exact).
+    isa: Option<kernels::Isa>,
 }
 
 impl CpuBackend {
-    /// A backend with `threads` workers (0: one per available core).
+    /// A backend with `threads` workers (0: one per available core), using the best
+    /// integer kernels of this CPU.
     pub fn new(threads: usize) -> Result<Self> {
+        Self::with_isa(threads, Some(kernels::Isa::detect()))
+    }
+
+    /// The f32 reference: every weight dequantized, activations never quantized. Slow,
+    /// but equal to a plain f32 evaluation up to summation order.
+    pub fn reference(threads: usize) -> Result<Self> {
+        Self::with_isa(threads, None)
+    }
+
+    pub fn with_isa(threads: usize, isa: Option<kernels::Isa>) -> Result<Self> {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("cairn-cpu-{i}"))
             .build()
             .map_err(|e| Error::model(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(CpuBackend { pool, threads })
+        Ok(CpuBackend { pool, threads, isa })
     }
 
     pub fn threads(&self) -> usize {
@@ -81,7 +95,8 @@ impl Backend for CpuBackend {
     type Kv = CpuKv;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        let isa = self.isa.map_or("f32 reference", |i| i.name());
+        format!("cpu {isa} ({} threads)", self.threads)
     }
 
     fn load_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
@@ -122,7 +137,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight) -> CpuTensor {
-        self.pool.install(|| matmul::matmul(x, &w.host))
+        self.pool.install(|| matmul::matmul(x, &w.host, self.isa, self.threads))
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {

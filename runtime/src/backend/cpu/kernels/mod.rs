@@ -1,0 +1,172 @@
+//! Integer dot-product kernels: weights in their block type, activations quantized to
+//! 8 bits per block of 32 (as llama.cpp does), one implementation per instruction set.
+//!
+//! Every weight type with a kernel here is reduced to the same shape per block: 32
+//! unsigned bytes `u`, a scale `d` and an offset `m`, so that a block contributes
+//! `d·dx·Σ u·x + m·dx·Σ x` (Q4_0: m = −8d; Q5_0: −16d; Q8_0: u = w + 128, m = −128d).
+//! The scalar code is the reference; SIMD versions must agree with it exactly in the
+//! integer part and to float rounding in the sums.
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
+
+use cairn_formats::GgmlType;
+
+/// Values per activation block.
+pub const QK: usize = 32;
+
+/// The instruction sets with kernels, best last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 (F, BW, VL) with VNNI: `vpdpbusd` on 256-bit vectors.
+    Avx512Vnni,
+    /// aarch64 NEON with the dot-product extension.
+    NeonDot,
+}
+
+impl Isa {
+    /// The best instruction set of this CPU (`CAIRN_ISA=scalar|avx2|avx512vnni|neon`
+    /// lowers it, for comparisons).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = Self::available().into_iter().max().unwrap_or(Isa::Scalar);
+            match std::env::var("CAIRN_ISA").ok().as_deref() {
+                Some(name) => Self::available().into_iter().find(|i| i.name() == name).unwrap_or(best),
+                None => best,
+            }
+        })
+    }
+
+    /// Every instruction set this CPU can run, the scalar reference first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                v.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    v.push(Isa::Avx512Vnni);
+                }
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") && std::arch::is_aarch64_feature_detected!("dotprod") {
+                v.push(Isa::NeonDot);
+            }
+        }
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::NeonDot => "neon",
+        }
+    }
+}
+
+/// Whether `ty` has integer kernels (otherwise the backend uses f32 dequantization).
+pub fn supports(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
+}
+
+/// Rows of activations quantized to 8 bits: per block of 32, a scale and the sum of
+/// the quantized values (for the offset term).
+#[derive(Debug, Clone, Default)]
+pub struct Q8Acts {
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sum: Vec<i32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// One row of [`Q8Acts`].
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Row<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub sum: &'a [i32],
+}
+
+impl Q8Acts {
+    /// Quantize `rows` rows of `cols` values (`cols` a multiple of 32), reusing buffers.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        debug_assert_eq!(cols % QK, 0);
+        debug_assert_eq!(x.len(), rows * cols);
+        let nb = rows * cols / QK;
+        self.qs.resize(rows * cols, 0);
+        self.d.resize(nb, 0.0);
+        self.sum.resize(nb, 0);
+        (self.rows, self.cols) = (rows, cols);
+        for (b, (src, q)) in x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK)).enumerate() {
+            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut s = 0i32;
+            for (q, v) in q.iter_mut().zip(src) {
+                // Same rounding as ggml (roundf: half away from zero).
+                *q = (v * inv).round() as i8;
+                s += *q as i32;
+            }
+            self.d[b] = d;
+            self.sum[b] = s;
+        }
+    }
+
+    pub fn row(&self, r: usize) -> Q8Row<'_> {
+        let nb = self.cols / QK;
+        Q8Row {
+            qs: &self.qs[r * self.cols..(r + 1) * self.cols],
+            d: &self.d[r * nb..(r + 1) * nb],
+            sum: &self.sum[r * nb..(r + 1) * nb],
+        }
+    }
+}
+
+/// `out[i] = w_i · x` for consecutive weight rows of `row_bytes` bytes each.
+/// `ty` must satisfy [`supports`]; lengths are the caller's invariant.
+pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::matvec(isa, ty, w, row_bytes, x, out),
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => neon::matvec(ty, w, row_bytes, x, out),
+        _ => scalar::matvec(ty, w, row_bytes, x, out),
+    }
+}
+
+/// `out[r * x.rows + t] = w_r · x_t` for every weight row r and activation row t: the
+/// tile loop of prefill.
+pub fn matmul(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::matmul(isa, ty, w, row_bytes, x, out),
+        _ => {
+            let rows = w.len() / row_bytes;
+            for r in 0..rows {
+                for t in 0..x.rows {
+                    let mut o = [0f32];
+                    matvec(isa, ty, &w[r * row_bytes..(r + 1) * row_bytes], row_bytes, x.row(t), &mut o);
+                    out[r * x.rows + t] = o[0];
+                }
+            }
+        }
+    }
+}

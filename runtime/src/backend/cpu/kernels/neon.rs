@@ -1,0 +1,47 @@
+//! aarch64 kernels with the dot-product extension (`sdot`).
+
+use std::arch::aarch64::*;
+
+use cairn_formats::GgmlType;
+
+use super::{scalar, Q8Row, QK};
+
+/// One row: each block unpacked by the scalar reference into signed values (u − 0 or
+/// the sign-folded form), then `vdotq_s32` over 16-byte halves.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn dot(ty: GgmlType, w: &[u8], x: Q8Row<'_>) -> f32 {
+    let bs = ty.type_size();
+    let mut acc = vdupq_n_f32(0.0);
+    let mut off = 0f32;
+    for (b, blk) in w.chunks_exact(bs).enumerate() {
+        let (u, d, m) = scalar::unpack(ty, blk);
+        // u ≤ 255 does not fit i8: split off 128 when the type needs it (Q8_0).
+        let (u, m) = if ty == GgmlType::Q8_0 {
+            let mut s = [0u8; QK];
+            for j in 0..QK {
+                s[j] = (u[j] as i16 - 128) as i8 as u8;
+            }
+            (s, 0.0)
+        } else {
+            (u, m)
+        };
+        let ua = vreinterpretq_s8_u8(vld1q_u8(u.as_ptr()));
+        let ub = vreinterpretq_s8_u8(vld1q_u8(u.as_ptr().add(16)));
+        let xa = vld1q_s8(x.qs.as_ptr().add(b * QK));
+        let xb = vld1q_s8(x.qs.as_ptr().add(b * QK + 16));
+        let p = vdotq_s32(vdotq_s32(vdupq_n_s32(0), ua, xa), ub, xb);
+        let dx = x.d[b];
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), d * dx);
+        off += m * dx * x.sum[b] as f32;
+    }
+    vaddvq_f32(acc) + off
+}
+
+pub fn matvec(ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]) {
+    assert!(w.len() >= out.len() * row_bytes && x.qs.len() == row_bytes / ty.type_size() * QK);
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+        // SAFETY: `Isa::NeonDot` is only chosen when neon and dotprod were detected;
+        // the assertion above bounds every block read.
+        *o = unsafe { dot(ty, row, x) };
+    }
+}

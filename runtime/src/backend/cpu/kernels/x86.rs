@@ -1,0 +1,247 @@
+//! x86-64 kernels: AVX2 (`vpmaddubsw` pairs) and AVX-512 VNNI (`vpdpbusd` on 256-bit
+//! vectors). One generic body per loop, instantiated under each instruction set's
+//! `target_feature` so the compiler inlines the right dot-product instruction.
+
+use std::arch::x86_64::*;
+
+use cairn_formats::GgmlType;
+
+use super::{Isa, Q8Acts, Q8Row, QK};
+
+/// Sum of groups of four u8 × i8 products into eight i32 lanes.
+trait Dot {
+    unsafe fn dot(u: __m256i, x: __m256i) -> __m256i;
+}
+
+struct Avx2;
+struct Vnni;
+
+impl Dot for Avx2 {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, x: __m256i) -> __m256i {
+        // u ≤ 128 and |x| ≤ 127, so the i16 pair sums of vpmaddubsw cannot saturate.
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
+    }
+}
+
+impl Dot for Vnni {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+    }
+}
+
+/// Block types, as const parameters so each instantiation is straight-line code.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+#[inline(always)]
+unsafe fn f16x2(p: *const u8) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+}
+
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let qs = _mm_loadu_si128(p as *const __m128i);
+    let m = _mm_set1_epi8(0x0F);
+    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m), _mm_and_si128(qs, m))
+}
+
+/// Bit j of `qh` as 0x10 in byte j.
+#[inline(always)]
+unsafe fn high_bits(qh: u32) -> __m256i {
+    let v = _mm256_set1_epi32(qh as i32);
+    let idx = _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
+    let bytes = _mm256_shuffle_epi8(v, idx);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// A block's 32 values as (unsigned u, or |w| for Q8_0), the x it multiplies (sign
+/// moved onto x for Q8_0), scale and offset.
+#[inline(always)]
+unsafe fn block<const T: u8>(p: *const u8, x: __m256i) -> (__m256i, __m256i, f32, f32) {
+    match T {
+        Q4_0 => {
+            let (d, _) = f16x2(p);
+            (nibbles(p.add(2)), x, d, -8.0 * d)
+        }
+        Q4_1 => {
+            let (d, m) = f16x2(p);
+            (nibbles(p.add(4)), x, d, m)
+        }
+        Q5_0 => {
+            let (d, _) = f16x2(p);
+            let qh = (p.add(2) as *const u32).read_unaligned();
+            (_mm256_or_si256(nibbles(p.add(6)), high_bits(qh)), x, d, -16.0 * d)
+        }
+        Q5_1 => {
+            let (d, m) = f16x2(p);
+            let qh = (p.add(4) as *const u32).read_unaligned();
+            (_mm256_or_si256(nibbles(p.add(8)), high_bits(qh)), x, d, m)
+        }
+        _ => {
+            let (d, _) = f16x2(p);
+            let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
+            (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w), d, 0.0)
+        }
+    }
+}
+
+const fn type_size(t: u8) -> usize {
+    match t {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        Q5_1 => 24,
+        _ => 34,
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// An R-rows × C-tokens tile: `out[r * ld + c] = w_r · x_c`.
+///
+/// Safety: `w` holds R rows of `nb` blocks of type T at stride `row_bytes`; each `xs[c]`
+/// has `nb` blocks; `out` has room for `(R - 1) * ld + C` values.
+#[inline(always)]
+unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    nb: usize,
+    xs: [Q8Row<'_>; C],
+    out: *mut f32,
+    ld: usize,
+) {
+    let bs = type_size(T);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut off = [[0f32; C]; R];
+    for b in 0..nb {
+        for c in 0..C {
+            let xv = _mm256_loadu_si256(xs[c].qs.as_ptr().add(b * QK) as *const __m256i);
+            let dx = *xs[c].d.get_unchecked(b);
+            let sx = *xs[c].sum.get_unchecked(b) as f32;
+            for r in 0..R {
+                let (u, xv, d, m) = block::<T>(w.add(r * row_bytes + b * bs), xv);
+                let p = _mm256_cvtepi32_ps(D::dot(u, xv));
+                acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * dx), acc[r][c]);
+                off[r][c] += m * dx * sx;
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            *out.add(r * ld + c) = hsum(acc[r][c]) + off[r][c];
+        }
+    }
+}
+
+/// Rows × one activation row, four rows at a time.
+#[inline(always)]
+unsafe fn matvec_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]) {
+    let nb = row_bytes / type_size(T);
+    let rows = out.len();
+    let mut r = 0;
+    while r + 4 <= rows {
+        tile::<D, T, 4, 1>(w.as_ptr().add(r * row_bytes), row_bytes, nb, [x], out.as_mut_ptr().add(r), 1);
+        r += 4;
+    }
+    while r < rows {
+        tile::<D, T, 1, 1>(w.as_ptr().add(r * row_bytes), row_bytes, nb, [x], out.as_mut_ptr().add(r), 1);
+        r += 1;
+    }
+}
+
+/// Rows × activation rows in 4 × 4 tiles (edges in smaller ones).
+#[inline(always)]
+unsafe fn matmul_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]) {
+    let nb = row_bytes / type_size(T);
+    let (rows, n) = (w.len() / row_bytes, x.rows);
+    let o = out.as_mut_ptr();
+    let mut r = 0;
+    while r < rows {
+        let wr = w.as_ptr().add(r * row_bytes);
+        let mut c = 0;
+        if r + 4 <= rows {
+            while c + 4 <= n {
+                let xs = [x.row(c), x.row(c + 1), x.row(c + 2), x.row(c + 3)];
+                tile::<D, T, 4, 4>(wr, row_bytes, nb, xs, o.add(r * n + c), n);
+                c += 4;
+            }
+            while c < n {
+                tile::<D, T, 4, 1>(wr, row_bytes, nb, [x.row(c)], o.add(r * n + c), n);
+                c += 1;
+            }
+            r += 4;
+        } else {
+            while c < n {
+                tile::<D, T, 1, 1>(wr, row_bytes, nb, [x.row(c)], o.add(r * n + c), n);
+                c += 1;
+            }
+            r += 1;
+        }
+    }
+}
+
+macro_rules! entry {
+    ($name:ident, $body:ident, $dot:ty, $features:literal, ($($arg:ident: $t:ty),*)) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(ty: GgmlType, $($arg: $t),*) {
+            match ty {
+                GgmlType::Q4_0 => $body::<$dot, Q4_0>($($arg),*),
+                GgmlType::Q4_1 => $body::<$dot, Q4_1>($($arg),*),
+                GgmlType::Q5_0 => $body::<$dot, Q5_0>($($arg),*),
+                GgmlType::Q5_1 => $body::<$dot, Q5_1>($($arg),*),
+                GgmlType::Q8_0 => $body::<$dot, Q8_0>($($arg),*),
+                _ => unreachable!("no integer kernel for {ty}"),
+            }
+        }
+    };
+}
+
+entry!(matvec_avx2, matvec_body, Avx2, "avx2,fma,f16c", (w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]));
+entry!(matvec_vnni, matvec_body, Vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", (w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]));
+entry!(matmul_avx2, matmul_body, Avx2, "avx2,fma,f16c", (w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]));
+entry!(matmul_vnni, matmul_body, Vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", (w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]));
+
+fn check(ty: GgmlType, w: &[u8], row_bytes: usize, cols: usize, rows_out: usize) {
+    assert!(super::supports(ty), "no integer kernel for {ty}");
+    assert_eq!(row_bytes, cols / QK * ty.type_size(), "row bytes do not match {cols} columns of {ty}");
+    assert!(w.len() >= rows_out * row_bytes, "weight slice too short");
+}
+
+pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]) {
+    check(ty, w, row_bytes, x.qs.len(), out.len());
+    // SAFETY: `check` ensured the weight rows and activation blocks the kernel reads
+    // exist, and `isa` only names instruction sets `Isa::available` detected.
+    unsafe {
+        match isa {
+            Isa::Avx512Vnni => matvec_vnni(ty, w, row_bytes, x, out),
+            _ => matvec_avx2(ty, w, row_bytes, x, out),
+        }
+    }
+}
+
+pub fn matmul(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]) {
+    let rows = w.len() / row_bytes;
+    check(ty, w, row_bytes, x.cols, rows);
+    assert!(out.len() >= rows * x.rows, "output too short");
+    assert!(x.qs.len() >= x.rows * x.cols && x.d.len() >= x.rows * x.cols / QK, "activations too short");
+    // SAFETY: as in `matvec`, plus the output holds rows × tokens values.
+    unsafe {
+        match isa {
+            Isa::Avx512Vnni => matmul_vnni(ty, w, row_bytes, x, out),
+            _ => matmul_avx2(ty, w, row_bytes, x, out),
+        }
+    }
+}

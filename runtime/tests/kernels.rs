@@ -1,0 +1,108 @@
+//! Every SIMD kernel against the scalar reference, and the reference against plain f32
+//! arithmetic, on random inputs of awkward sizes.
+
+use cairn::backend::cpu::kernels::{self, Isa, Q8Acts, QK};
+use cairn::synthetic::SplitMix;
+use cairn_formats::{quant, GgmlType};
+
+const TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
+
+fn random(rng: &mut SplitMix, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.next_f32() * scale).collect()
+}
+
+fn weights(rng: &mut SplitMix, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let mut w = vec![0u8; rows * cols / QK * ty.type_size()];
+    quant::quantize(ty, &random(rng, rows * cols, 0.5), &mut w).unwrap();
+    w
+}
+
+fn close(a: f32, b: f32, what: &str) {
+    let tol = 1e-5 * b.abs().max(1.0);
+    assert!((a - b).abs() <= tol, "{what}: {a} vs reference {b}");
+}
+
+#[test]
+fn scalar_reference_equals_f32_math() {
+    let mut rng = SplitMix(1);
+    for ty in TYPES {
+        let cols = 96;
+        let w = weights(&mut rng, ty, 1, cols);
+        let x = random(&mut rng, cols, 3.0);
+        let mut q = Q8Acts::default();
+        q.quantize(&x, 1, cols);
+        // The quantized activations, dequantized: the kernel must compute exactly w · x̂.
+        let xh: Vec<f32> = (0..cols).map(|i| q.qs[i] as f32 * q.d[i / QK]).collect();
+        let mut wf = vec![0f32; cols];
+        quant::dequantize(ty, &w, &mut wf).unwrap();
+        let want: f64 = wf.iter().zip(&xh).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let mut got = [0f32];
+        kernels::matvec(Isa::Scalar, ty, &w, w.len(), q.row(0), &mut got);
+        assert!((got[0] as f64 - want).abs() < 1e-4 * want.abs().max(1.0), "{ty}: {} vs {want}", got[0]);
+        // And the 8-bit activations stay close to the exact ones.
+        let exact: f64 = wf.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let scale: f64 = wf.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+        assert!((got[0] as f64 - exact).abs() < 0.02 * scale, "{ty}: 8-bit activations drift too far");
+    }
+}
+
+#[test]
+fn simd_matvec_equals_scalar() {
+    let mut rng = SplitMix(2);
+    for isa in Isa::available() {
+        for ty in TYPES {
+            for (rows, cols) in [(1, 32), (3, 64), (4, 96), (7, 576), (13, 160), (9, 1536)] {
+                let w = weights(&mut rng, ty, rows, cols);
+                let rb = w.len() / rows;
+                let mut q = Q8Acts::default();
+                q.quantize(&random(&mut rng, cols, 2.0), 1, cols);
+                let (mut got, mut want) = (vec![0f32; rows], vec![0f32; rows]);
+                kernels::matvec(isa, ty, &w, rb, q.row(0), &mut got);
+                kernels::matvec(Isa::Scalar, ty, &w, rb, q.row(0), &mut want);
+                for r in 0..rows {
+                    close(got[r], want[r], &format!("{} {ty} matvec {rows}x{cols} row {r}", isa.name()));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_matmul_equals_scalar() {
+    let mut rng = SplitMix(3);
+    for isa in Isa::available() {
+        for ty in TYPES {
+            for (rows, n, cols) in [(4, 4, 32), (5, 7, 64), (8, 3, 96), (9, 9, 576), (1, 6, 32)] {
+                let w = weights(&mut rng, ty, rows, cols);
+                let rb = w.len() / rows;
+                let mut q = Q8Acts::default();
+                q.quantize(&random(&mut rng, n * cols, 2.0), n, cols);
+                let (mut got, mut want) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+                kernels::matmul(isa, ty, &w, rb, &q, &mut got);
+                kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
+                for i in 0..rows * n {
+                    close(got[i], want[i], &format!("{} {ty} matmul {rows}x{n}x{cols} at {i}", isa.name()));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_quantization_round_trips() {
+    let mut rng = SplitMix(4);
+    let x = random(&mut rng, 4 * 64, 10.0);
+    let mut q = Q8Acts::default();
+    q.quantize(&x, 4, 64);
+    for (i, v) in x.iter().enumerate() {
+        let d = q.d[i / QK];
+        assert!((q.qs[i] as f32 * d - v).abs() <= d * 0.5 + 1e-6, "value {i}");
+    }
+    for b in 0..q.d.len() {
+        assert_eq!(q.sum[b], q.qs[b * QK..(b + 1) * QK].iter().map(|&v| v as i32).sum::<i32>());
+    }
+    // All zeros: scale zero, no NaN.
+    q.quantize(&[0.0; 32], 1, 32);
+    assert_eq!(q.d[0], 0.0);
+    assert!(q.qs.iter().all(|&v| v == 0));
+}
