@@ -31,14 +31,16 @@ fn scalar_reference_equals_f32_math() {
         let x = random(&mut rng, cols, 3.0);
         let mut q = Q8Acts::default();
         q.quantize(&x, 1, cols);
-        // The quantized activations, dequantized: the kernel must compute exactly w · x̂.
+        // The quantized activations, dequantized: the kernel must compute w · x̂, up to
+        // ggml's f16 rounding of the per-block sums that the min term of Q4_1/Q5_1 uses.
         let xh: Vec<f32> = (0..cols).map(|i| q.qs[i] as f32 * q.d[i / QK]).collect();
         let mut wf = vec![0f32; cols];
         quant::dequantize(ty, &w, &mut wf).unwrap();
         let want: f64 = wf.iter().zip(&xh).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let size: f64 = wf.iter().zip(&xh).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
         let mut got = [0f32];
         kernels::matvec(Isa::Scalar, ty, &w, w.len(), q.row(0), &mut got);
-        assert!((got[0] as f64 - want).abs() < 1e-4 * want.abs().max(1.0), "{ty}: {} vs {want}", got[0]);
+        assert!((got[0] as f64 - want).abs() < 1e-3 * size, "{ty}: {} vs {want}", got[0]);
         // And the 8-bit activations stay close to the exact ones.
         let exact: f64 = wf.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
         let scale: f64 = wf.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
@@ -96,10 +98,12 @@ fn activation_quantization_round_trips() {
     q.quantize(&x, 4, 64);
     for (i, v) in x.iter().enumerate() {
         let d = q.d[i / QK];
-        assert!((q.qs[i] as f32 * d - v).abs() <= d * 0.5 + 1e-6, "value {i}");
+        // Half a step, plus the f16 rounding of the scale over 127 steps.
+        assert!((q.qs[i] as f32 * d - v).abs() <= d * 0.57 + 1e-6, "value {i}");
     }
     for b in 0..q.d.len() {
         assert_eq!(q.sum[b], q.qs[b * QK..(b + 1) * QK].iter().map(|&v| v as i32).sum::<i32>());
+        assert!((q.s[b] - q.d[b] * q.sum[b] as f32).abs() <= 2e-3 * q.s[b].abs() + 1e-6);
     }
     // All zeros: scale zero, no NaN.
     q.quantize(&[0.0; 32], 1, 32);

@@ -46,6 +46,12 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> String;
 
+    /// Run a whole forward pass in the backend's execution context (the CPU backend's
+    /// thread pool), so that the ops inside it dispatch without a thread hop each.
+    fn scope<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// Prepare a weight for use (the CPU borrows the mapped bytes; a GPU uploads them).
     fn load_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
 
@@ -60,6 +66,11 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Weight, ids: &[u32], scale: f32) -> Result<Self::Tensor>;
     /// `x W^T`: `[n, k] × [m, k]^T → [n, m]`, for a weight of any storage type.
     fn matmul(&self, x: &Self::Tensor, w: &Self::Weight) -> Self::Tensor;
+    /// Several matmuls of the same input (q/k/v, gate/up): one pass over `x`, one
+    /// dispatch, so small decode steps do not pay the fixed cost of each.
+    fn matmul_many(&self, x: &Self::Tensor, ws: &[&Self::Weight]) -> Vec<Self::Tensor> {
+        ws.iter().map(|w| self.matmul(x, w)).collect()
+    }
     /// Root-mean-square norm of each row of `x` (or of each `w.len()`-wide slice of it,
     /// for per-head norms), times the weight.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;

@@ -62,7 +62,9 @@ impl<B: Backend> Llama<B> {
         let qd = (c.n_heads * c.head_dim) as u64;
         let w = |name: &str, dims: &[u64]| -> Result<B::Weight> { backend.load_weight(&file.tensor(name, dims)?) };
         let embed = w("token_embd.weight", &[d, c.vocab as u64])?;
-        let mut layers = Vec::with_capacity(c.n_layers);
+        // Not `with_capacity(n_layers)`: the count comes from the file, and a corrupt one
+        // must fail on its first missing tensor, not on a huge allocation.
+        let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
@@ -120,7 +122,7 @@ impl<B: Backend + 'static> Runner for Llama<B> {
             )));
         }
         let pos0 = cache.len;
-        let out = self.run(cache, ids, logits);
+        let out = self.backend.scope(|| self.run(cache, ids, logits));
         if out.is_err() {
             // Leave the cache as it was: no layer keeps a half-evaluated batch.
             cache.truncate(pos0);
@@ -143,16 +145,21 @@ impl<B: Backend + 'static> Llama<B> {
         let mut x = be.embed(&self.embed, ids, 1.0)?;
         for (layer, kv) in self.layers.iter().zip(&mut cache.layers) {
             let h = be.rms_norm(&x, &layer.attn_norm, c.norm_eps);
-            let mut q = be.matmul(&h, &layer.wq);
-            let mut k = be.matmul(&h, &layer.wk);
-            let v = be.matmul(&h, &layer.wv);
+            let [mut q, mut k, v]: [B::Tensor; 3] =
+                be.matmul_many(&h, &[&layer.wq, &layer.wk, &layer.wv])
+                    .try_into()
+                    .map_err(|_| Error::model("backend returned the wrong number of q/k/v projections"))?;
             be.rope(&mut q, c.head_dim, pos0, c.rope_base, RopeStyle::Adjacent);
             be.rope(&mut k, c.head_dim, pos0, c.rope_base, RopeStyle::Adjacent);
             let a = be.attention(&q, &k, &v, kv, pos0, attn)?;
             be.add_assign(&mut x, &be.matmul(&a, &layer.wo));
 
             let h = be.rms_norm(&x, &layer.ffn_norm, c.norm_eps);
-            let g = be.swiglu(&be.matmul(&h, &layer.gate), &be.matmul(&h, &layer.up));
+            let [g, u]: [B::Tensor; 2] = be
+                .matmul_many(&h, &[&layer.gate, &layer.up])
+                .try_into()
+                .map_err(|_| Error::model("backend returned the wrong number of gate/up projections"))?;
+            let g = be.swiglu(&g, &u);
             be.add_assign(&mut x, &be.matmul(&g, &layer.down));
         }
         cache.len += ids.len();

@@ -1,25 +1,44 @@
 //! Causal grouped-query attention over the cache.
+//!
+//! On the fast path the roundings follow llama.cpp's CPU path (flash attention off):
+//! keys and values are stored in f16, the query is rounded to f16 before q·k, and the
+//! softmax weights are rounded to f16 before they multiply the values. Matching them
+//! keeps Cairn's logits within llama.cpp's own batch-to-batch noise. The reference
+//! path keeps everything in f32.
 
+use half::f16;
 use rayon::prelude::*;
 
 use super::{dot_f32, CpuKv, CpuTensor};
 use crate::backend::AttnParams;
 
+fn round_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
 /// `q` holds rows at positions `pos0..`; the cache already contains them.
-pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams) -> CpuTensor {
+pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, f16_rounding: bool) -> CpuTensor {
+    let round = |x: f32| if f16_rounding { round_f16(x) } else { x };
     let hd = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
     let width = kv.width;
+    let n_ctx = kv.len;
+    // The visible cache in f32, converted once per call rather than once per query.
+    let first_visible = p.window.map_or(0, |w| (pos0 + 1).saturating_sub(w));
+    let span = first_visible * width..n_ctx * width;
+    let keys = kv.k.to_f32(span.clone());
+    let values = kv.v.to_f32(span);
+    let base = first_visible;
     let mut out = vec![0f32; q.rows * p.n_heads * hd];
     // One task per (query row, head): independent, and enough of them to fill threads.
     out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
         let (t, h) = (idx / p.n_heads, idx % p.n_heads);
         let pos = pos0 + t;
         let g = h / group;
-        let qh = &q.data[t * q.cols + h * hd..t * q.cols + (h + 1) * hd];
+        let qh: Vec<f32> = q.data[t * q.cols + h * hd..t * q.cols + (h + 1) * hd].iter().map(|&x| round(x)).collect();
         let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let mut scores: Vec<f32> =
-            (first..=pos).map(|j| dot_f32(qh, &kv.k[j * width + g * hd..j * width + (g + 1) * hd]) * p.scale).collect();
+        let at = |j: usize| (j - base) * width + g * hd;
+        let mut scores: Vec<f32> = (first..=pos).map(|j| dot_f32(&qh, &keys[at(j)..at(j) + hd]) * p.scale).collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for s in scores.iter_mut() {
@@ -28,9 +47,8 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams) -> CpuT
         }
         let inv = 1.0 / sum;
         for (j, s) in (first..=pos).zip(&scores) {
-            let vj = &kv.v[j * width + g * hd..j * width + (g + 1) * hd];
-            let w = s * inv;
-            o.iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
+            let w = round(s * inv);
+            o.iter_mut().zip(&values[at(j)..at(j) + hd]).for_each(|(o, v)| *o += w * v);
         }
     });
     CpuTensor { data: out, rows: q.rows, cols: p.n_heads * hd }

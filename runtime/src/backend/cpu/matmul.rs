@@ -38,14 +38,40 @@ pub fn matmul(x: &CpuTensor, w: &HostTensor, isa: Option<Isa>, threads: usize) -
     }
 }
 
+/// Decode steps (one row) of several weights sharing one quantized input in a single
+/// parallel region; anything else falls back to one matmul per weight.
+pub fn matmul_many(x: &CpuTensor, ws: &[&HostTensor], isa: Option<Isa>, threads: usize) -> Vec<CpuTensor> {
+    let fused = x.rows == 1 && isa.is_some() && ws.iter().all(|w| kernels::supports(w.ty) && w.cols() == x.cols);
+    let Some(isa) = isa.filter(|_| fused) else {
+        return ws.iter().map(|w| matmul(x, w, isa, threads)).collect();
+    };
+    let mut q = Q8Acts::default();
+    q.quantize(&x.data, 1, x.cols);
+    let total: usize = ws.iter().map(|w| w.rows()).sum();
+    let chunk = total.div_ceil(threads * 4).next_multiple_of(4).max(4);
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows()]).collect();
+    // Work items: (weight, first row, output slice), each at most `chunk` rows.
+    let mut items = Vec::new();
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        for (c, o) in out.chunks_mut(chunk).enumerate() {
+            items.push((*w, c * chunk, o));
+        }
+    }
+    items.into_par_iter().for_each(|(w, r0, o)| {
+        let rb = w.row_bytes();
+        kernels::matvec(isa, w.ty, &w.bytes()[r0 * rb..(r0 + o.len()) * rb], rb, q.row(0), o);
+    });
+    outs.into_iter().map(|data| CpuTensor { cols: data.len(), data, rows: 1 }).collect()
+}
+
 fn matmul_q8(x: &CpuTensor, w: &HostTensor, isa: Isa, threads: usize) -> CpuTensor {
     let (n, k, m) = (x.rows, x.cols, w.rows());
     let (rb, bytes, ty) = (w.row_bytes(), w.bytes(), w.ty);
-    let mut q = Q8Acts::default();
-    q.quantize(&x.data, n, k);
-    // A few chunks per thread, each a multiple of the 4-row tile.
-    let chunk = m.div_ceil(threads * 4).next_multiple_of(4).max(4);
     if n == 1 {
+        let mut q = Q8Acts::default();
+        q.quantize(&x.data, n, k);
+        // A few chunks per thread, each a multiple of the 4-row tile.
+        let chunk = m.div_ceil(threads * 4).next_multiple_of(4).max(4);
         let mut out = vec![0f32; m];
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
             let r0 = c * chunk;
@@ -53,12 +79,16 @@ fn matmul_q8(x: &CpuTensor, w: &HostTensor, isa: Isa, threads: usize) -> CpuTens
         });
         return CpuTensor { data: out, rows: 1, cols: m };
     }
-    let mut out_t = vec![0f32; m * n];
-    out_t.par_chunks_mut(chunk * n).enumerate().for_each(|(c, o)| {
-        let (r0, rows) = (c * chunk, o.len() / n);
-        kernels::matmul(isa, ty, &bytes[r0 * rb..(r0 + rows) * rb], rb, &q, o);
+    // Prefill: each thread takes a run of tokens and streams all weight rows past them,
+    // writing its own contiguous rows of the output.
+    let per = n.div_ceil(threads).next_multiple_of(4);
+    let mut out = vec![0f32; n * m];
+    out.par_chunks_mut(per * m).zip(x.data.par_chunks(per * k)).for_each(|(o, xs)| {
+        let mut q = Q8Acts::default();
+        q.quantize(xs, xs.len() / k, k);
+        kernels::matmul(isa, ty, bytes, rb, &q, o);
     });
-    transpose(&out_t, m, n)
+    CpuTensor { data: out, rows: n, cols: m }
 }
 
 fn transpose(src: &[f32], rows: usize, cols: usize) -> CpuTensor {

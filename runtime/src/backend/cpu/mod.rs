@@ -36,11 +36,47 @@ impl CpuWeight {
     }
 }
 
-/// A layer's cache: keys and values as `[position][kv_heads * head_dim]`, grown as
-/// positions arrive so that a short chat does not pay for the whole context.
+/// Cached keys or values: f16 on the fast path (half the memory of f32, and what
+/// llama.cpp stores), f32 on the reference path.
+enum KvData {
+    F16(Vec<half::f16>),
+    F32(Vec<f32>),
+}
+
+impl KvData {
+    fn push(&mut self, x: &[f32]) {
+        match self {
+            KvData::F16(v) => v.extend(x.iter().map(|&x| half::f16::from_f32(x))),
+            KvData::F32(v) => v.extend_from_slice(x),
+        }
+    }
+
+    fn truncate(&mut self, n: usize) {
+        match self {
+            KvData::F16(v) => v.truncate(n),
+            KvData::F32(v) => v.truncate(n),
+        }
+    }
+
+    /// Values `range` as f32.
+    fn to_f32(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+        match self {
+            KvData::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                let mut out = vec![0f32; range.len()];
+                v[range].convert_to_f32_slice(&mut out);
+                out
+            }
+            KvData::F32(v) => v[range].to_vec(),
+        }
+    }
+}
+
+/// A layer's cache as `[position][kv_heads * head_dim]`, grown as positions arrive so
+/// that a short chat does not pay for the whole context.
 pub struct CpuKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: KvData,
+    v: KvData,
     len: usize,
     capacity: usize,
     width: usize,
@@ -99,6 +135,10 @@ impl Backend for CpuBackend {
         format!("cpu {isa} ({} threads)", self.threads)
     }
 
+    fn scope<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn load_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
         let vector = if t.dims.len() == 1 { Some(t.to_f32()?) } else { None };
         Ok(CpuWeight { host: t.clone(), vector })
@@ -140,6 +180,11 @@ impl Backend for CpuBackend {
         self.pool.install(|| matmul::matmul(x, &w.host, self.isa, self.threads))
     }
 
+    fn matmul_many(&self, x: &CpuTensor, ws: &[&CpuWeight]) -> Vec<CpuTensor> {
+        let hosts: Vec<&HostTensor> = ws.iter().map(|w| &w.host).collect();
+        self.pool.install(|| matmul::matmul_many(x, &hosts, self.isa, self.threads))
+    }
+
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
         let w = w.vector();
         let mut out = x.clone();
@@ -175,7 +220,8 @@ impl Backend for CpuBackend {
     }
 
     fn kv_new(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<CpuKv> {
-        Ok(CpuKv { k: Vec::new(), v: Vec::new(), len: 0, capacity, width: n_kv_heads * head_dim })
+        let data = || if self.isa.is_some() { KvData::F16(Vec::new()) } else { KvData::F32(Vec::new()) };
+        Ok(CpuKv { k: data(), v: data(), len: 0, capacity, width: n_kv_heads * head_dim })
     }
 
     fn attention(
@@ -196,10 +242,10 @@ impl Backend for CpuBackend {
                 kv.len, q.rows, kv.capacity
             )));
         }
-        kv.k.extend_from_slice(&k.data);
-        kv.v.extend_from_slice(&v.data);
+        kv.k.push(&k.data);
+        kv.v.push(&v.data);
         kv.len += q.rows;
-        let out = self.pool.install(|| attention::attention(q, kv, pos0, &p));
+        let out = self.pool.install(|| attention::attention(q, kv, pos0, &p, self.isa.is_some()));
         Ok(out)
     }
 }

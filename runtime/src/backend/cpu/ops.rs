@@ -9,14 +9,18 @@ pub fn rms_norm(row: &mut [f32], w: &[f32], eps: f32) {
 }
 
 /// Rotate every head of one row at position `pos`. Angles follow ggml: the frequency of
-/// pair i is base^(-2i/d).
+/// pair i is base^(-2i/d); they are computed once per row and shared by its heads.
 pub fn rope_row(row: &mut [f32], head_dim: usize, pos: usize, base: f32, style: RopeStyle) {
     let half = head_dim / 2;
+    let mut cs = [(0f32, 0f32); 256];
+    let cs = &mut cs[..half.min(256)];
+    for (i, c) in cs.iter_mut().enumerate() {
+        let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / head_dim as f64);
+        let (sin, cos) = theta.sin_cos();
+        *c = (cos as f32, sin as f32);
+    }
     for head in row.chunks_mut(head_dim) {
-        for i in 0..half {
-            let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / head_dim as f64);
-            let (sin, cos) = theta.sin_cos();
-            let (sin, cos) = (sin as f32, cos as f32);
+        for (i, &(cos, sin)) in cs.iter().enumerate() {
             let (a, b) = match style {
                 RopeStyle::Adjacent => (2 * i, 2 * i + 1),
                 RopeStyle::Halves => (i, i + half),

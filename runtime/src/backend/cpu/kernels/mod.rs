@@ -86,13 +86,16 @@ pub fn supports(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
 }
 
-/// Rows of activations quantized to 8 bits: per block of 32, a scale and the sum of
-/// the quantized values (for the offset term).
+/// Rows of activations quantized to 8 bits the way ggml's `q8_1` does it on x86
+/// (scale 127/amax, ties to even, scale stored as f16): per block of 32, the scale `d`,
+/// the integer sum of the values, and `s = d·sum` rounded to f16 as ggml stores it for
+/// the min term of Q4_1/Q5_1. Matching ggml bit for bit keeps logits within its noise.
 #[derive(Debug, Clone, Default)]
 pub struct Q8Acts {
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub sum: Vec<i32>,
+    pub s: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
 }
@@ -103,6 +106,16 @@ pub struct Q8Row<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub sum: &'a [i32],
+    pub s: &'a [f32],
+}
+
+fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// Whether a block type has its own minimum (its offset term uses `s`).
+pub fn has_min(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
 }
 
 impl Q8Acts {
@@ -114,19 +127,20 @@ impl Q8Acts {
         self.qs.resize(rows * cols, 0);
         self.d.resize(nb, 0.0);
         self.sum.resize(nb, 0);
+        self.s.resize(nb, 0.0);
         (self.rows, self.cols) = (rows, cols);
         for (b, (src, q)) in x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK)).enumerate() {
             let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut s = 0i32;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
             for (q, v) in q.iter_mut().zip(src) {
-                // Same rounding as ggml (roundf: half away from zero).
-                *q = (v * inv).round() as i8;
-                s += *q as i32;
+                *q = (v * inv).round_ties_even() as i8;
+                sum += *q as i32;
             }
-            self.d[b] = d;
-            self.sum[b] = s;
+            self.d[b] = round_f16(d);
+            self.sum[b] = sum;
+            self.s[b] = round_f16(d * sum as f32);
         }
     }
 
@@ -136,6 +150,7 @@ impl Q8Acts {
             qs: &self.qs[r * self.cols..(r + 1) * self.cols],
             d: &self.d[r * nb..(r + 1) * nb],
             sum: &self.sum[r * nb..(r + 1) * nb],
+            s: &self.s[r * nb..(r + 1) * nb],
         }
     }
 }
@@ -152,7 +167,7 @@ pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, 
     }
 }
 
-/// `out[r * x.rows + t] = w_r · x_t` for every weight row r and activation row t: the
+/// `out[t * rows + r] = w_r · x_t` for every weight row r and activation row t: the
 /// tile loop of prefill.
 pub fn matmul(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]) {
     match isa {
@@ -164,7 +179,7 @@ pub fn matmul(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: &Q8Acts, ou
                 for t in 0..x.rows {
                     let mut o = [0f32];
                     matvec(isa, ty, &w[r * row_bytes..(r + 1) * row_bytes], row_bytes, x.row(t), &mut o);
-                    out[r * x.rows + t] = o[0];
+                    out[t * rows + r] = o[0];
                 }
             }
         }

@@ -32,7 +32,7 @@ unsafe fn dot(ty: GgmlType, w: &[u8], x: Q8Row<'_>) -> f32 {
         let p = vdotq_s32(vdotq_s32(vdupq_n_s32(0), ua, xa), ub, xb);
         let dx = x.d[b];
         acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), d * dx);
-        off += m * dx * x.sum[b] as f32;
+        off += m * if super::has_min(ty) { x.s[b] } else { dx * x.sum[b] as f32 };
     }
     vaddvq_f32(acc) + off
 }

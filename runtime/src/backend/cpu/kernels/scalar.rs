@@ -55,7 +55,8 @@ pub fn dot(ty: GgmlType, w: &[u8], x: Q8Row<'_>) -> f32 {
         let (u, d, m) = unpack(ty, blk);
         let xq = &x.qs[b * QK..(b + 1) * QK];
         let s: i32 = u.iter().zip(xq).map(|(&u, &q)| u as i32 * q as i32).sum();
-        acc += d * x.d[b] * s as f32 + m * x.d[b] * x.sum[b] as f32;
+        let off = if super::has_min(ty) { x.s[b] } else { x.d[b] * x.sum[b] as f32 };
+        acc += d * x.d[b] * s as f32 + m * off;
     }
     acc
 }

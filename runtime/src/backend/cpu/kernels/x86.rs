@@ -110,10 +110,10 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// An R-rows × C-tokens tile: `out[r * ld + c] = w_r · x_c`.
+/// An R-rows × C-tokens tile: `out[c * ld + r] = w_r · x_c`.
 ///
 /// Safety: `w` holds R rows of `nb` blocks of type T at stride `row_bytes`; each `xs[c]`
-/// has `nb` blocks; `out` has room for `(R - 1) * ld + C` values.
+/// has `nb` blocks; `out` has room for `(C - 1) * ld + R` values.
 #[inline(always)]
 unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
     w: *const u8,
@@ -130,18 +130,24 @@ unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
         for c in 0..C {
             let xv = _mm256_loadu_si256(xs[c].qs.as_ptr().add(b * QK) as *const __m256i);
             let dx = *xs[c].d.get_unchecked(b);
-            let sx = *xs[c].sum.get_unchecked(b) as f32;
+            // The min term of Q4_1/Q5_1 uses ggml's f16-rounded d·sum; the fixed
+            // offsets of the other types are exact integers times d.
+            let sx = if T == Q4_1 || T == Q5_1 {
+                *xs[c].s.get_unchecked(b)
+            } else {
+                dx * *xs[c].sum.get_unchecked(b) as f32
+            };
             for r in 0..R {
                 let (u, xv, d, m) = block::<T>(w.add(r * row_bytes + b * bs), xv);
                 let p = _mm256_cvtepi32_ps(D::dot(u, xv));
                 acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * dx), acc[r][c]);
-                off[r][c] += m * dx * sx;
+                off[r][c] += m * sx;
             }
         }
     }
     for r in 0..R {
         for c in 0..C {
-            *out.add(r * ld + c) = hsum(acc[r][c]) + off[r][c];
+            *out.add(c * ld + r) = hsum(acc[r][c]) + off[r][c];
         }
     }
 }
@@ -162,7 +168,8 @@ unsafe fn matvec_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: Q8Row<
     }
 }
 
-/// Rows × activation rows in 4 × 4 tiles (edges in smaller ones).
+/// Rows × activation rows in 4 × 4 tiles (edges in smaller ones); `out` is
+/// `[tokens][rows]`.
 #[inline(always)]
 unsafe fn matmul_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]) {
     let nb = row_bytes / type_size(T);
@@ -175,17 +182,17 @@ unsafe fn matmul_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: &Q8Act
         if r + 4 <= rows {
             while c + 4 <= n {
                 let xs = [x.row(c), x.row(c + 1), x.row(c + 2), x.row(c + 3)];
-                tile::<D, T, 4, 4>(wr, row_bytes, nb, xs, o.add(r * n + c), n);
+                tile::<D, T, 4, 4>(wr, row_bytes, nb, xs, o.add(c * rows + r), rows);
                 c += 4;
             }
             while c < n {
-                tile::<D, T, 4, 1>(wr, row_bytes, nb, [x.row(c)], o.add(r * n + c), n);
+                tile::<D, T, 4, 1>(wr, row_bytes, nb, [x.row(c)], o.add(c * rows + r), rows);
                 c += 1;
             }
             r += 4;
         } else {
             while c < n {
-                tile::<D, T, 1, 1>(wr, row_bytes, nb, [x.row(c)], o.add(r * n + c), n);
+                tile::<D, T, 1, 1>(wr, row_bytes, nb, [x.row(c)], o.add(c * rows + r), rows);
                 c += 1;
             }
             r += 1;
