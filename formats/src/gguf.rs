@@ -6,6 +6,8 @@
 
 use std::prelude::v1::*;
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
 use crate::types::GgmlType;
 
@@ -194,7 +196,8 @@ impl<'a> Cursor<'a> {
         let max = (self.remaining() / min_size.max(1)) as u64;
         if n > max {
             return Err(Error::invalid(format!(
-                "{what} at byte {at} claims {n} items, more than the {} remaining bytes can hold",
+                "{what} at byte {at} claims {n} items, more than the {} remaining bytes can hold \
+                 (the file is truncated or corrupt)",
                 self.remaining()
             )));
         }
@@ -282,8 +285,9 @@ impl<'a> Gguf<'a> {
         let mut metadata = Vec::with_capacity(n_kv);
         for _ in 0..n_kv {
             let key = c.string("metadata key")?;
-            let ty = c.u32(&key)?;
-            let v = c.value(ty, 0, &key)?;
+            let shown = label(&key);
+            let ty = c.u32(&shown)?;
+            let v = c.value(ty, 0, &shown)?;
             metadata.push((key, v));
         }
 
@@ -301,18 +305,20 @@ impl<'a> Gguf<'a> {
         let mut raw = Vec::with_capacity(n_tensors);
         for _ in 0..n_tensors {
             let name = c.string("tensor name")?;
-            let n_dims = c.u32(&name)? as usize;
+            let shown = label(&name);
+            let n_dims = c.u32(&shown)? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(Error::invalid(format!("tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+                return Err(Error::invalid(format!("tensor {shown}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
-                dims.push(c.u64(&name)?);
+                dims.push(c.u64(&shown)?);
             }
-            let ty_id = c.u32(&name)?;
+            let ty_id = c.u32(&shown)?;
             let ty = GgmlType::from_id(ty_id)
-                .map_err(|_| Error::invalid(format!("tensor {name}: unknown type id {ty_id}")))?;
-            let offset = c.u64(&name)?;
+                .map_err(|_| Error::invalid(format!("tensor {shown}: unknown type id {ty_id}")))?;
+            let offset = c.u64(&shown)?;
+            drop(shown);
             raw.push((name, dims, ty, offset));
         }
 
@@ -325,31 +331,33 @@ impl<'a> Gguf<'a> {
         let mut tensors = Vec::with_capacity(raw.len());
         let mut seen = std::collections::BTreeSet::new();
         for (name, dims, ty, rel) in raw {
+            let shown = label(&name);
             let mut n: u64 = 1;
             for &d in &dims {
                 n = n
                     .checked_mul(d)
-                    .ok_or_else(|| Error::invalid(format!("tensor {name}: element count overflows")))?;
+                    .ok_or_else(|| Error::invalid(format!("tensor {shown}: element count overflows")))?;
             }
-            let row = ty.row_bytes(dims[0]).map_err(|e| Error::invalid(format!("tensor {name}: {e}")))?;
+            let row = ty.row_bytes(dims[0]).map_err(|e| Error::invalid(format!("tensor {shown}: {e}")))?;
             let size = row
                 .checked_mul(n / dims[0].max(1))
-                .ok_or_else(|| Error::invalid(format!("tensor {name}: size overflows")))?;
+                .ok_or_else(|| Error::invalid(format!("tensor {shown}: size overflows")))?;
             if rel % alignment != 0 {
-                return Err(Error::invalid(format!("tensor {name}: offset {rel} is not aligned to {alignment}")));
+                return Err(Error::invalid(format!("tensor {shown}: offset {rel} is not aligned to {alignment}")));
             }
             match rel.checked_add(size) {
                 Some(end) if end <= data_len => {}
                 _ => {
                     return Err(Error::Truncated {
-                        what: format!("tensor {name} ({size} bytes at data offset {rel})"),
+                        what: format!("tensor {shown} ({size} bytes at data offset {rel})"),
                         offset: bytes.len(),
                     })
                 }
             }
             if !seen.insert(name.clone()) {
-                return Err(Error::invalid(format!("tensor {name} appears twice")));
+                return Err(Error::invalid(format!("tensor {shown} appears twice")));
             }
+            drop(shown);
             tensors.push(TensorInfo { name, dims, ty, offset: data_offset + rel, size });
         }
 
@@ -386,9 +394,26 @@ impl<'a> Gguf<'a> {
     }
 }
 
+/// A key or tensor name as error messages show it: control characters escaped and at
+/// most 64 characters, so that a corrupt length cannot turn one error line into
+/// megabytes of the file's contents.
+fn label(s: &str) -> Cow<'_, str> {
+    const MAX: usize = 64;
+    if s.len() <= MAX && !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    Cow::Owned(out)
+}
+
 fn bound(n: u64, remaining: usize, min: usize, what: &str) -> Result<usize> {
     if n > (remaining / min) as u64 {
-        return Err(Error::invalid(format!("{what} {n} is larger than the {remaining} remaining bytes can hold")));
+        return Err(Error::invalid(format!(
+            "{what} {n} is larger than the {remaining} remaining bytes can hold (the file is truncated or corrupt)"
+        )));
     }
     Ok(n as usize)
 }

@@ -180,7 +180,7 @@ impl GgmlType {
     /// or the size overflows.
     pub fn row_bytes(self, n: u64) -> Result<u64> {
         let (bs, ts) = self.block_geometry();
-        if n % bs as u64 != 0 {
+        if !n.is_multiple_of(bs as u64) {
             return Err(Error::invalid(alloc_fmt(self, n)));
         }
         (n / bs as u64).checked_mul(ts as u64).ok_or_else(|| Error::invalid("tensor size overflows"))

@@ -76,10 +76,17 @@ fn parse_checked(bytes: &[u8]) -> Result<Gguf<'_>, Error> {
     assert!(peak <= bound, "one allocation of {peak} bytes for a {}-byte input", bytes.len());
     assert!(total <= 2 * bound, "{total} bytes allocated in all for a {}-byte input", bytes.len());
     assert!(elapsed < Duration::from_secs(2), "parse of {} bytes took {elapsed:?}", bytes.len());
-    if let Ok(g) = &r {
-        assert_invariants(g, bytes);
+    match &r {
+        Ok(g) => assert_invariants(g, bytes),
+        Err(e) => assert_one_line(e),
     }
     r
+}
+
+/// An error is one short line, whatever the file's keys and names hold.
+fn assert_one_line(e: &Error) {
+    let m = e.to_string();
+    assert!(!m.is_empty() && !m.contains('\n') && m.len() <= 1024, "error text {m:?}");
 }
 
 /// What every successfully parsed file guarantees.
@@ -129,7 +136,11 @@ fn value_of(ty: u32, depth: u32) -> BoxedStrategy<MetaValue> {
         7 => any::<bool>().prop_map(MetaValue::Bool).boxed(),
         8 => "\\PC{0,12}".prop_map(MetaValue::String).boxed(),
         9 => {
-            let elem = if depth == 0 { (0u32..=11).prop_map(|t| if t >= 9 { t + 1 } else { t }).boxed() } else { (0u32..=12).boxed() };
+            let elem = if depth == 0 {
+                (0u32..=11).prop_map(|t| if t >= 9 { t + 1 } else { t }).boxed()
+            } else {
+                (0u32..=12).boxed()
+            };
             elem.prop_flat_map(move |t| {
                 proptest::collection::vec(value_of(t, depth.saturating_sub(1)), 0..6).prop_map(MetaValue::Array)
             })
@@ -264,8 +275,8 @@ fn required_len(spec: &FileSpec, g: &Gguf) -> usize {
         for (k, v) in &spec.metadata {
             n += 8 + k.len() + 4 + encoded_len(v);
         }
-        if spec.alignment.is_some() {
-            n += 8 + "general.alignment".len() + 4 + if spec.alignment.unwrap().1 { 8 } else { 4 };
+        if let Some((_, wide)) = spec.alignment {
+            n += 8 + "general.alignment".len() + 4 + if wide { 8 } else { 4 };
         }
         n
     } else {
@@ -289,22 +300,8 @@ enum Mutation {
     Truncate(usize),
 }
 
-const INTERESTING: [u64; 14] = [
-    0,
-    1,
-    2,
-    3,
-    4,
-    7,
-    13,
-    255,
-    0xFFFF_FFFF,
-    1 << 32,
-    1 << 60,
-    i64::MAX as u64,
-    u64::MAX - 30,
-    u64::MAX,
-];
+const INTERESTING: [u64; 14] =
+    [0, 1, 2, 3, 4, 7, 13, 255, 0xFFFF_FFFF, 1 << 32, 1 << 60, i64::MAX as u64, u64::MAX - 30, u64::MAX];
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
@@ -419,6 +416,11 @@ proptest! {
         }
     }
 
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
     /// Random edits of a valid file never panic, stay within the allocation bound, and
     /// anything that still parses keeps its tensors inside the file.
     #[test]
@@ -430,9 +432,7 @@ proptest! {
         for m in &edits {
             apply(&mut bytes, m);
         }
-        let r = parse_checked(&bytes);
-        let (_, peak, total) = metered(|| Gguf::parse(&bytes));
-        eprintln!("MUT ok={} len={} peak={} total={} ntensors={}", r.is_ok(), bytes.len(), peak, total, r.map(|g| g.tensors.len()).unwrap_or(0));
+        let _ = parse_checked(&bytes);
     }
 
     /// Arbitrary bytes behind a valid magic and version.
@@ -443,6 +443,11 @@ proptest! {
         bytes.extend_from_slice(&body);
         let _ = parse_checked(&bytes);
     }
+
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// Quantized blocks with some bytes changed decode without panicking, dot agrees with
     /// dequantize, and an edit changes only the values of the block it falls in.
@@ -486,6 +491,20 @@ proptest! {
             prop_assert!((d as f64 - exact).abs() <= 1e-4 * mag + 1e-30, "{ty}: dot {d} vs {exact}");
         }
     }
+}
+
+/// The meter really sees what parsing allocates (so the bounds above are not vacuous).
+#[test]
+fn allocation_meter_measures_parse() {
+    let (v, peak, total) = metered(|| vec![0u8; 123_456]);
+    assert_eq!(v.len(), 123_456);
+    assert!(peak >= 123_456 && total >= 123_456, "{peak} {total}");
+    let array = MetaValue::Array(vec![MetaValue::U8(1); 10_000]);
+    let bytes = GgufBuilder::new().meta("k", array).build();
+    let (r, peak, _) = metered(|| Gguf::parse(&bytes));
+    assert!(r.is_ok());
+    assert!(peak >= 10_000 * std::mem::size_of::<MetaValue>(), "{peak}");
+    assert!(peak <= alloc_bound(bytes.len()));
 }
 
 // ---------------------------------------------------------------- hostile headers
@@ -540,9 +559,8 @@ fn hostile(bytes: &[u8]) -> String {
     };
     assert!(peak <= 4096 + 64 * bytes.len(), "{peak}-byte allocation for {} input bytes ({e})", bytes.len());
     assert!(elapsed < Duration::from_millis(200), "took {elapsed:?} to reject ({e})");
-    let msg = e.to_string();
-    assert!(!msg.is_empty() && !msg.contains('\n'), "error text {msg:?}");
-    msg
+    assert_one_line(&e);
+    e.to_string()
 }
 
 #[test]
@@ -607,6 +625,28 @@ fn deep_array_nesting_is_refused_without_recursing_deeply() {
 }
 
 #[test]
+fn corrupt_keys_and_names_stay_out_of_error_lines() {
+    // A key of 100 000 bytes of text and newlines, followed by an unknown value type.
+    let key: String = "token\n".repeat(100_000 / 6);
+    let msg = hostile(&Raw::header(0, 1).str(&key).u32(99).u64(0).done());
+    assert!(msg.contains("unknown value type 99") && msg.contains("token\\n"), "{msg}");
+    assert!(msg.len() < 300 && !msg.contains('\n'), "{msg}");
+    // The same for a tensor name, in each later check that names it.
+    let name: String = "w\r\n".repeat(50_000);
+    for raw in [
+        Raw::header(1, 0).tensor(&name, &[32], 0, 1).data(32, 128),
+        Raw::header(1, 0).tensor(&name, &[32], 99, 0).data(32, 128),
+        Raw::header(1, 0).tensor(&name, &[32, 1 << 40], 0, 0).data(32, 128),
+    ] {
+        let msg = hostile(&raw);
+        assert!(msg.len() < 300 && !msg.contains('\n'), "{msg}");
+    }
+    // Clean short names are shown as they are.
+    let msg = hostile(&Raw::header(1, 0).tensor("blk.0.attn_q.weight", &[32], 99, 0).data(32, 128));
+    assert!(msg.contains("tensor blk.0.attn_q.weight: unknown type id 99"), "{msg}");
+}
+
+#[test]
 fn bad_scalars_error() {
     hostile(&Raw::header(0, 1).str("k").u32(13).u64(0).done()); // unknown value type
     hostile(&Raw::header(0, 1).str("k").u32(u32::MAX).u64(0).done());
@@ -642,12 +682,12 @@ fn bad_dimension_counts_error() {
 #[test]
 fn overflowing_sizes_error() {
     let cases: &[&[u64]] = &[
-        &[1 << 32, 1 << 32, 2],               // element count overflows
-        &[u64::MAX],                          // 4 * u64::MAX bytes
-        &[1 << 62],                           // 2^64 bytes
-        &[32, u64::MAX, 2],                   // product overflows after the row size
-        &[1 << 40, 1 << 30],                  // no overflow, just far past the end
-        &[u64::MAX / 4 + 1, 1],               // row size exactly overflows
+        &[1 << 32, 1 << 32, 2], // element count overflows
+        &[u64::MAX],            // 4 * u64::MAX bytes
+        &[1 << 62],             // 2^64 bytes
+        &[32, u64::MAX, 2],     // product overflows after the row size
+        &[1 << 40, 1 << 30],    // no overflow, just far past the end
+        &[u64::MAX / 4 + 1, 1], // row size exactly overflows
         &[u64::MAX, u64::MAX, u64::MAX, u64::MAX],
     ];
     for dims in cases {
@@ -668,7 +708,7 @@ fn bad_offsets_error() {
     let file = |offset: u64| Raw::header(1, 0).tensor("t", &[32], 0, offset).data(32, 256);
     assert!(Gguf::parse(&file(0)).is_ok());
     assert!(Gguf::parse(&file(128)).is_ok());
-    for offset in [160u64, 256, 1 << 40, u64::MAX - 31, u64::MAX & !31] {
+    for offset in [160u64, 256, 1 << 40, u64::MAX - 63, !31] {
         let msg = hostile(&file(offset));
         assert!(msg.contains("tensor t"), "offset {offset}: {msg}");
     }

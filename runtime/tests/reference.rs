@@ -70,7 +70,11 @@ fn logits_match_llama_cpp() {
             let row = &logits[pos * vocab..(pos + 1) * vocab];
             for &(id, l) in &t {
                 let d = (row[id as usize] as f64 - l).abs();
-                assert!(d <= LOGIT_TOL, "{name} position {pos}: logit of {id} is {} vs llama.cpp {l}", row[id as usize]);
+                assert!(
+                    d <= LOGIT_TOL,
+                    "{name} position {pos}: logit of {id} is {} vs llama.cpp {l}",
+                    row[id as usize]
+                );
                 diffs.push(d);
             }
             if margin(&t) > MARGIN {

@@ -69,10 +69,18 @@ impl ModelConfig {
         if self.n_layers == 0 || self.dim == 0 || self.n_heads == 0 || self.head_dim == 0 || self.ffn_dim == 0 {
             return bad(format!("degenerate hyper-parameters {self:?}"));
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("{} query heads cannot share {} KV heads", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim % 2 != 0 {
+        // Every KV-head count divides this one, so no product of heads and head size the
+        // model computes can overflow once this does not.
+        if self.n_heads.checked_mul(self.head_dim).is_none() {
+            return bad(format!("{} heads of dimension {} overflow", self.n_heads, self.head_dim));
+        }
+        if self.head_dim > 512 {
+            return bad(format!("head dimension {} is larger than the 512 Cairn supports", self.head_dim));
+        }
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} is odd: RoPE needs pairs", self.head_dim));
         }
         if self.context == 0 || self.vocab == 0 {

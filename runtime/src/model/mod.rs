@@ -45,14 +45,29 @@ pub trait Runner: Send + Sync {
     fn forward(&self, cache: &mut dyn KvState, ids: &[u32], logits: Logits) -> Result<Vec<f32>>;
 }
 
+/// Architectures [`load`] can build.
+const SUPPORTED_ARCHS: &[&str] = &["llama"];
+
 /// Build the model described by `file` on `backend`.
 pub fn load<B: Backend + 'static>(file: &ModelFile, backend: B) -> Result<Box<dyn Runner>> {
-    let config = ModelConfig::from_file(file)?;
+    // The architecture is checked before the hyper-parameters, so that an unknown one is
+    // reported as such rather than as the `<arch>.*` keys it lacks.
+    let config = match file.meta("general.architecture").and_then(|v| v.as_str()) {
+        Some(arch) if !SUPPORTED_ARCHS.contains(&arch) => return Err(unsupported_arch(file, arch)),
+        _ => ModelConfig::from_file(file)?,
+    };
     match config.arch.as_str() {
         "llama" => Ok(Box::new(llama::Llama::load(file, config, backend)?)),
-        other => Err(Error::model(format!(
-            "{}: architecture '{other}' is not supported (supported: llama)",
-            file.path.display()
-        ))),
+        other => Err(unsupported_arch(file, other)),
     }
+}
+
+fn unsupported_arch(file: &ModelFile, arch: &str) -> Error {
+    // Quoted with escapes and cut short: the name comes from the file and may be garbage.
+    let shown: String = arch.chars().take(64).collect();
+    Error::model(format!(
+        "{}: architecture {shown:?} is not supported (supported: {})",
+        file.path.display(),
+        SUPPORTED_ARCHS.join(", ")
+    ))
 }
