@@ -103,6 +103,9 @@ const fn type_size(t: u8) -> usize {
     }
 }
 
+/// Bytes ahead of the current block to prefetch (a few cache lines).
+const PREFETCH: usize = 2048;
+
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -127,6 +130,10 @@ unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut off = [[0f32; C]; R];
     for b in 0..nb {
+        // Each row is its own stream; ask for its data well before it is needed.
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(r * row_bytes + b * bs + PREFETCH) as *const i8);
+        }
         for c in 0..C {
             let xv = _mm256_loadu_si256(xs[c].qs.as_ptr().add(b * QK) as *const __m256i);
             let dx = *xs[c].d.get_unchecked(b);
