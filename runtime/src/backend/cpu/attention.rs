@@ -9,7 +9,8 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::{dot_f32, CpuKv, CpuTensor};
+use super::kernels::{self, Isa};
+use super::{CpuKv, CpuTensor};
 use crate::backend::AttnParams;
 
 fn round_f16(x: f32) -> f32 {
@@ -17,7 +18,10 @@ fn round_f16(x: f32) -> f32 {
 }
 
 /// `q` holds rows at positions `pos0..`; the cache already contains them.
-pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, f16_rounding: bool) -> CpuTensor {
+/// `isa`: `None` is the f32 reference (no f16 roundings, scalar loops).
+pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Option<Isa>) -> CpuTensor {
+    let f16_rounding = isa.is_some();
+    let isa = isa.unwrap_or(Isa::Scalar);
     let round = |x: f32| if f16_rounding { round_f16(x) } else { x };
     let hd = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
@@ -38,7 +42,8 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, f16_rou
         let qh: Vec<f32> = q.data[t * q.cols + h * hd..t * q.cols + (h + 1) * hd].iter().map(|&x| round(x)).collect();
         let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let at = |j: usize| (j - base) * width + g * hd;
-        let mut scores: Vec<f32> = (first..=pos).map(|j| dot_f32(&qh, &keys[at(j)..at(j) + hd]) * p.scale).collect();
+        let mut scores: Vec<f32> =
+            (first..=pos).map(|j| kernels::dot_f32(isa, &qh, &keys[at(j)..at(j) + hd]) * p.scale).collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for s in scores.iter_mut() {
@@ -47,8 +52,7 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, f16_rou
         }
         let inv = 1.0 / sum;
         for (j, s) in (first..=pos).zip(&scores) {
-            let w = round(s * inv);
-            o.iter_mut().zip(&values[at(j)..at(j) + hd]).for_each(|(o, v)| *o += w * v);
+            kernels::axpy(isa, o, round(s * inv), &values[at(j)..at(j) + hd]);
         }
     });
     CpuTensor { data: out, rows: q.rows, cols: p.n_heads * hd }

@@ -12,22 +12,7 @@ use crate::weights::HostTensor;
 /// Weight rows per task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 16;
 
-/// f32 dot product with independent accumulators, so that the compiler vectorises it.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
+pub use kernels::scalar_dot_f32 as dot_f32;
 
 /// Integer kernels with 8-bit activations where the weight type has them, else f32.
 pub fn matmul(x: &CpuTensor, w: &HostTensor, isa: Option<Isa>, threads: usize) -> CpuTensor {

@@ -245,7 +245,7 @@ impl Backend for CpuBackend {
         kv.k.push(&k.data);
         kv.v.push(&v.data);
         kv.len += q.rows;
-        let out = self.pool.install(|| attention::attention(q, kv, pos0, &p, self.isa.is_some()));
+        let out = self.pool.install(|| attention::attention(q, kv, pos0, &p, self.isa));
         Ok(out)
     }
 }

@@ -109,6 +109,13 @@ pub struct Q8Row<'a> {
     pub s: &'a [f32],
 }
 
+/// Round half to even, as `vroundps` does, without a libm call: adding 1.5·2²³ pushes
+/// the fraction out of the mantissa under the default rounding mode (|x| ≤ 127 here).
+fn round_ties_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
 fn round_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
@@ -135,7 +142,7 @@ impl Q8Acts {
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in q.iter_mut().zip(src) {
-                *q = (v * inv).round_ties_even() as i8;
+                *q = round_ties_even(v * inv) as i8;
                 sum += *q as i32;
             }
             self.d[b] = round_f16(d);
@@ -152,6 +159,26 @@ impl Q8Acts {
             sum: &self.sum[r * nb..(r + 1) * nb],
             s: &self.s[r * nb..(r + 1) * nb],
         }
+    }
+}
+
+pub use scalar::dot_f32 as scalar_dot_f32;
+
+/// f32 dot product (attention scores, the f32 matmul path).
+pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::dot_f32(a, b),
+        _ => scalar::dot_f32(a, b),
+    }
+}
+
+/// `y += a · x` (attention's weighted sum of values).
+pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::axpy(y, a, x),
+        _ => scalar::axpy(y, a, x),
     }
 }
 

@@ -62,34 +62,44 @@ unsafe fn high_bits(qh: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// A block's 32 values as (unsigned u, or |w| for Q8_0), the x it multiplies (sign
-/// moved onto x for Q8_0), scale and offset.
+/// A block's 32 values as unsigned bytes (|w| for Q8_0, whose signs then move onto x),
+/// its scale and offset.
 #[inline(always)]
-unsafe fn block<const T: u8>(p: *const u8, x: __m256i) -> (__m256i, __m256i, f32, f32) {
+unsafe fn block<const T: u8>(p: *const u8) -> (__m256i, f32, f32) {
     match T {
         Q4_0 => {
             let (d, _) = f16x2(p);
-            (nibbles(p.add(2)), x, d, -8.0 * d)
+            (nibbles(p.add(2)), d, -8.0 * d)
         }
         Q4_1 => {
             let (d, m) = f16x2(p);
-            (nibbles(p.add(4)), x, d, m)
+            (nibbles(p.add(4)), d, m)
         }
         Q5_0 => {
             let (d, _) = f16x2(p);
             let qh = (p.add(2) as *const u32).read_unaligned();
-            (_mm256_or_si256(nibbles(p.add(6)), high_bits(qh)), x, d, -16.0 * d)
+            (_mm256_or_si256(nibbles(p.add(6)), high_bits(qh)), d, -16.0 * d)
         }
         Q5_1 => {
             let (d, m) = f16x2(p);
             let qh = (p.add(4) as *const u32).read_unaligned();
-            (_mm256_or_si256(nibbles(p.add(8)), high_bits(qh)), x, d, m)
+            (_mm256_or_si256(nibbles(p.add(8)), high_bits(qh)), d, m)
         }
         _ => {
             let (d, _) = f16x2(p);
-            let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
-            (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w), d, 0.0)
+            (_mm256_loadu_si256(p.add(2) as *const __m256i), d, 0.0)
         }
+    }
+}
+
+/// The u·x products of one block pair: for Q8_0, `w` holds signed values and the sign
+/// trick (|w| · sign(x, w)) keeps `vpmaddubsw` in range.
+#[inline(always)]
+unsafe fn block_dot<D: Dot, const T: u8>(w: __m256i, x: __m256i) -> __m256i {
+    if T == Q8_0 {
+        D::dot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+    } else {
+        D::dot(w, x)
     }
 }
 
@@ -134,6 +144,13 @@ unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
         for r in 0..R {
             _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(r * row_bytes + b * bs + PREFETCH) as *const i8);
         }
+        // Unpack each row's block once for all C tokens.
+        let mut u = [_mm256_setzero_si256(); R];
+        let mut d = [0f32; R];
+        let mut m = [0f32; R];
+        for r in 0..R {
+            (u[r], d[r], m[r]) = block::<T>(w.add(r * row_bytes + b * bs));
+        }
         for c in 0..C {
             let xv = _mm256_loadu_si256(xs[c].qs.as_ptr().add(b * QK) as *const __m256i);
             let dx = *xs[c].d.get_unchecked(b);
@@ -145,10 +162,9 @@ unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
                 dx * *xs[c].sum.get_unchecked(b) as f32
             };
             for r in 0..R {
-                let (u, xv, d, m) = block::<T>(w.add(r * row_bytes + b * bs), xv);
-                let p = _mm256_cvtepi32_ps(D::dot(u, xv));
-                acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * dx), acc[r][c]);
-                off[r][c] += m * sx;
+                let p = _mm256_cvtepi32_ps(block_dot::<D, T>(u[r], xv));
+                acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r] * dx), acc[r][c]);
+                off[r][c] += m[r] * sx;
             }
         }
     }
@@ -258,4 +274,54 @@ pub fn matmul(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: &Q8Acts, ou
             _ => matmul_avx2(ty, w, row_bytes, x, out),
         }
     }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
+        i += 16;
+    }
+    if i + 8 <= n {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(s0, s1));
+    while i < n {
+        s += *pa.add(i) * *pb.add(i);
+        i += 1;
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+        i += 8;
+    }
+    while i < n {
+        *py.add(i) += a * *px.add(i);
+        i += 1;
+    }
+}
+
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: only reached for instruction sets that include AVX2 and FMA (detected);
+    // every access is below the shorter length.
+    unsafe { dot_f32_avx2(a, b) }
+}
+
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    // SAFETY: as in `dot_f32`.
+    unsafe { axpy_avx2(y, a, x) }
 }
