@@ -20,6 +20,9 @@ pub const PREFILL_CHUNK: usize = 512;
 pub struct EngineOptions {
     /// CPU threads (0: all cores).
     pub threads: usize,
+    /// Run the f32 reference path (weights dequantized, activations never quantized)
+    /// instead of the integer kernels: slower, free of 8-bit activation noise.
+    pub exact: bool,
 }
 
 pub struct Engine {
@@ -36,7 +39,8 @@ impl Engine {
     }
 
     pub fn from_file(file: ModelFile, opts: &EngineOptions) -> Result<Engine> {
-        let runner = model::load(&file, CpuBackend::new(opts.threads)?)?;
+        let backend = if opts.exact { CpuBackend::reference(opts.threads)? } else { CpuBackend::new(opts.threads)? };
+        let runner = model::load(&file, backend)?;
         let gguf = file.gguf()?;
         let tokenizer =
             Tokenizer::from_gguf(&gguf).map_err(|e| Error::model(format!("{}: {e}", file.path.display())))?;

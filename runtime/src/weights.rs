@@ -146,6 +146,21 @@ impl HostTensor {
         self.len / self.rows().max(1)
     }
 
+    /// Tell the kernel that this process no longer needs the mapped pages wholly inside
+    /// the tensor (after repacking it elsewhere), so they leave the resident set. The
+    /// mapping stays valid: a later read faults the pages back in from the page cache.
+    pub fn release_pages(&self) {
+        let Storage::Mapped(map) = &*self.storage else { return };
+        let page = 4096;
+        let start = self.offset.next_multiple_of(page);
+        let end = (self.offset + self.len) / page * page;
+        if end > start {
+            // SAFETY: the mapping is private and read-only, so dropping its pages loses
+            // nothing: the kernel re-reads them from the file if they are touched again.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+
     /// The whole tensor as f32 (for small tensors: norms, biases).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let mut out = vec![0f32; self.cols() * self.rows()];

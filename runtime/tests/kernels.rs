@@ -110,3 +110,57 @@ fn activation_quantization_round_trips() {
     assert_eq!(q.d[0], 0.0);
     assert!(q.qs.iter().all(|&v| v == 0));
 }
+
+/// Which instruction sets the comparisons above ran on (`--nocapture` shows it);
+/// `CAIRN_EXPECT_ISA=neon` (set by `.ci/aarch64`) fails the run when that one is missing,
+/// so an emulator without the extension cannot skip the SIMD checks unnoticed.
+#[test]
+fn isa_available() {
+    let names: Vec<&str> = Isa::available().into_iter().map(Isa::name).collect();
+    eprintln!("Isa::available() = {names:?}, detected {}", Isa::detect().name());
+    if let Ok(want) = std::env::var("CAIRN_EXPECT_ISA") {
+        assert!(names.contains(&want.as_str()), "CAIRN_EXPECT_ISA={want} but only {names:?} available");
+    }
+}
+
+#[test]
+fn repack_round_trips_and_refuses_odd_shapes() {
+    use cairn::backend::cpu::kernels::repack;
+    let mut rng = SplitMix(5);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for (rows, cols) in [(8, 32), (16, 96), (24, 576)] {
+            let w = weights(&mut rng, ty, rows, cols);
+            let rb = w.len() / rows;
+            let p = repack::repack(ty, &w, rows, rb).expect("repackable");
+            assert_eq!(p.len(), w.len());
+            assert_eq!(repack::unpack(ty, &p, rows, rb), w, "{ty} {rows}x{cols}");
+        }
+        let w = weights(&mut rng, ty, 12, 64);
+        assert!(repack::repack(ty, &w, 12, w.len() / 12).is_none(), "12 rows are not whole groups of 8");
+    }
+    let w = weights(&mut rng, GgmlType::Q5_0, 8, 64);
+    assert!(repack::repack(GgmlType::Q5_0, &w, 8, w.len() / 8).is_none());
+}
+
+#[test]
+fn repacked_kernels_equal_scalar() {
+    use cairn::backend::cpu::kernels::repack;
+    let mut rng = SplitMix(6);
+    for isa in Isa::available().into_iter().filter(|&i| kernels::has_packed(i)) {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for (rows, n, cols) in [(8, 1, 32), (16, 1, 576), (8, 3, 64), (24, 4, 96), (16, 9, 1536), (64, 5, 576)] {
+                let w = weights(&mut rng, ty, rows, cols);
+                let rb = w.len() / rows;
+                let p = repack::repack(ty, &w, rows, rb).expect("repackable");
+                let mut q = Q8Acts::default();
+                q.quantize(&random(&mut rng, n * cols, 2.0), n, cols);
+                let (mut got, mut want) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+                kernels::packed(isa, ty, &p, rows, &q, &mut got);
+                kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
+                for i in 0..rows * n {
+                    close(got[i], want[i], &format!("{} repacked {ty} {rows}x{n}x{cols} at {i}", isa.name()));
+                }
+            }
+        }
+    }
+}

@@ -18,7 +18,7 @@ fn model_path(m: &ModelArgs) -> Result<PathBuf> {
 }
 
 fn load(m: &ModelArgs) -> Result<Engine> {
-    Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads })
+    Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads, exact: m.exact })
 }
 
 fn flush(s: &str) -> ControlFlow<()> {

@@ -123,6 +123,10 @@ struct ModelArgs {
     /// Context length (default: the model's).
     #[arg(short, long, default_value_t = 0)]
     ctx_size: usize,
+    /// f32 activations and dequantized weights (the reference path) instead of the
+    /// 8-bit integer kernels.
+    #[arg(long)]
+    exact: bool,
 }
 
 #[derive(Args)]

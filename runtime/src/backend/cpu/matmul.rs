@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::kernels::{self, Isa, Q8Acts};
-use super::CpuTensor;
+use super::{CpuTensor, CpuWeight};
 use crate::weights::HostTensor;
 
 /// Weight rows per task: large enough to amortise scheduling, small enough to balance.
@@ -15,26 +15,46 @@ const ROWS_PER_TASK: usize = 16;
 pub use kernels::scalar_dot_f32 as dot_f32;
 
 /// Integer kernels with 8-bit activations where the weight type has them, else f32.
-pub fn matmul(x: &CpuTensor, w: &HostTensor, isa: Option<Isa>, threads: usize) -> CpuTensor {
-    assert_eq!(x.cols, w.cols(), "matmul: {} expects {} inputs, got {}", w.name, w.cols(), x.cols);
+pub fn matmul(x: &CpuTensor, w: &CpuWeight, isa: Option<Isa>, threads: usize) -> CpuTensor {
+    let h = &w.host;
+    assert_eq!(x.cols, h.cols(), "matmul: {} expects {} inputs, got {}", h.name, h.cols(), x.cols);
     match isa {
-        Some(isa) if kernels::supports(w.ty) => matmul_q8(x, w, isa, threads),
-        _ => matmul_f32(x, w),
+        Some(isa) if kernels::supports(h.ty) => matmul_q8(x, w, isa, threads),
+        _ => matmul_f32(x, h),
     }
+}
+
+/// Rows `r0..r0 + out.len() / x.rows` of `w` times every row of `x`
+/// (`out[t * len + r]`), from the repacked copy where there is one.
+fn rows_times(isa: Isa, w: &CpuWeight, r0: usize, x: &Q8Acts, out: &mut [f32]) {
+    let h = &w.host;
+    let (rb, len) = (h.row_bytes(), out.len() / x.rows);
+    match &w.packed {
+        // Chunks are multiples of 8 rows, so they start and end on repacked groups.
+        Some(p) => kernels::packed(isa, h.ty, &p[r0 * rb..(r0 + len) * rb], len, x, out),
+        None if x.rows == 1 => kernels::matvec(isa, h.ty, &h.bytes()[r0 * rb..(r0 + len) * rb], rb, x.row(0), out),
+        None => kernels::matmul(isa, h.ty, &h.bytes()[r0 * rb..(r0 + len) * rb], rb, x, out),
+    }
+}
+
+/// Rows per decode task: a few tasks per thread, whole groups of 8.
+fn decode_chunk(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(threads * 4).next_multiple_of(8).max(8)
 }
 
 /// Decode steps (one row) of several weights sharing one quantized input in a single
 /// parallel region; anything else falls back to one matmul per weight.
-pub fn matmul_many(x: &CpuTensor, ws: &[&HostTensor], isa: Option<Isa>, threads: usize) -> Vec<CpuTensor> {
-    let fused = x.rows == 1 && isa.is_some() && ws.iter().all(|w| kernels::supports(w.ty) && w.cols() == x.cols);
+pub fn matmul_many(x: &CpuTensor, ws: &[&CpuWeight], isa: Option<Isa>, threads: usize) -> Vec<CpuTensor> {
+    let fused =
+        x.rows == 1 && isa.is_some() && ws.iter().all(|w| kernels::supports(w.host.ty) && w.host.cols() == x.cols);
     let Some(isa) = isa.filter(|_| fused) else {
         return ws.iter().map(|w| matmul(x, w, isa, threads)).collect();
     };
     let mut q = Q8Acts::default();
     q.quantize(&x.data, 1, x.cols);
-    let total: usize = ws.iter().map(|w| w.rows()).sum();
-    let chunk = total.div_ceil(threads * 4).next_multiple_of(4).max(4);
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows()]).collect();
+    let total: usize = ws.iter().map(|w| w.host.rows()).sum();
+    let chunk = decode_chunk(total, threads);
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.host.rows()]).collect();
     // Work items: (weight, first row, output slice), each at most `chunk` rows.
     let mut items = Vec::new();
     for (w, out) in ws.iter().zip(outs.iter_mut()) {
@@ -42,26 +62,18 @@ pub fn matmul_many(x: &CpuTensor, ws: &[&HostTensor], isa: Option<Isa>, threads:
             items.push((*w, c * chunk, o));
         }
     }
-    items.into_par_iter().for_each(|(w, r0, o)| {
-        let rb = w.row_bytes();
-        kernels::matvec(isa, w.ty, &w.bytes()[r0 * rb..(r0 + o.len()) * rb], rb, q.row(0), o);
-    });
+    items.into_par_iter().for_each(|(w, r0, o)| rows_times(isa, w, r0, &q, o));
     outs.into_iter().map(|data| CpuTensor { cols: data.len(), data, rows: 1 }).collect()
 }
 
-fn matmul_q8(x: &CpuTensor, w: &HostTensor, isa: Isa, threads: usize) -> CpuTensor {
-    let (n, k, m) = (x.rows, x.cols, w.rows());
-    let (rb, bytes, ty) = (w.row_bytes(), w.bytes(), w.ty);
+fn matmul_q8(x: &CpuTensor, w: &CpuWeight, isa: Isa, threads: usize) -> CpuTensor {
+    let (n, k, m) = (x.rows, x.cols, w.host.rows());
     if n == 1 {
         let mut q = Q8Acts::default();
         q.quantize(&x.data, n, k);
-        // A few chunks per thread, each a multiple of the 4-row tile.
-        let chunk = m.div_ceil(threads * 4).next_multiple_of(4).max(4);
+        let chunk = decode_chunk(m, threads);
         let mut out = vec![0f32; m];
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-            let r0 = c * chunk;
-            kernels::matvec(isa, ty, &bytes[r0 * rb..(r0 + o.len()) * rb], rb, q.row(0), o);
-        });
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| rows_times(isa, w, c * chunk, &q, o));
         return CpuTensor { data: out, rows: 1, cols: m };
     }
     // Prefill: each thread takes a run of tokens and streams all weight rows past them,
@@ -71,7 +83,7 @@ fn matmul_q8(x: &CpuTensor, w: &HostTensor, isa: Isa, threads: usize) -> CpuTens
     out.par_chunks_mut(per * m).zip(x.data.par_chunks(per * k)).for_each(|(o, xs)| {
         let mut q = Q8Acts::default();
         q.quantize(xs, xs.len() / k, k);
-        kernels::matmul(isa, ty, bytes, rb, &q, o);
+        rows_times(isa, w, 0, &q, o);
     });
     CpuTensor { data: out, rows: n, cols: m }
 }

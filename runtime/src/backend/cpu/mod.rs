@@ -24,10 +24,12 @@ pub struct CpuTensor {
     pub cols: usize,
 }
 
-/// A weight borrowed from the mapping; small 1-D tensors (norms) are kept as f32.
+/// A weight borrowed from the mapping; small 1-D tensors (norms) are kept as f32, and
+/// matrices with repacked kernels are copied once into the 8-row layout.
 pub struct CpuWeight {
     pub host: HostTensor,
     vector: Option<Vec<f32>>,
+    packed: Option<Vec<u8>>,
 }
 
 impl CpuWeight {
@@ -125,6 +127,11 @@ impl CpuBackend {
     }
 }
 
+/// `CAIRN_NO_REPACK=1` keeps every weight in its file layout (for comparisons).
+fn no_repack() -> bool {
+    std::env::var_os("CAIRN_NO_REPACK").is_some_and(|v| v != "0")
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
@@ -141,7 +148,18 @@ impl Backend for CpuBackend {
 
     fn load_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
         let vector = if t.dims.len() == 1 { Some(t.to_f32()?) } else { None };
-        Ok(CpuWeight { host: t.clone(), vector })
+        let packed = match self.isa {
+            Some(isa) if kernels::has_packed(isa) && t.dims.len() == 2 && !no_repack() => {
+                self.pool.install(|| kernels::repack::repack(t.ty, t.bytes(), t.rows(), t.row_bytes()))
+            }
+            _ => None,
+        };
+        if packed.is_some() {
+            // The repacked copy replaces the mapped bytes for matmuls; only embedding
+            // lookups still read the mapping, a row at a time.
+            t.release_pages();
+        }
+        Ok(CpuWeight { host: t.clone(), vector, packed })
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
@@ -177,12 +195,11 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight) -> CpuTensor {
-        self.pool.install(|| matmul::matmul(x, &w.host, self.isa, self.threads))
+        self.pool.install(|| matmul::matmul(x, w, self.isa, self.threads))
     }
 
     fn matmul_many(&self, x: &CpuTensor, ws: &[&CpuWeight]) -> Vec<CpuTensor> {
-        let hosts: Vec<&HostTensor> = ws.iter().map(|w| &w.host).collect();
-        self.pool.install(|| matmul::matmul_many(x, &hosts, self.isa, self.threads))
+        self.pool.install(|| matmul::matmul_many(x, ws, self.isa, self.threads))
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {

@@ -9,6 +9,7 @@
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
+pub mod repack;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -191,6 +192,20 @@ pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, 
         #[cfg(target_arch = "aarch64")]
         Isa::NeonDot => neon::matvec(ty, w, row_bytes, x, out),
         _ => scalar::matvec(ty, w, row_bytes, x, out),
+    }
+}
+
+/// Whether this instruction set has kernels for weights repacked by [`repack::repack`].
+pub fn has_packed(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+}
+
+/// Repacked weights × every row of `x` (`out[t * rows + r]`); only where [`has_packed`].
+pub fn packed(isa: Isa, ty: GgmlType, packed: &[u8], rows: usize, x: &Q8Acts, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::packed(isa, ty, packed, rows, x, out),
+        _ => unreachable!("no repacked kernels for {}", isa.name()),
     }
 }
 

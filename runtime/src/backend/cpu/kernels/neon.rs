@@ -1,10 +1,31 @@
 //! aarch64 kernels with the dot-product extension (`sdot`).
 
 use std::arch::aarch64::*;
+use std::arch::asm;
 
 use cairn_formats::GgmlType;
 
 use super::{scalar, Q8Row, QK};
+
+/// `vdotq_s32` (`sdot`): four 4-way i8 dot products added to `acc`. The intrinsic is
+/// still unstable (`stdarch_neon_dotprod`, rust-lang/rust#117224) while the `dotprod`
+/// target feature is stable, so it is spelled as the one instruction it compiles to.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn vdotq_s32(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    // SAFETY: register-only arithmetic; the caller was compiled with dotprod enabled.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
 
 /// One row: each block unpacked by the scalar reference into signed values (u − 0 or
 /// the sign-folded form), then `vdotq_s32` over 16-byte halves.

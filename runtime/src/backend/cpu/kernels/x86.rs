@@ -6,11 +6,15 @@ use std::arch::x86_64::*;
 
 use cairn_formats::GgmlType;
 
+use super::repack::R8;
 use super::{Isa, Q8Acts, Q8Row, QK};
 
 /// Sum of groups of four u8 × i8 products into eight i32 lanes.
 trait Dot {
     unsafe fn dot(u: __m256i, x: __m256i) -> __m256i;
+    /// `dot(lo, xlo) + dot(hi, xhi)` for 4-bit values (u ≤ 15: the i16 pair sums of both
+    /// halves fit before widening).
+    unsafe fn dot2(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i;
 }
 
 struct Avx2;
@@ -22,12 +26,23 @@ impl Dot for Avx2 {
         // u ≤ 128 and |x| ≤ 127, so the i16 pair sums of vpmaddubsw cannot saturate.
         _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
     }
+
+    #[inline(always)]
+    unsafe fn dot2(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i {
+        let s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+        _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+    }
 }
 
 impl Dot for Vnni {
     #[inline(always)]
     unsafe fn dot(u: __m256i, x: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+    }
+
+    #[inline(always)]
+    unsafe fn dot2(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
     }
 }
 
@@ -223,6 +238,133 @@ unsafe fn matmul_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: &Q8Act
     }
 }
 
+/// Eight repacked rows (see `repack`) × C tokens of 4-bit blocks:
+/// `out[c * ld + r] = w_r · x_c`.
+///
+/// Safety: `p` holds `nb` group-blocks of type T; each `xs[c]` has `nb` blocks; `out`
+/// has room for `(C - 1) * ld + 8` values.
+#[inline(always)]
+unsafe fn packed_q4<D: Dot, const T: u8, const C: usize>(
+    p: *const u8,
+    nb: usize,
+    xs: [Q8Row<'_>; C],
+    out: *mut f32,
+    ld: usize,
+) {
+    let (gb, qoff) = if T == Q4_1 { (160, 32) } else { (144, 16) };
+    let mask = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); C];
+    for b in 0..nb {
+        let blk = p.add(b * gb);
+        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + 64) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + 128) as *const i8);
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        let mv = if T == Q4_1 {
+            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
+        } else {
+            _mm256_mul_ps(dv, _mm256_set1_ps(-8.0))
+        };
+        let mut lo = [_mm256_setzero_si256(); 4];
+        let mut hi = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            let v = _mm256_loadu_si256(blk.add(qoff + 32 * k) as *const __m256i);
+            lo[k] = _mm256_and_si256(v, mask);
+            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        }
+        for c in 0..C {
+            let xq = xs[c].qs.as_ptr().add(b * QK);
+            let xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq as *const __m128i));
+            let xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq.add(16) as *const __m128i));
+            let p0 = D::dot2(lo[0], xlo, hi[0], xhi);
+            let p1 = D::dot2(lo[1], xlo, hi[1], xhi);
+            let p2 = D::dot2(lo[2], xlo, hi[2], xhi);
+            let p3 = D::dot2(lo[3], xlo, hi[3], xhi);
+            // Lanes end up as rows LANES = [0, 2, 4, 6, 1, 3, 5, 7], matching the scales.
+            let sums = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+            let dx = *xs[c].d.get_unchecked(b);
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dv, _mm256_set1_ps(dx)), acc[c]);
+            let sx = if T == Q4_1 { *xs[c].s.get_unchecked(b) } else { dx * *xs[c].sum.get_unchecked(b) as f32 };
+            acc[c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx), acc[c]);
+        }
+    }
+    let rows = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for c in 0..C {
+        _mm256_storeu_ps(out.add(c * ld), _mm256_permutevar8x32_ps(acc[c], rows));
+    }
+}
+
+/// Eight repacked Q8_0 rows × C tokens; rows come out in order.
+///
+/// Safety: as `packed_q4`.
+#[inline(always)]
+unsafe fn packed_q8<D: Dot, const C: usize>(p: *const u8, nb: usize, xs: [Q8Row<'_>; C], out: *mut f32, ld: usize) {
+    const GB: usize = 272;
+    let mut acc = [_mm256_setzero_ps(); C];
+    for b in 0..nb {
+        let blk = p.add(b * GB);
+        for l in 0..5 {
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + 64 * l) as *const i8);
+        }
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        let mut w = [_mm256_setzero_si256(); 8];
+        for (r, w) in w.iter_mut().enumerate() {
+            *w = _mm256_loadu_si256(blk.add(16 + 32 * r) as *const __m256i);
+        }
+        for c in 0..C {
+            let xv = _mm256_loadu_si256(xs[c].qs.as_ptr().add(b * QK) as *const __m256i);
+            let mut pr = [_mm256_setzero_si256(); 8];
+            for r in 0..8 {
+                pr[r] = D::dot(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(xv, w[r]));
+            }
+            let h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(pr[0], pr[1]), _mm256_hadd_epi32(pr[2], pr[3]));
+            let h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(pr[4], pr[5]), _mm256_hadd_epi32(pr[6], pr[7]));
+            let sums =
+                _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+            let dx = *xs[c].d.get_unchecked(b);
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dv, _mm256_set1_ps(dx)), acc[c]);
+        }
+    }
+    for c in 0..C {
+        _mm256_storeu_ps(out.add(c * ld), acc[c]);
+    }
+}
+
+#[inline(always)]
+unsafe fn packed_group<D: Dot, const T: u8, const C: usize>(
+    p: *const u8,
+    nb: usize,
+    xs: [Q8Row<'_>; C],
+    out: *mut f32,
+    ld: usize,
+) {
+    if T == Q8_0 {
+        packed_q8::<D, C>(p, nb, xs, out, ld)
+    } else {
+        packed_q4::<D, T, C>(p, nb, xs, out, ld)
+    }
+}
+
+/// Repacked rows × tokens: `out[t * rows + r]`; one token is the decode case.
+#[inline(always)]
+unsafe fn packed_body<D: Dot, const T: u8>(packed: &[u8], rows: usize, nb: usize, x: &Q8Acts, out: &mut [f32]) {
+    let gbytes = nb * R8 * type_size(T);
+    let (n, o) = (x.rows, out.as_mut_ptr());
+    for g in 0..rows / R8 {
+        let p = packed.as_ptr().add(g * gbytes);
+        let mut c = 0;
+        while c + 4 <= n {
+            let xs = [x.row(c), x.row(c + 1), x.row(c + 2), x.row(c + 3)];
+            packed_group::<D, T, 4>(p, nb, xs, o.add(c * rows + g * R8), rows);
+            c += 4;
+        }
+        while c < n {
+            packed_group::<D, T, 1>(p, nb, [x.row(c)], o.add(c * rows + g * R8), rows);
+            c += 1;
+        }
+    }
+}
+
 macro_rules! entry {
     ($name:ident, $body:ident, $dot:ty, $features:literal, ($($arg:ident: $t:ty),*)) => {
         #[target_feature(enable = $features)]
@@ -242,6 +384,8 @@ macro_rules! entry {
 entry!(matvec_avx2, matvec_body, Avx2, "avx2,fma,f16c", (w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]));
 entry!(matvec_vnni, matvec_body, Vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", (w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]));
 entry!(matmul_avx2, matmul_body, Avx2, "avx2,fma,f16c", (w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]));
+entry!(packed_avx2, packed_body, Avx2, "avx2,fma,f16c", (packed: &[u8], rows: usize, nb: usize, x: &Q8Acts, out: &mut [f32]));
+entry!(packed_vnni, packed_body, Vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", (packed: &[u8], rows: usize, nb: usize, x: &Q8Acts, out: &mut [f32]));
 entry!(matmul_vnni, matmul_body, Vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", (w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]));
 
 fn check(ty: GgmlType, w: &[u8], row_bytes: usize, cols: usize, rows_out: usize) {
@@ -324,4 +468,22 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     // SAFETY: as in `dot_f32`.
     unsafe { axpy_avx2(y, a, x) }
+}
+
+/// Repacked weights (`rows` a multiple of 8, `cols` values each) × every row of `x`:
+/// `out[t * rows + r]`.
+pub fn packed(isa: Isa, ty: GgmlType, packed: &[u8], rows: usize, x: &Q8Acts, out: &mut [f32]) {
+    assert!(super::repack::repackable(ty) && rows % R8 == 0, "not a repacked {ty} matrix of {rows} rows");
+    let nb = x.cols / QK;
+    assert_eq!(packed.len(), rows * nb * ty.type_size(), "repacked {ty} weights of the wrong size");
+    assert!(out.len() >= rows * x.rows, "output too short");
+    assert!(x.qs.len() >= x.rows * x.cols && x.d.len() >= x.rows * nb, "activations too short");
+    // SAFETY: the assertions bound every group, block and output the kernel touches;
+    // `isa` only names instruction sets `Isa::available` detected.
+    unsafe {
+        match isa {
+            Isa::Avx512Vnni => packed_vnni(ty, packed, rows, nb, x, out),
+            _ => packed_avx2(ty, packed, rows, nb, x, out),
+        }
+    }
 }
