@@ -289,8 +289,8 @@ unsafe fn packed_q4<D: Dot, const T: u8, const C: usize>(
         }
     }
     let rows = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for c in 0..C {
-        _mm256_storeu_ps(out.add(c * ld), _mm256_permutevar8x32_ps(acc[c], rows));
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(c * ld), _mm256_permutevar8x32_ps(*a, rows));
     }
 }
 
@@ -325,8 +325,8 @@ unsafe fn packed_q8<D: Dot, const C: usize>(p: *const u8, nb: usize, xs: [Q8Row<
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dv, _mm256_set1_ps(dx)), acc[c]);
         }
     }
-    for c in 0..C {
-        _mm256_storeu_ps(out.add(c * ld), acc[c]);
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(c * ld), *a);
     }
 }
 
@@ -473,7 +473,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// Repacked weights (`rows` a multiple of 8, `cols` values each) × every row of `x`:
 /// `out[t * rows + r]`.
 pub fn packed(isa: Isa, ty: GgmlType, packed: &[u8], rows: usize, x: &Q8Acts, out: &mut [f32]) {
-    assert!(super::repack::repackable(ty) && rows % R8 == 0, "not a repacked {ty} matrix of {rows} rows");
+    assert!(super::repack::repackable(ty) && rows.is_multiple_of(R8), "not a repacked {ty} matrix of {rows} rows");
     let nb = x.cols / QK;
     assert_eq!(packed.len(), rows * nb * ty.type_size(), "repacked {ty} weights of the wrong size");
     assert!(out.len() >= rows * x.rows, "output too short");
