@@ -63,7 +63,10 @@ fn tokenization_matches_llama_cpp() {
 /// Top-5 logit differences and top-1 agreement at the positions where llama.cpp's
 /// margin exceeds `MARGIN`: (sorted differences, positions agreeing, firm positions,
 /// disagreements as (sequence, position, llama.cpp's margin)).
-fn compare(e: &Engine) -> (Vec<f64>, usize, usize, Vec<(String, usize, f64)>) {
+/// A top-1 disagreement: sequence, position, llama.cpp's margin there.
+type Flip = (String, usize, f64);
+
+fn compare(e: &Engine) -> (Vec<f64>, usize, usize, Vec<Flip>) {
     let r = common::reference();
     let vocab = e.vocab();
     let mut diffs = Vec::new();
