@@ -35,7 +35,9 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
     let base = first_visible;
     let mut out = vec![0f32; q.rows * p.n_heads * hd];
     // One task per (query row, head): independent, and enough of them to fill threads.
-    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+    // A short decode step is cheaper on the calling thread than split across threads.
+    let work = q.rows * p.n_heads * (n_ctx - first_visible);
+    let task = |(idx, o): (usize, &mut [f32])| {
         let (t, h) = (idx / p.n_heads, idx % p.n_heads);
         let pos = pos0 + t;
         let g = h / group;
@@ -54,6 +56,11 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
         for (j, s) in (first..=pos).zip(&scores) {
             kernels::axpy(isa, o, round(s * inv), &values[at(j)..at(j) + hd]);
         }
-    });
+    };
+    if work < 4096 {
+        out.chunks_mut(hd).enumerate().for_each(task);
+    } else {
+        out.par_chunks_mut(hd).enumerate().for_each(task);
+    }
     CpuTensor { data: out, rows: q.rows, cols: p.n_heads * hd }
 }

@@ -205,6 +205,11 @@ impl Backend for CpuBackend {
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
         let w = w.vector();
         let mut out = x.clone();
+        // A decode step's single row is too little work to hand to another thread.
+        if x.rows == 1 {
+            out.data.chunks_mut(w.len()).for_each(|row| ops::rms_norm(row, w, eps));
+            return out;
+        }
         self.pool.install(|| {
             out.data.par_chunks_mut(w.len()).for_each(|row| ops::rms_norm(row, w, eps));
         });
@@ -213,6 +218,10 @@ impl Backend for CpuBackend {
 
     fn rope(&self, x: &mut CpuTensor, head_dim: usize, pos0: usize, base: f32, style: RopeStyle) {
         let cols = x.cols;
+        if x.rows == 1 {
+            ops::rope_row(&mut x.data, head_dim, pos0, base, style);
+            return;
+        }
         self.pool.install(|| {
             x.data.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
                 ops::rope_row(row, head_dim, pos0 + i, base, style);
