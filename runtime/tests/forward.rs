@@ -194,3 +194,26 @@ fn real_model_matches_f32_reference() {
     // "The capital of France is" and a few more tokens.
     check(&file, &[504, 3575, 282, 4649, 314, 7042, 30], 1e-3);
 }
+
+/// On the fast path too, evaluating a sequence in one batch and one token at a time
+/// must agree: the decode kernels (repacked matvec, single-query attention over the f16
+/// cache) against the prefill ones.
+#[test]
+fn fast_path_decode_equals_prefill() {
+    for (mt, et) in
+        [(GgmlType::Q4_1, GgmlType::Q8_0), (GgmlType::Q4_0, GgmlType::Q8_0), (GgmlType::Q5_1, GgmlType::Q6K)]
+    {
+        let file = synthetic(mt, et, false);
+        let runner = model::load(&file, CpuBackend::new(2).unwrap()).unwrap();
+        let vocab = runner.config().vocab;
+        let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % vocab as u32).collect();
+        let mut cache = runner.new_cache(ids.len()).unwrap();
+        let all = runner.forward(cache.as_mut(), &ids, Logits::All).unwrap();
+        let mut cache = runner.new_cache(ids.len()).unwrap();
+        for (pos, &id) in ids.iter().enumerate() {
+            let last = runner.forward(cache.as_mut(), &[id], Logits::Last).unwrap();
+            let d = max_rel_diff(&last, &all[pos * vocab..(pos + 1) * vocab]);
+            assert!(d < 1e-4, "{mt}: position {pos} differs by {d} between decode and prefill");
+        }
+    }
+}

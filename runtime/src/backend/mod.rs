@@ -57,8 +57,8 @@ pub trait Backend: Send + Sync {
 
     /// Host f32 values → a tensor of `rows` rows.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
-    /// A tensor → host f32 values, row-major.
-    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+    /// A tensor → host f32 values, row-major (consumed: the CPU hands its buffer over).
+    fn to_host(&self, x: Self::Tensor) -> Vec<f32>;
     /// Rows `start..start + n` of `x`.
     fn rows(&self, x: &Self::Tensor, start: usize, n: usize) -> Self::Tensor;
 

@@ -168,6 +168,6 @@ impl<B: Backend + 'static> Llama<B> {
         }
         let x = be.rms_norm(&x, &self.out_norm, c.norm_eps);
         let head = self.output.as_ref().unwrap_or(&self.embed);
-        Ok(be.to_host(&be.matmul(&x, head)))
+        Ok(be.to_host(be.matmul(&x, head)))
     }
 }

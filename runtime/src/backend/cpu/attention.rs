@@ -10,7 +10,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::kernels::{self, Isa};
-use super::{CpuKv, CpuTensor};
+use super::{CpuKv, CpuTensor, KvData};
 use crate::backend::AttnParams;
 
 fn round_f16(x: f32) -> f32 {
@@ -27,8 +27,11 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
     let group = p.n_heads / p.n_kv_heads;
     let width = kv.width;
     let n_ctx = kv.len;
-    // The visible cache in f32, converted once per call rather than once per query.
     let first_visible = p.window.map_or(0, |w| (pos0 + 1).saturating_sub(w));
+    if let (1, KvData::F16(k), KvData::F16(v)) = (q.rows, &kv.k, &kv.v) {
+        return decode_f16(q, k, v, width, first_visible..n_ctx, p, isa);
+    }
+    // The visible cache in f32, converted once per call rather than once per query.
     let span = first_visible * width..n_ctx * width;
     let keys = kv.k.to_f32(span.clone());
     let values = kv.v.to_f32(span);
@@ -63,4 +66,55 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
         out.par_chunks_mut(hd).enumerate().for_each(task);
     }
     CpuTensor { data: out, rows: q.rows, cols: p.n_heads * hd }
+}
+
+/// One decode step over the f16 cache: each KV group's heads are scored together, so
+/// every cached key and value is read and converted once per step.
+fn decode_f16(
+    q: &CpuTensor,
+    k: &[f16],
+    v: &[f16],
+    width: usize,
+    span: std::ops::Range<usize>,
+    p: &AttnParams,
+    isa: Isa,
+) -> CpuTensor {
+    use half::slice::HalfFloatSliceExt;
+    let hd = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let mut out = vec![0f32; p.n_heads * hd];
+    let task = |(g, o): (usize, &mut [f32])| {
+        let qs: Vec<f32> = q.data[g * group * hd..(g + 1) * group * hd].iter().map(|&x| round_f16(x)).collect();
+        let mut row = vec![0f32; hd];
+        let mut scores = vec![0f32; group * span.len()];
+        for (i, j) in span.clone().enumerate() {
+            k[j * width + g * hd..j * width + (g + 1) * hd].convert_to_f32_slice(&mut row);
+            for h in 0..group {
+                scores[h * span.len() + i] = kernels::dot_f32(isa, &qs[h * hd..(h + 1) * hd], &row) * p.scale;
+            }
+        }
+        for s in scores.chunks_mut(span.len()) {
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            s.iter_mut().for_each(|x| *x = round_f16(*x * inv));
+        }
+        for (i, j) in span.clone().enumerate() {
+            v[j * width + g * hd..j * width + (g + 1) * hd].convert_to_f32_slice(&mut row);
+            for h in 0..group {
+                kernels::axpy(isa, &mut o[h * hd..(h + 1) * hd], scores[h * span.len() + i], &row);
+            }
+        }
+    };
+    // Short contexts are cheaper on the calling thread than split across threads.
+    if span.len() * p.n_heads < 4096 {
+        out.chunks_mut(group * hd).enumerate().for_each(task);
+    } else {
+        out.par_chunks_mut(group * hd).enumerate().for_each(task);
+    }
+    CpuTensor { data: out, rows: 1, cols: p.n_heads * hd }
 }

@@ -167,8 +167,8 @@ impl Backend for CpuBackend {
         CpuTensor { data: data.to_vec(), rows, cols }
     }
 
-    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
-        x.data.clone()
+    fn to_host(&self, x: CpuTensor) -> Vec<f32> {
+        x.data
     }
 
     fn rows(&self, x: &CpuTensor, start: usize, n: usize) -> CpuTensor {

@@ -31,7 +31,11 @@ pub fn group_block_bytes(ty: GgmlType) -> usize {
 /// Repack `rows` rows (a multiple of 8) of `row_bytes` each. `None` when the type or
 /// shape does not qualify. Groups are independent, so they are repacked in parallel.
 pub fn repack(ty: GgmlType, src: &[u8], rows: usize, row_bytes: usize) -> Option<Vec<u8>> {
-    if !repackable(ty) || !rows.is_multiple_of(R8) || src.len() != rows * row_bytes || !row_bytes.is_multiple_of(ty.type_size()) {
+    if !repackable(ty)
+        || !rows.is_multiple_of(R8)
+        || src.len() != rows * row_bytes
+        || !row_bytes.is_multiple_of(ty.type_size())
+    {
         return None;
     }
     let bs = ty.type_size();
