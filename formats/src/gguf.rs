@@ -338,6 +338,12 @@ impl<'a> Gguf<'a> {
                     .checked_mul(d)
                     .ok_or_else(|| Error::invalid(format!("tensor {shown}: element count overflows")))?;
             }
+            // The row count on its own too: a zero-length row must not hide outer
+            // dimensions whose product overflows (users of the shape multiply them).
+            dims[1..]
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| Error::invalid(format!("tensor {shown}: row count overflows")))?;
             let row = ty.row_bytes(dims[0]).map_err(|e| Error::invalid(format!("tensor {shown}: {e}")))?;
             let size = row
                 .checked_mul(n / dims[0].max(1))
