@@ -1,7 +1,8 @@
 //! `x W^T` for weights in any storage type.
 //!
-//! A single row (decoding) uses the fused quantized dot products; several rows
-//! (prefill) dequantize each weight row once and reuse it for every token.
+//! The integer path quantizes activations once and runs the kernels (decode: rows split
+//! across threads; prefill: tokens split across threads). The f32 reference path
+//! dequantizes each weight row once and reuses it for every token.
 
 use rayon::prelude::*;
 
@@ -11,8 +12,6 @@ use crate::weights::HostTensor;
 
 /// Weight rows per task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 16;
-
-pub use kernels::scalar_dot_f32 as dot_f32;
 
 /// Integer kernels with 8-bit activations where the weight type has them, else f32.
 pub fn matmul(x: &CpuTensor, w: &CpuWeight, isa: Option<Isa>, threads: usize) -> CpuTensor {
@@ -125,7 +124,7 @@ fn matmul_f32(x: &CpuTensor, w: &HostTensor) -> CpuTensor {
                 continue;
             }
             for (t, o) in o.iter_mut().enumerate() {
-                *o = dot_f32(&row, &x.data[t * k..(t + 1) * k]);
+                *o = kernels::scalar_dot_f32(&row, &x.data[t * k..(t + 1) * k]);
             }
         }
     });

@@ -1,7 +1,8 @@
 //! The CPU backend: the always-available reference, multi-threaded on a persistent pool.
 //!
-//! Weights stay in the mapped file in their storage type; kernels dequantize block by
-//! block inside the dot products.
+//! Weights stay in the mapped file in their storage type (or, for the types with
+//! repacked kernels, in an 8-row interleaved copy made at load); the integer kernels
+//! take 8-bit activations, the reference path dequantizes to f32.
 
 mod attention;
 pub mod kernels;
@@ -13,8 +14,6 @@ use rayon::prelude::*;
 use super::{AttnParams, Backend, KvLayer, RopeStyle};
 use crate::error::{Error, Result};
 use crate::weights::HostTensor;
-
-pub use matmul::dot_f32;
 
 /// Row-major f32 activations.
 #[derive(Debug, Clone, PartialEq)]
