@@ -1,6 +1,8 @@
 //! Model definitions: one per architecture, each written once against [`Backend`].
 
+pub mod blocks;
 pub mod config;
+pub mod gemma3;
 pub mod llama;
 
 use std::any::Any;
@@ -46,7 +48,7 @@ pub trait Runner: Send + Sync {
 }
 
 /// Architectures [`load`] can build.
-const SUPPORTED_ARCHS: &[&str] = &["llama"];
+const SUPPORTED_ARCHS: &[&str] = &["llama", "gemma3"];
 
 /// Build the model described by `file` on `backend`.
 pub fn load<B: Backend + 'static>(file: &ModelFile, backend: B) -> Result<Box<dyn Runner>> {
@@ -58,6 +60,7 @@ pub fn load<B: Backend + 'static>(file: &ModelFile, backend: B) -> Result<Box<dy
     };
     match config.arch.as_str() {
         "llama" => Ok(Box::new(llama::Llama::load(file, config, backend)?)),
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::load(file, config, backend)?)),
         other => Err(unsupported_arch(file, other)),
     }
 }

@@ -1,0 +1,111 @@
+//! Gemma-3-270M against llama.cpp's outputs (`tests/reference/gemma-3-270m-q4_k_m.json`).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use cairn::backend::cpu::CpuBackend;
+use cairn::model::{self, Logits, Runner};
+use cairn::weights::ModelFile;
+use serde_json::Value;
+
+/// llama.cpp's top-1 must match where its lead over the top-2 exceeds this.
+const MARGIN: f64 = 0.3;
+/// Largest allowed difference of a top-5 logit.
+const LOGIT_TOL: f64 = 2.0;
+
+fn model_path() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| match cairn::pull::resolve_model(Some("gemma3-270m")) {
+        Ok(p) => p,
+        Err(e) => panic!("cannot get gemma3-270m: {e}"),
+    })
+    .clone()
+}
+
+fn reference() -> Value {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/gemma-3-270m-q4_k_m.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("reference file")).expect("reference json")
+}
+
+fn runner(exact: bool) -> &'static dyn Runner {
+    static FAST: OnceLock<Box<dyn Runner>> = OnceLock::new();
+    static EXACT: OnceLock<Box<dyn Runner>> = OnceLock::new();
+    let cell = if exact { &EXACT } else { &FAST };
+    cell.get_or_init(|| {
+        let file = ModelFile::open(&model_path()).expect("open gemma");
+        let be = if exact { CpuBackend::reference(0) } else { CpuBackend::new(0) }.expect("backend");
+        model::load(&file, be).expect("load gemma")
+    })
+    .as_ref()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn top5(v: &Value) -> Vec<(u32, f64)> {
+    v.as_array().expect("top5").iter().map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap())).collect()
+}
+
+fn eval_all(r: &dyn Runner, seq: &[u32]) -> Vec<f32> {
+    let mut cache = r.new_cache(seq.len()).unwrap();
+    r.forward(cache.as_mut(), seq, Logits::All).unwrap()
+}
+
+fn check_logits(exact: bool) {
+    let r = runner(exact);
+    let vocab = r.config().vocab;
+    let (mut diffs, mut agree, mut firm, mut flips) = (Vec::new(), 0, 0, Vec::new());
+    for s in reference()["sequences"].as_array().unwrap() {
+        let name = s["name"].as_str().unwrap();
+        let mut seq = ids(&s["prompt_ids"]);
+        seq.extend(ids(&s["greedy_ids"]));
+        let logits = eval_all(r, &seq);
+        for (pos, t) in s["top5_per_position"].as_array().unwrap().iter().enumerate() {
+            let t = top5(t);
+            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            for &(id, l) in &t {
+                let d = (row[id as usize] as f64 - l).abs();
+                assert!(
+                    d <= LOGIT_TOL,
+                    "{name} position {pos}: logit of {id} is {} vs llama.cpp {l}",
+                    row[id as usize]
+                );
+                diffs.push(d);
+            }
+            if t[0].1 - t[1].1 > MARGIN {
+                firm += 1;
+                if cairn::sampling::argmax(row) == t[0].0 {
+                    agree += 1;
+                } else {
+                    flips.push((name.to_string(), pos, t[0].1 - t[1].1));
+                }
+            }
+        }
+    }
+    diffs.sort_by(f64::total_cmp);
+    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    eprintln!(
+        "gemma {} path: top-5 logits vs llama.cpp: mean |diff| {mean:.4}, median {:.4}, max {:.4} over {}; top-1 equal at {agree} of {firm} positions with margin > {MARGIN}; flips {flips:?}",
+        if exact { "exact" } else { "8-bit" },
+        diffs[diffs.len() / 2],
+        diffs[diffs.len() - 1],
+        diffs.len()
+    );
+    if exact {
+        assert!(flips.is_empty(), "top-1 differs at {flips:?}");
+    } else {
+        assert!(flips.iter().all(|f| f.2 < 0.6), "top-1 differs where llama.cpp is sure: {flips:?}");
+        assert!(agree * 100 >= firm * 97, "top-1 agrees at only {agree} of {firm}");
+    }
+}
+
+#[test]
+fn exact_logits_match_llama_cpp() {
+    check_logits(true);
+}
+
+#[test]
+fn fast_logits_match_llama_cpp() {
+    check_logits(false);
+}
