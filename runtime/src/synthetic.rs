@@ -72,37 +72,60 @@ fn tensor(b: GgufBuilder, name: &str, dims: &[u64], ty: GgmlType, values: &[f32]
 /// A GGUF file of a llama model with random weights scaled like a trained model's
 /// (so that activations stay in a realistic range through every layer).
 pub fn llama_gguf(c: &SyntheticConfig, seed: u64) -> Result<Vec<u8>> {
+    build(c, seed, None)
+}
+
+/// The same for the gemma3 architecture: q/k norms, post-norms, a sliding window of
+/// `window` positions on all layers but every sixth.
+pub fn gemma3_gguf(c: &SyntheticConfig, window: usize, seed: u64) -> Result<Vec<u8>> {
+    build(c, seed, Some(window))
+}
+
+fn build(c: &SyntheticConfig, seed: u64, gemma_window: Option<usize>) -> Result<Vec<u8>> {
     let mut rng = SplitMix(seed);
     let mut rand = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.next_f32() * scale).collect() };
+    let arch = if gemma_window.is_some() { "gemma3" } else { "llama" };
     let hd = c.dim / c.n_heads;
     let (d, f, v) = (c.dim as u64, c.ffn_dim as u64, c.vocab as u64);
     let (qd, kvd) = ((c.n_heads * hd) as u64, (c.n_kv_heads * hd) as u64);
     let s = |fan_in: u64| 1.7 / (fan_in as f32).sqrt();
+    let key = |k: &str| format!("{arch}.{k}");
     let mut b = GgufBuilder::new()
-        .meta("general.architecture", MetaValue::String("llama".into()))
+        .meta("general.architecture", MetaValue::String(arch.into()))
         .meta("general.name", MetaValue::String("synthetic".into()))
-        .meta("llama.block_count", MetaValue::U32(c.n_layers as u32))
-        .meta("llama.context_length", MetaValue::U32(c.context as u32))
-        .meta("llama.embedding_length", MetaValue::U32(c.dim as u32))
-        .meta("llama.feed_forward_length", MetaValue::U32(c.ffn_dim as u32))
-        .meta("llama.attention.head_count", MetaValue::U32(c.n_heads as u32))
-        .meta("llama.attention.head_count_kv", MetaValue::U32(c.n_kv_heads as u32))
-        .meta("llama.rope.freq_base", MetaValue::F32(c.rope_base))
-        .meta("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5));
+        .meta(&key("block_count"), MetaValue::U32(c.n_layers as u32))
+        .meta(&key("context_length"), MetaValue::U32(c.context as u32))
+        .meta(&key("embedding_length"), MetaValue::U32(c.dim as u32))
+        .meta(&key("feed_forward_length"), MetaValue::U32(c.ffn_dim as u32))
+        .meta(&key("attention.head_count"), MetaValue::U32(c.n_heads as u32))
+        .meta(&key("attention.head_count_kv"), MetaValue::U32(c.n_kv_heads as u32))
+        .meta(&key("rope.freq_base"), MetaValue::F32(c.rope_base))
+        .meta(&key("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
+    if let Some(w) = gemma_window {
+        b = b.meta(&key("attention.sliding_window"), MetaValue::U32(w as u32));
+        b = b.meta(&key("attention.key_length"), MetaValue::U32(hd as u32));
+    }
+    let norm = |rand: &mut dyn FnMut(usize, f32) -> Vec<f32>, n: usize| -> Vec<f32> {
+        rand(n, 0.2).iter().map(|x| 1.0 + x).collect()
+    };
     b = tensor(b, "token_embd.weight", &[d, v], c.embed_type, &rand(c.dim * c.vocab, 1.0))?;
     for i in 0..c.n_layers {
         let p = |n: &str| format!("blk.{i}.{n}.weight");
-        let norm: Vec<f32> = rand(c.dim, 0.2).iter().map(|x| 1.0 + x).collect();
-        b = tensor(b, &p("attn_norm"), &[d], GgmlType::F32, &norm)?;
+        b = tensor(b, &p("attn_norm"), &[d], GgmlType::F32, &norm(&mut rand, c.dim))?;
         b = tensor(b, &p("attn_q"), &[d, qd], c.matrix_type, &rand((d * qd) as usize, s(d)))?;
         b = tensor(b, &p("attn_k"), &[d, kvd], c.matrix_type, &rand((d * kvd) as usize, s(d)))?;
         b = tensor(b, &p("attn_v"), &[d, kvd], c.matrix_type, &rand((d * kvd) as usize, s(d)))?;
         b = tensor(b, &p("attn_output"), &[qd, d], c.matrix_type, &rand((qd * d) as usize, s(qd) * 0.5))?;
-        let norm: Vec<f32> = rand(c.dim, 0.2).iter().map(|x| 1.0 + x).collect();
-        b = tensor(b, &p("ffn_norm"), &[d], GgmlType::F32, &norm)?;
+        b = tensor(b, &p("ffn_norm"), &[d], GgmlType::F32, &norm(&mut rand, c.dim))?;
         b = tensor(b, &p("ffn_gate"), &[d, f], c.matrix_type, &rand((d * f) as usize, s(d)))?;
         b = tensor(b, &p("ffn_up"), &[d, f], c.matrix_type, &rand((d * f) as usize, s(d)))?;
         b = tensor(b, &p("ffn_down"), &[f, d], c.matrix_type, &rand((f * d) as usize, s(f) * 0.5))?;
+        if gemma_window.is_some() {
+            b = tensor(b, &p("attn_q_norm"), &[hd as u64], GgmlType::F32, &norm(&mut rand, hd))?;
+            b = tensor(b, &p("attn_k_norm"), &[hd as u64], GgmlType::F32, &norm(&mut rand, hd))?;
+            b = tensor(b, &p("post_attention_norm"), &[d], GgmlType::F32, &norm(&mut rand, c.dim))?;
+            b = tensor(b, &p("post_ffw_norm"), &[d], GgmlType::F32, &norm(&mut rand, c.dim))?;
+        }
     }
     b = tensor(b, "output_norm.weight", &[d], GgmlType::F32, &vec![1.0; c.dim])?;
     if c.untied_output {

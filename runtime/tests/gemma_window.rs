@@ -1,0 +1,167 @@
+//! The sliding window of gemma3's local layers at work: on a prompt longer than the
+//! window, the CPU backend equals a plain f32 reference that masks keys older than the
+//! window, and differs from the same reference without the mask.
+
+use cairn::backend::cpu::CpuBackend;
+use cairn::model::{self, Logits};
+use cairn::synthetic::{gemma3_gguf, SyntheticConfig};
+use cairn::weights::ModelFile;
+use cairn_formats::quant;
+
+const WINDOW: usize = 512;
+
+struct Reference {
+    c: cairn::model::ModelConfig,
+    t: std::collections::HashMap<String, Vec<f32>>,
+}
+
+impl Reference {
+    fn new(file: &ModelFile) -> Self {
+        let g = file.gguf().unwrap();
+        let t = g
+            .tensors
+            .iter()
+            .map(|ti| {
+                let mut v = vec![0f32; ti.n_elements() as usize];
+                quant::dequantize(ti.ty, g.tensor_data(ti), &mut v).unwrap();
+                (ti.name.clone(), v)
+            })
+            .collect();
+        Reference { c: cairn::model::ModelConfig::from_file(file).unwrap(), t }
+    }
+
+    fn w(&self, name: &str) -> &[f32] {
+        &self.t[name]
+    }
+
+    fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
+        let k = x.len();
+        (0..w.len() / k).map(|j| (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>() as f32).collect()
+    }
+
+    fn norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        x.chunks(w.len())
+            .flat_map(|x| {
+                let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                x.iter().zip(w).map(move |(v, w)| (*v as f64 * inv) as f32 * w).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// NEOX-style RoPE: the two halves of each head rotate together.
+    fn rope(x: &mut [f32], hd: usize, pos: usize, base: f32) {
+        for head in x.chunks_mut(hd) {
+            for i in 0..hd / 2 {
+                let theta = pos as f64 / (base as f64).powf(2.0 * i as f64 / hd as f64);
+                let (a, b) = (head[i] as f64, head[i + hd / 2] as f64);
+                head[i] = (a * theta.cos() - b * theta.sin()) as f32;
+                head[i + hd / 2] = (a * theta.sin() + b * theta.cos()) as f32;
+            }
+        }
+    }
+
+    fn gelu(x: f32) -> f32 {
+        let x = x as f64;
+        (0.5 * x * (1.0 + (0.797_884_560_8 * (x + 0.044_715 * x * x * x)).tanh())) as f32
+    }
+
+    /// Logits of the last position; `window` masks keys older than it on local layers.
+    fn last_logits(&self, ids: &[u32], window: Option<usize>) -> Vec<f32> {
+        let c = &self.c;
+        let (d, hd, eps) = (c.dim, c.head_dim, c.norm_eps);
+        let group = c.n_heads / c.n_kv_heads;
+        let emb = self.w("token_embd.weight");
+        let scale = (d as f32).sqrt();
+        let mut xs: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|&t| emb[t as usize * d..(t as usize + 1) * d].iter().map(|v| v * scale).collect())
+            .collect();
+        for l in 0..c.n_layers {
+            let w = |n: &str| self.w(&format!("blk.{l}.{n}.weight"));
+            let global = (l + 1) % 6 == 0;
+            let base = if global { c.rope_base } else { 10_000.0 };
+            let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+            for (pos, x) in xs.iter().enumerate() {
+                let h = Self::norm(x, w("attn_norm"), eps);
+                let mut q = Self::norm(&Self::matvec(w("attn_q"), &h), w("attn_q_norm"), eps);
+                let mut k = Self::norm(&Self::matvec(w("attn_k"), &h), w("attn_k_norm"), eps);
+                Self::rope(&mut q, hd, pos, base);
+                Self::rope(&mut k, hd, pos, base);
+                qs.push(q);
+                ks.push(k);
+                vs.push(Self::matvec(w("attn_v"), &h));
+            }
+            for (pos, x) in xs.iter_mut().enumerate() {
+                let first = match (global, window) {
+                    (false, Some(win)) => (pos + 1).saturating_sub(win),
+                    _ => 0,
+                };
+                let mut att = vec![0f32; c.n_heads * hd];
+                for h in 0..c.n_heads {
+                    let g = h / group;
+                    let q = &qs[pos][h * hd..(h + 1) * hd];
+                    let s: Vec<f64> = (first..=pos)
+                        .map(|j| {
+                            (0..hd).map(|i| q[i] as f64 * ks[j][g * hd + i] as f64).sum::<f64>() / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                    for i in 0..hd {
+                        att[h * hd + i] = (first..=pos)
+                            .zip(&s)
+                            .map(|(j, sj)| (sj - m).exp() / z * vs[j][g * hd + i] as f64)
+                            .sum::<f64>() as f32;
+                    }
+                }
+                let o = Self::norm(&Self::matvec(w("attn_output"), &att), w("post_attention_norm"), eps);
+                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+                let h = Self::norm(x, w("ffn_norm"), eps);
+                let g = Self::matvec(w("ffn_gate"), &h);
+                let u = Self::matvec(w("ffn_up"), &h);
+                let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| Self::gelu(*g) * u).collect();
+                let f = Self::norm(&Self::matvec(w("ffn_down"), &a), w("post_ffw_norm"), eps);
+                x.iter_mut().zip(&f).for_each(|(a, b)| *a += b);
+            }
+        }
+        let x = Self::norm(xs.last().unwrap(), self.w("output_norm.weight"), eps);
+        Self::matvec(emb, &x)
+    }
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+}
+
+#[test]
+fn sliding_window_masks_old_keys() {
+    let c = SyntheticConfig {
+        n_layers: 6,
+        dim: 64,
+        n_heads: 2,
+        n_kv_heads: 1,
+        ffn_dim: 128,
+        vocab: 64,
+        context: 1024,
+        rope_base: 1_000_000.0,
+        ..Default::default()
+    };
+    let file = ModelFile::from_bytes("gemma.gguf", gemma3_gguf(&c, WINDOW, 11).unwrap()).unwrap();
+    let ids: Vec<u32> = (0..600u32).map(|i| (i * 13 + 5) % 64).collect();
+    let reference = Reference::new(&file);
+    let masked = reference.last_logits(&ids, Some(WINDOW));
+    let unmasked = reference.last_logits(&ids, None);
+    for exact in [true, false] {
+        let be = if exact { CpuBackend::reference(2) } else { CpuBackend::new(2) }.unwrap();
+        let runner = model::load(&file, be).unwrap();
+        let mut cache = runner.new_cache(ids.len()).unwrap();
+        let got = runner.forward(cache.as_mut(), &ids, Logits::Last).unwrap();
+        let (dm, du) = (max_rel_diff(&got, &masked), max_rel_diff(&got, &unmasked));
+        eprintln!("{}: vs windowed reference {dm:.2e}, vs full-attention reference {du:.2e}", runner.backend_name());
+        // The 8-bit activation path is close to, not equal to, the f32 evaluation.
+        assert!(dm < if exact { 1e-3 } else { 3e-2 }, "differs from the windowed reference by {dm}");
+        assert!(du > 5.0 * dm.max(1e-3), "no closer to the windowed reference ({dm}) than to full attention ({du})");
+    }
+}
