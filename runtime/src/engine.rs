@@ -142,7 +142,7 @@ impl Session<'_> {
         let mut keep = self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count();
         // The last token must be evaluated again to get its logits.
         keep = keep.min(ids.len() - 1);
-        self.cache.truncate(keep);
+        let keep = self.cache.truncate(keep);
         self.tokens.truncate(keep);
         let mut logits = Vec::new();
         for chunk in ids[keep..].chunks(PREFILL_CHUNK) {
@@ -194,7 +194,9 @@ impl Session<'_> {
 }
 
 /// A multi-turn chat: the history, re-rendered with the model's template every turn;
-/// the session's prefix reuse means only the new turn is evaluated.
+/// the session's prefix reuse means only the new turn is evaluated. A model without a
+/// template (a base model) chats in raw completion: the history is the plain text of
+/// every turn, and each reply continues it.
 pub struct Chat<'e> {
     pub session: Session<'e>,
     pub messages: Vec<Message>,
@@ -202,14 +204,27 @@ pub struct Chat<'e> {
 
 impl<'e> Chat<'e> {
     pub fn new(engine: &'e Engine, context: usize, system: Option<&str>) -> Result<Self> {
-        if let Err(why) = &engine.template {
-            return Err(Error::input(format!("this model has no usable chat template ({why})")));
-        }
         let mut messages = Vec::new();
         if let Some(s) = system {
             messages.push(Message::new("system", s));
         }
         Ok(Chat { session: engine.new_session(context)?, messages })
+    }
+
+    /// Whether this chat runs without a template (raw completion).
+    pub fn is_raw(&self) -> bool {
+        self.session.engine.template.is_err()
+    }
+
+    fn prompt_ids(&self) -> Result<Vec<u32>> {
+        let engine = self.session.engine;
+        match &engine.template {
+            Ok(template) => {
+                let prompt = template.render(&self.messages, true).map_err(|e| Error::Text(e.to_string()))?;
+                Ok(engine.tokenizer.encode(&prompt, true)?)
+            }
+            Err(_) => engine.tokenize(&self.messages.iter().map(|m| m.content.as_str()).collect::<String>()),
+        }
     }
 
     /// Add the user's message, generate the reply (streamed through `on_text`) and keep
@@ -221,14 +236,19 @@ impl<'e> Chat<'e> {
         sampler: &mut Sampler,
         on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        let engine = self.session.engine;
-        let template = engine.template.as_ref().map_err(|w| Error::input(w.clone()))?;
         self.messages.push(Message::new("user", user));
-        let prompt = template.render(&self.messages, true).map_err(|e| Error::Text(e.to_string()))?;
-        let ids = engine.tokenizer.encode(&prompt, true)?;
+        let ids = match self.prompt_ids() {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.messages.pop();
+                return Err(e);
+            }
+        };
         match self.session.generate(&ids, max_new, sampler, on_text) {
             Ok(g) => {
-                self.messages.push(Message::new("assistant", g.text.trim()));
+                // Raw completion continues the text exactly; templated turns are trimmed.
+                let text = if self.is_raw() { g.text.clone() } else { g.text.trim().to_string() };
+                self.messages.push(Message::new("assistant", text));
                 Ok(g)
             }
             Err(e) => {

@@ -165,3 +165,40 @@ fn sliding_window_masks_old_keys() {
         assert!(du > 5.0 * dm.max(1e-3), "no closer to the windowed reference ({dm}) than to full attention ({du})");
     }
 }
+
+/// Local layers drop keys no later query can see; decoding far past the window token by
+/// token must still equal the windowed reference, and rewinding into dropped positions
+/// must start over rather than reuse a cache with holes.
+#[test]
+fn windowed_cache_drops_old_positions_without_changing_results() {
+    let window = 16;
+    let c = SyntheticConfig {
+        n_layers: 6,
+        dim: 64,
+        n_heads: 2,
+        n_kv_heads: 1,
+        ffn_dim: 128,
+        vocab: 64,
+        context: 256,
+        ..Default::default()
+    };
+    let file = ModelFile::from_bytes("gemma.gguf", gemma3_gguf(&c, window, 12).unwrap()).unwrap();
+    let ids: Vec<u32> = (0..90u32).map(|i| (i * 29 + 7) % 64).collect();
+    let reference = Reference::new(&file);
+    let runner = model::load(&file, CpuBackend::reference(2).unwrap()).unwrap();
+    let mut cache = runner.new_cache(ids.len()).unwrap();
+    let mut last = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        last = runner.forward(cache.as_mut(), &[id], Logits::Last).unwrap();
+        if i == 40 {
+            let d = max_rel_diff(&last, &reference.last_logits(&ids[..41], Some(window)));
+            assert!(d < 1e-3, "token by token at 41 positions: {d}");
+        }
+    }
+    let d = max_rel_diff(&last, &reference.last_logits(&ids, Some(window)));
+    assert!(d < 1e-3, "token by token at {} positions: {d}", ids.len());
+    // Positions 0..10 left the local layers' caches long ago.
+    assert_eq!(cache.truncate(10), 0, "a rewind into dropped positions must empty the cache");
+    let again = runner.forward(cache.as_mut(), &ids, Logits::Last).unwrap();
+    assert!(max_rel_diff(&again, &last) < 1e-5, "re-evaluation after the rewind differs");
+}

@@ -31,8 +31,11 @@ pub struct AttnParams {
 
 /// One layer's cache, as the model sees it.
 pub trait KvLayer: Send {
-    /// Forget every position from `len` on.
-    fn truncate(&mut self, len: usize);
+    /// How many of the first `len` positions this layer can still keep (a sliding-window
+    /// layer may have dropped early ones; then 0: it must start over).
+    fn keepable(&self, len: usize) -> usize;
+    /// Forget every position from `len` on; returns the positions kept.
+    fn truncate(&mut self, len: usize) -> usize;
 }
 
 /// A compute backend. Activations are 2-D, `[rows, cols]` row-major, one row per token.

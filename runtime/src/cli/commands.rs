@@ -47,6 +47,9 @@ pub fn chat(
 ) -> Result<()> {
     let engine = load(m)?;
     let mut chat = Chat::new(&engine, m.ctx_size, system)?;
+    if let Err(why) = &engine.template {
+        eprintln!("note: this model has no chat template ({why}); it is probably a base model, so chat continues your text as raw completion");
+    }
     let mut sampler = Sampler::new(cfg);
     if let Some(p) = prompt {
         chat.reply(p, max_new, &mut sampler, flush)?;

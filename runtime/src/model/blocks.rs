@@ -25,11 +25,13 @@ impl<B: Backend + 'static> KvState for Cache<B> {
     fn capacity(&self) -> usize {
         self.capacity
     }
-    fn truncate(&mut self, len: usize) {
+    fn truncate(&mut self, len: usize) -> usize {
+        let keep = self.layers.iter().map(|kv| kv.keepable(len)).min().unwrap_or(0).min(self.len);
         for kv in &mut self.layers {
-            kv.truncate(len);
+            kv.truncate(keep);
         }
-        self.len = self.len.min(len);
+        self.len = keep;
+        keep
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self

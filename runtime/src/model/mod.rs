@@ -31,8 +31,10 @@ pub trait KvState: Send {
         self.len() == 0
     }
     fn capacity(&self) -> usize;
-    /// Forget every position from `len` on (e.g. to reuse a common chat prefix).
-    fn truncate(&mut self, len: usize);
+    /// Forget every position from `len` on (e.g. to reuse a common chat prefix);
+    /// returns how many positions remain, which is less than `len` when a
+    /// sliding-window layer has already dropped some of them.
+    fn truncate(&mut self, len: usize) -> usize;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 

@@ -27,12 +27,13 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
     let group = p.n_heads / p.n_kv_heads;
     let width = kv.width;
     let n_ctx = kv.len;
-    let first_visible = p.window.map_or(0, |w| (pos0 + 1).saturating_sub(w));
+    // Never before what the cache still holds (a window only drops what is invisible).
+    let first_visible = p.window.map_or(0, |w| (pos0 + 1).saturating_sub(w)).max(kv.start);
     if let (1, KvData::F16(k), KvData::F16(v)) = (q.rows, &kv.k, &kv.v) {
-        return decode_f16(q, k, v, width, first_visible..n_ctx, p, isa);
+        return decode_f16(q, k, v, width, kv.start, first_visible..n_ctx, p, isa);
     }
     // The visible cache in f32, converted once per call rather than once per query.
-    let span = first_visible * width..n_ctx * width;
+    let span = (first_visible - kv.start) * width..(n_ctx - kv.start) * width;
     let keys = kv.k.to_f32(span.clone());
     let values = kv.v.to_f32(span);
     let base = first_visible;
@@ -75,6 +76,7 @@ fn decode_f16(
     k: &[f16],
     v: &[f16],
     width: usize,
+    start: usize,
     span: std::ops::Range<usize>,
     p: &AttnParams,
     isa: Isa,
@@ -88,7 +90,8 @@ fn decode_f16(
         let mut row = vec![0f32; hd];
         let mut scores = vec![0f32; group * span.len()];
         for (i, j) in span.clone().enumerate() {
-            k[j * width + g * hd..j * width + (g + 1) * hd].convert_to_f32_slice(&mut row);
+            let at = (j - start) * width + g * hd;
+            k[at..at + hd].convert_to_f32_slice(&mut row);
             for h in 0..group {
                 scores[h * span.len() + i] = kernels::dot_f32(isa, &qs[h * hd..(h + 1) * hd], &row) * p.scale;
             }
@@ -104,7 +107,8 @@ fn decode_f16(
             s.iter_mut().for_each(|x| *x = round_f16(*x * inv));
         }
         for (i, j) in span.clone().enumerate() {
-            v[j * width + g * hd..j * width + (g + 1) * hd].convert_to_f32_slice(&mut row);
+            let at = (j - start) * width + g * hd;
+            v[at..at + hd].convert_to_f32_slice(&mut row);
             for h in 0..group {
                 kernels::axpy(isa, &mut o[h * hd..(h + 1) * hd], scores[h * span.len() + i], &row);
             }

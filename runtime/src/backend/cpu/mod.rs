@@ -59,6 +59,14 @@ impl KvData {
         }
     }
 
+    /// Drop the first `n` values.
+    fn drop_front(&mut self, n: usize) {
+        match self {
+            KvData::F16(v) => drop(v.drain(..n)),
+            KvData::F32(v) => drop(v.drain(..n)),
+        }
+    }
+
     /// Values `range` as f32.
     fn to_f32(&self, range: std::ops::Range<usize>) -> Vec<f32> {
         match self {
@@ -73,21 +81,55 @@ impl KvData {
     }
 }
 
-/// A layer's cache as `[position][kv_heads * head_dim]`, grown as positions arrive so
-/// that a short chat does not pay for the whole context.
+/// A layer's cache as `[position][kv_heads * head_dim]` for positions `start..len`,
+/// grown as positions arrive so that a short chat does not pay for the whole context. A
+/// sliding-window layer drops the positions no later query can see, so its memory stays
+/// bounded by about twice the window however long the sequence grows.
 pub struct CpuKv {
     k: KvData,
     v: KvData,
+    /// First position still held (0 unless a sliding window dropped older ones).
+    start: usize,
     len: usize,
     capacity: usize,
     width: usize,
 }
 
+impl CpuKv {
+    /// After positions up to `len` are cached, forget those a window of `w` hides from
+    /// every later query; in batches of at least a window, so the shift is amortised.
+    fn slide(&mut self, w: usize) {
+        let invisible = (self.len + 1).saturating_sub(w);
+        if invisible >= self.start + w {
+            let n = (invisible - self.start) * self.width;
+            self.k.drop_front(n);
+            self.v.drop_front(n);
+            self.start = invisible;
+        }
+    }
+}
+
 impl KvLayer for CpuKv {
-    fn truncate(&mut self, len: usize) {
+    fn truncate(&mut self, len: usize) -> usize {
+        if len < self.start {
+            // Positions before `start` are gone: nothing earlier can be kept.
+            self.k.truncate(0);
+            self.v.truncate(0);
+            (self.start, self.len) = (0, 0);
+            return 0;
+        }
         self.len = self.len.min(len);
-        self.k.truncate(self.len * self.width);
-        self.v.truncate(self.len * self.width);
+        self.k.truncate((self.len - self.start) * self.width);
+        self.v.truncate((self.len - self.start) * self.width);
+        self.len
+    }
+
+    fn keepable(&self, len: usize) -> usize {
+        if len < self.start {
+            0
+        } else {
+            len.min(self.len)
+        }
     }
 }
 
@@ -246,7 +288,7 @@ impl Backend for CpuBackend {
 
     fn kv_new(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<CpuKv> {
         let data = || if self.isa.is_some() { KvData::F16(Vec::new()) } else { KvData::F32(Vec::new()) };
-        Ok(CpuKv { k: data(), v: data(), len: 0, capacity, width: n_kv_heads * head_dim })
+        Ok(CpuKv { k: data(), v: data(), start: 0, len: 0, capacity, width: n_kv_heads * head_dim })
     }
 
     fn attention(
@@ -271,6 +313,9 @@ impl Backend for CpuBackend {
         kv.v.push(&v.data);
         kv.len += q.rows;
         let out = self.pool.install(|| attention::attention(q, kv, pos0, &p, self.isa));
+        if let Some(w) = p.window {
+            kv.slide(w);
+        }
         Ok(out)
     }
 }
