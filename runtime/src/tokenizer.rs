@@ -7,15 +7,19 @@
 //! * this module owns what all vocabularies share: token types, the bytes each token
 //!   stands for ("pieces"), special-token splitting, BOS/EOS/end-of-generation ids and
 //!   streaming detokenization;
-//! * [`Model`] owns the part that differs per `tokenizer.ggml.model`. Today that is GPT-2
-//!   style byte-level BPE (`"gpt2"`), run by the `tokenizers` crate; SentencePiece
-//!   (`"llama"`) is meant to become a second variant.
+//! * [`Model`] owns the part that differs per `tokenizer.ggml.model`: GPT-2 style
+//!   byte-level BPE (`"gpt2"`, SmolLM2), run by the `tokenizers` crate, and
+//!   SentencePiece-style BPE over characters with byte fallback (`"llama"`, Gemma 3),
+//!   written here after llama.cpp's `llm_tokenizer_spm` because `tokenizers` merges by
+//!   rank, not by score, and would give other ids.
 //!
 //! Special tokens are split out of the text here rather than registered as added tokens
 //! in `tokenizers`, because llama.cpp decides per call (`parse_special`) whether control
 //! tokens written in the text count as tokens, and `tokenizers` only has a per-instance
 //! switch for that.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::fmt;
 use std::sync::OnceLock;
 
@@ -53,7 +57,11 @@ impl fmt::Display for TokenizerError {
                 write!(f, "tokenizer metadata `{key}` is invalid: {reason}")
             }
             Self::UnsupportedModel(m) => {
-                write!(f, "tokenizer model `{}` is not supported (supported: `gpt2` byte-level BPE)", one_line(m, 64))
+                write!(
+                    f,
+                    "tokenizer model `{}` is not supported (supported: `gpt2` byte-level BPE, `llama` SentencePiece)",
+                    one_line(m, 64)
+                )
             }
             Self::UnsupportedPreTokenizer(p) => {
                 write!(f, "byte-level BPE pre-tokenizer `{}` is not supported", one_line(p, 64))
@@ -127,6 +135,8 @@ impl TokenType {
 enum Model {
     /// GPT-2 style byte-level BPE (`tokenizer.ggml.model = "gpt2"`).
     Bpe(Box<tokenizers::Tokenizer>),
+    /// SentencePiece-style BPE (`tokenizer.ggml.model = "llama"`).
+    Spm(Box<Spm>),
 }
 
 impl Model {
@@ -138,39 +148,351 @@ impl Model {
                 out.extend_from_slice(enc.get_ids());
                 Ok(())
             }
+            Model::Spm(spm) => spm.encode(text, out),
         }
     }
 }
 
+/// Every token's text → id, as one text buffer and an open-addressing table of ids:
+/// a 262k vocabulary builds in a few milliseconds, without one allocation per token.
+struct PieceIndex {
+    text: String,
+    /// Token `i` is `text[ends[i-1]..ends[i]]`.
+    ends: Vec<u32>,
+    /// Id + 1 of the token whose text hashes near here; 0 is empty. At most half full.
+    slots: Vec<u32>,
+}
+
+impl PieceIndex {
+    /// Later duplicates win, as in llama.cpp's map; empty texts are never looked up.
+    fn new(tokens: &[&str]) -> Result<PieceIndex> {
+        let mut text = String::with_capacity(tokens.iter().map(|t| t.len()).sum());
+        let mut ends = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            text.push_str(t);
+            ends.push(u32::try_from(text.len()).map_err(|_| TokenizerError::BadMetadata {
+                key: "tokenizer.ggml.tokens",
+                reason: "vocabulary text exceeds 4 GiB".into(),
+            })?);
+        }
+        let size = (tokens.len() * 2).next_power_of_two().max(2);
+        let mut index = PieceIndex { text, ends, slots: vec![0; size] };
+        for (id, t) in tokens.iter().enumerate() {
+            if t.is_empty() {
+                continue;
+            }
+            let slot = index.find(t);
+            index.slots[slot] = id as u32 + 1;
+        }
+        Ok(index)
+    }
+
+    fn text(&self, id: u32) -> &str {
+        let i = id as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    /// The slot holding `key`, or the empty slot where it would go.
+    fn find(&self, key: &str) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = fx_hash(key.as_bytes()) as usize & mask;
+        loop {
+            let s = self.slots[i];
+            if s == 0 || self.text(s - 1) == key {
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<u32> {
+        self.slots[self.find(key)].checked_sub(1)
+    }
+}
+
+/// FxHash (rustc's), finished with a multiply and fold so that the low bits the table
+/// uses depend on every input byte. The keys are the model's own pieces, so there is no
+/// flooding to defend against.
+fn fx_hash(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+    let mut h = 0u64;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+    for &b in chunks.remainder() {
+        h = (h.rotate_left(5) ^ b as u64).wrapping_mul(K);
+    }
+    let h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^ (h >> 32)
+}
+
+/// SentencePiece's stand-in for a space (U+2581), which its pieces are written with.
+const SPM_SPACE: char = '\u{2581}';
+
+/// SentencePiece-style BPE as llama.cpp's `llm_tokenizer_spm` runs it: the text (spaces
+/// written as `▁`) starts as one symbol per character; the adjacent pair whose
+/// concatenation is a piece with the highest score merges, again and again; each final
+/// symbol is its piece, or, when the vocabulary lacks it, one byte token per byte.
+struct Spm {
+    /// Every token's text → id, whatever its type (llama.cpp merges into control pieces
+    /// too); later duplicates win, as in llama.cpp's map.
+    ids: PieceIndex,
+    /// `tokenizer.ggml.scores`, with -0.0 made 0.0 so that `total_cmp` orders them as
+    /// llama.cpp's `<` does.
+    scores: Vec<f32>,
+    /// The token each byte falls back to: `<0xXX>`, else the byte as a one-char piece,
+    /// else the unknown token.
+    byte_ids: [Option<u32>; 256],
+    /// Whether each raw-text fragment gets a leading `▁` (`tokenizer.ggml.add_space_prefix`).
+    add_space_prefix: bool,
+}
+
+/// A candidate merge of two adjacent symbols, ordered as llama.cpp's queue pops them:
+/// highest score first, then leftmost.
+struct Bigram {
+    score: f32,
+    left: u32,
+    right: u32,
+    /// Byte length of the merged text; a mismatch when popped means a side has changed.
+    len: u32,
+}
+
+impl Ord for Bigram {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Bigram {}
+
+/// A run of the escaped text; symbols form a linked list in text order.
+#[derive(Clone, Copy)]
+struct Symbol {
+    start: u32,
+    /// Byte length; 0 once merged into its left neighbour.
+    len: u32,
+    prev: u32,
+    next: u32,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl Spm {
+    fn new(gguf: &Gguf, tokens: &[&str], unk: Option<u32>) -> Result<Spm> {
+        let n = tokens.len();
+        const SCORES: &str = "tokenizer.ggml.scores";
+        // llama.cpp scores every token 0 when the key is absent.
+        let scores = match meta_array(gguf, SCORES)? {
+            None => vec![0.0; n],
+            Some(a) if a.len() == n => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v.as_f64() {
+                    Some(x) if !x.is_nan() => Ok(x as f32 + 0.0),
+                    _ => Err(TokenizerError::BadMetadata { key: SCORES, reason: format!("score {i} is not a number") }),
+                })
+                .collect::<Result<Vec<f32>>>()?,
+            Some(a) => {
+                return Err(TokenizerError::BadMetadata {
+                    key: SCORES,
+                    reason: format!("{} entries for {n} tokens", a.len()),
+                })
+            }
+        };
+        let ids = PieceIndex::new(tokens)?;
+        let mut byte_ids = [None; 256];
+        for (b, slot) in byte_ids.iter_mut().enumerate() {
+            let one = (b < 0x80).then(|| char::from(b as u8).to_string());
+            *slot = ids.get(&format!("<0x{b:02X}>")).or_else(|| one.and_then(|c| ids.get(&c))).or(unk);
+        }
+        let add_space_prefix = gguf.get("tokenizer.ggml.add_space_prefix").and_then(MetaValue::as_bool).unwrap_or(true);
+        Ok(Spm { ids, scores, byte_ids, add_space_prefix })
+    }
+
+    fn encode(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        let mut escaped = String::with_capacity(text.len() + text.len() / 2 + 3);
+        if self.add_space_prefix {
+            escaped.push(SPM_SPACE);
+        }
+        escaped.extend(text.chars().map(|c| if c == ' ' { SPM_SPACE } else { c }));
+        if escaped.is_empty() {
+            return Ok(());
+        }
+        if escaped.len() >= NONE as usize {
+            return Err(TokenizerError::Backend("text fragment exceeds 4 GiB".into()));
+        }
+
+        let mut symbols: Vec<Symbol> = Vec::with_capacity(escaped.len());
+        for (start, c) in escaped.char_indices() {
+            let i = symbols.len() as u32;
+            let end = start + c.len_utf8();
+            symbols.push(Symbol {
+                start: start as u32,
+                len: c.len_utf8() as u32,
+                prev: if i == 0 { NONE } else { i - 1 },
+                next: if end == escaped.len() { NONE } else { i + 1 },
+            });
+        }
+        let mut queue = BinaryHeap::with_capacity(symbols.len());
+        let try_add = |queue: &mut BinaryHeap<Bigram>, symbols: &[Symbol], left: u32, right: u32| {
+            if left == NONE || right == NONE {
+                return;
+            }
+            let (l, r) = (symbols[left as usize], symbols[right as usize]);
+            let len = l.len + r.len;
+            let piece = &escaped[l.start as usize..(l.start + len) as usize];
+            if let Some(id) = self.ids.get(piece) {
+                queue.push(Bigram { score: self.scores[id as usize], left, right, len });
+            }
+        };
+        for i in 1..symbols.len() as u32 {
+            try_add(&mut queue, &symbols, i - 1, i);
+        }
+        while let Some(b) = queue.pop() {
+            let (l, r) = (symbols[b.left as usize], symbols[b.right as usize]);
+            if l.len == 0 || r.len == 0 || l.len + r.len != b.len {
+                continue;
+            }
+            symbols[b.left as usize].len = b.len;
+            symbols[b.left as usize].next = r.next;
+            symbols[b.right as usize].len = 0;
+            if r.next != NONE {
+                symbols[r.next as usize].prev = b.left;
+            }
+            try_add(&mut queue, &symbols, l.prev, b.left);
+            try_add(&mut queue, &symbols, b.left, r.next);
+        }
+
+        let mut i = 0;
+        while i != NONE {
+            let s = symbols[i as usize];
+            let piece = &escaped[s.start as usize..(s.start + s.len) as usize];
+            match self.ids.get(piece) {
+                Some(id) => out.push(id),
+                None => {
+                    for &byte in piece.as_bytes() {
+                        out.push(self.byte_ids[byte as usize].ok_or_else(|| TokenizerError::BadMetadata {
+                            key: "tokenizer.ggml.tokens",
+                            reason: format!("no token for byte 0x{byte:02X} (no <0x{byte:02X}> and no unknown token)"),
+                        })?);
+                    }
+                }
+            }
+            i = s.next;
+        }
+        Ok(())
+    }
+}
+
+/// The bytes a SentencePiece token stands for: `▁` is a space, `<0xXX>` byte tokens are
+/// their byte. User-defined pieces are written as plain text (Gemma's runs of spaces),
+/// so only normal ones are unescaped, as in llama.cpp.
+fn spm_piece(i: usize, token: &str, ty: TokenType, out: &mut Vec<u8>) -> Result<()> {
+    match ty {
+        TokenType::Control | TokenType::Unknown | TokenType::UserDefined => out.extend_from_slice(token.as_bytes()),
+        TokenType::Unused => {}
+        TokenType::Byte => {
+            let byte = token
+                .strip_prefix("<0x")
+                .and_then(|h| h.strip_suffix('>'))
+                .filter(|h| h.len() == 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| TokenizerError::BadMetadata {
+                    key: "tokenizer.ggml.tokens",
+                    reason: format!("byte token {i} is {:?}, not <0xXX>", one_line(token, 32)),
+                })?;
+            out.push(byte);
+        }
+        TokenType::Normal | TokenType::Undefined => {
+            let mut parts = token.split(SPM_SPACE);
+            out.extend_from_slice(parts.next().unwrap_or_default().as_bytes());
+            for part in parts {
+                out.push(b' ');
+                out.extend_from_slice(part.as_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Special tokens (control, unknown and user-defined) found in text by leftmost-longest
-/// matching, as `tokenizers` does and as llama.cpp does in every practical case.
+/// matching, as `tokenizers` does and as llama.cpp does in every practical case. A byte
+/// trie, because Gemma has 6,400 of them (most starting with `<`) and runs of spaces,
+/// and every byte of the text is a possible start.
 struct SpecialMatcher {
-    /// (text, id, matched even when `parse_special` is false)
-    tokens: Vec<(String, u32, bool)>,
-    /// For each first byte, indices into `tokens`, longest text first.
-    by_first_byte: Vec<Vec<u32>>,
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Default)]
+struct TrieNode {
+    /// (byte, child index), sorted by byte.
+    children: Vec<(u8, u32)>,
+    /// The first token with exactly this text, and the first user-defined one (matched
+    /// even when `parse_special` is false).
+    any: Option<u32>,
+    always: Option<u32>,
 }
 
 impl SpecialMatcher {
-    fn new(mut tokens: Vec<(String, u32, bool)>) -> SpecialMatcher {
-        tokens.retain(|(t, _, _)| !t.is_empty());
-        let mut by_first_byte = vec![Vec::new(); 256];
-        for (i, (t, _, _)) in tokens.iter().enumerate() {
-            by_first_byte[t.as_bytes()[0] as usize].push(i as u32);
+    /// `tokens`: (text, id, matched even when `parse_special` is false), in id order.
+    fn new(tokens: Vec<(&str, u32, bool)>) -> SpecialMatcher {
+        let mut nodes = vec![TrieNode::default()];
+        for (text, id, always) in tokens {
+            if text.is_empty() {
+                continue;
+            }
+            let mut at = 0usize;
+            for &b in text.as_bytes() {
+                at = match nodes[at].children.binary_search_by_key(&b, |c| c.0) {
+                    Ok(k) => nodes[at].children[k].1 as usize,
+                    Err(k) => {
+                        let child = nodes.len();
+                        nodes.push(TrieNode::default());
+                        nodes[at].children.insert(k, (b, child as u32));
+                        child
+                    }
+                };
+            }
+            let node = &mut nodes[at];
+            node.any.get_or_insert(id);
+            if always {
+                node.always.get_or_insert(id);
+            }
         }
-        for list in &mut by_first_byte {
-            list.sort_by_key(|&i| std::cmp::Reverse(tokens[i as usize].0.len()));
-        }
-        SpecialMatcher { tokens, by_first_byte }
+        SpecialMatcher { nodes }
     }
 
     /// The special token starting at byte `pos`, if any: (length in bytes, id).
     fn match_at(&self, text: &[u8], pos: usize, parse_special: bool) -> Option<(usize, u32)> {
-        let rest = &text[pos..];
-        self.by_first_byte[rest[0] as usize].iter().find_map(|&i| {
-            let (t, id, always) = &self.tokens[i as usize];
-            ((*always || parse_special) && rest.starts_with(t.as_bytes())).then_some((t.len(), *id))
-        })
+        let mut best = None;
+        let mut at = 0usize;
+        for (k, b) in text[pos..].iter().enumerate() {
+            let children = &self.nodes[at].children;
+            let Ok(c) = children.binary_search_by_key(b, |c| c.0) else {
+                break;
+            };
+            at = children[c].1 as usize;
+            let node = &self.nodes[at];
+            if let Some(id) = if parse_special { node.any } else { node.always } {
+                best = Some((k + 1, id));
+            }
+        }
+        best
     }
 }
 
@@ -188,6 +510,7 @@ pub struct Tokenizer {
     bos: Option<u32>,
     eos: Option<u32>,
     eot: Option<u32>,
+    unk: Option<u32>,
     eog: Vec<u32>,
     add_bos: bool,
     add_eos: bool,
@@ -380,6 +703,7 @@ impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.model {
             Model::Bpe(_) => "byte-level BPE",
+            Model::Spm(_) => "SentencePiece",
         };
         f.debug_struct("Tokenizer")
             .field("model", &kind)
@@ -396,13 +720,15 @@ impl Tokenizer {
     /// Build the tokenizer a GGUF file describes.
     pub fn from_gguf(gguf: &Gguf) -> Result<Tokenizer> {
         let kind = gguf.get_str("tokenizer.ggml.model").ok_or(TokenizerError::MissingKey("tokenizer.ggml.model"))?;
-        if kind != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(kind.to_string()));
-        }
+        let spm = match kind {
+            "gpt2" => false,
+            "llama" => true,
+            other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
+        };
         let tokens =
             meta_strings(gguf, "tokenizer.ggml.tokens")?.ok_or(TokenizerError::MissingKey("tokenizer.ggml.tokens"))?;
         let n = tokens.len();
-        if n == 0 || n > u32::MAX as usize {
+        if n == 0 || n >= u32::MAX as usize {
             return Err(TokenizerError::BadMetadata { key: "tokenizer.ggml.tokens", reason: format!("{n} tokens") });
         }
         let mut types = match meta_array(gguf, "tokenizer.ggml.token_type")? {
@@ -416,14 +742,25 @@ impl Tokenizer {
             }
         };
 
-        let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or_else(|| {
-            log::warn!("GGUF names no pre-tokenizer (tokenizer.ggml.pre); using llama.cpp's default");
-            "default"
-        });
-        let model = build_bpe(gguf, &tokens, pre)?;
+        // SentencePiece vocabularies have llama.cpp defaults for ids and BOS that a
+        // converter may leave out: <unk> 0, <s> 1, </s> 2, BOS added.
+        let id_or = |key: &str, spm_default: u32| match gguf.get(key) {
+            Some(_) => meta_id(gguf, key, n),
+            None => (spm && (spm_default as usize) < n).then_some(spm_default),
+        };
+        let bos = id_or("tokenizer.ggml.bos_token_id", 1);
+        let eos = id_or("tokenizer.ggml.eos_token_id", 2);
+        let unk = id_or("tokenizer.ggml.unknown_token_id", 0);
+        let model = if spm {
+            Model::Spm(Box::new(Spm::new(gguf, &tokens, unk)?))
+        } else {
+            let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or_else(|| {
+                log::warn!("GGUF names no pre-tokenizer (tokenizer.ggml.pre); using llama.cpp's default");
+                "default"
+            });
+            build_bpe(gguf, &tokens, pre)?
+        };
 
-        let bos = meta_id(gguf, "tokenizer.ggml.bos_token_id", n);
-        let eos = meta_id(gguf, "tokenizer.ggml.eos_token_id", n);
         let eom = meta_id(gguf, "tokenizer.ggml.eom_token_id", n);
         let mut eot = meta_id(gguf, "tokenizer.ggml.eot_token_id", n);
         if eot.is_none() {
@@ -455,14 +792,20 @@ impl Tokenizer {
         let mut pieces = Vec::with_capacity(tokens.iter().map(|t| t.len()).sum());
         let mut piece_ends = Vec::with_capacity(n);
         let mut specials = Vec::new();
-        for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
-            match ty {
-                TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
-                    pieces.extend_from_slice(t.as_bytes());
-                    specials.push((t.to_string(), i as u32, *ty == TokenType::UserDefined));
+        for (i, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
+            if matches!(ty, TokenType::Control | TokenType::Unknown | TokenType::UserDefined) {
+                specials.push((*t, i as u32, ty == TokenType::UserDefined));
+            }
+            if spm {
+                spm_piece(i, t, ty, &mut pieces)?;
+            } else {
+                match ty {
+                    TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
+                        pieces.extend_from_slice(t.as_bytes())
+                    }
+                    TokenType::Unused => {}
+                    _ => byte_level_decode(t, &mut pieces),
                 }
-                TokenType::Unused => {}
-                _ => byte_level_decode(t, &mut pieces),
             }
             piece_ends.push(u32::try_from(pieces.len()).map_err(|_| TokenizerError::BadMetadata {
                 key: "tokenizer.ggml.tokens",
@@ -480,8 +823,9 @@ impl Tokenizer {
             bos,
             eos,
             eot,
+            unk,
             eog,
-            add_bos: flag("tokenizer.ggml.add_bos_token", false) && bos.is_some(),
+            add_bos: flag("tokenizer.ggml.add_bos_token", spm) && bos.is_some(),
             add_eos: flag("tokenizer.ggml.add_eos_token", false) && eos.is_some(),
         })
     }
@@ -537,9 +881,10 @@ impl Tokenizer {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// The raw bytes a token stands for (byte-level decoded). A token may hold part of a
-    /// UTF-8 character; see [`StreamDecoder`] for joining them. Special tokens give
-    /// their text, unused tokens nothing.
+    /// The raw bytes a token stands for (byte-level decoded for BPE; `▁` as a space and
+    /// `<0xXX>` as its byte for SentencePiece). A token may hold part of a UTF-8
+    /// character; see [`StreamDecoder`] for joining them. Special tokens give their text,
+    /// unused tokens nothing.
     pub fn token_to_piece(&self, id: u32) -> Result<&[u8]> {
         let i = self.check(id)?;
         let start = if i == 0 { 0 } else { self.piece_ends[i - 1] as usize };
@@ -589,6 +934,21 @@ impl Tokenizer {
         self.eos
     }
 
+    /// The unknown token (`tokenizer.ggml.unknown_token_id`; `<unk>` is 0 by default in
+    /// SentencePiece vocabularies). SentencePiece byte fallback uses it for a byte that
+    /// has no `<0xXX>` token.
+    pub fn unk_id(&self) -> Option<u32> {
+        self.unk
+    }
+
+    /// Whether each run of plain text (at the start and after every special token) is
+    /// encoded with a space in front (SentencePiece's `add_dummy_prefix`; false for
+    /// Gemma 3 and for byte-level BPE). [`decode`](Self::decode) keeps that space; strip
+    /// it if the original text is wanted back.
+    pub fn add_space_prefix(&self) -> bool {
+        matches!(&self.model, Model::Spm(s) if s.add_space_prefix)
+    }
+
     /// The end-of-turn token (`tokenizer.ggml.eot_token_id`, or a well-known text such as
     /// `<|im_end|>`).
     pub fn eot_id(&self) -> Option<u32> {
@@ -608,8 +968,8 @@ impl Tokenizer {
 }
 
 /// Turns ids produced one at a time into text, holding back bytes until they form whole
-/// UTF-8 characters: byte-level BPE often splits an emoji or a CJK character across
-/// tokens, and printing each half alone would show U+FFFD.
+/// UTF-8 characters: byte-level BPE and SentencePiece byte fallback often split an emoji
+/// or a CJK character across tokens, and printing each half alone would show U+FFFD.
 ///
 /// It does not borrow the [`Tokenizer`], so that it can live in a session next to one.
 #[derive(Debug, Default, Clone)]

@@ -139,3 +139,18 @@ fn greedy_continuations_match_llama_cpp() {
         assert!(equal >= firm, "{name}: greedy continuation departs at {equal}, before the first near-tie at {firm}");
     }
 }
+
+#[test]
+fn perplexity_matches_llama_cpp() {
+    let r = reference();
+    let p = &r["perplexity"][0];
+    let path = p["source"].as_str().unwrap().rsplit(", ").next().unwrap().to_string();
+    let text = std::fs::read_to_string(&path).expect("the reference text (Debian's base-files)");
+    let engine = cairn::engine::Engine::load(&model_path(), &Default::default()).expect("load gemma");
+    let (window, windows) = (p["window"].as_u64().unwrap() as usize, p["windows"].as_u64().unwrap() as usize);
+    let (all, half) = cairn::engine::perplexity(&engine, &text, window, Some(windows), |_, _, _| {}).unwrap();
+    let (ref_all, ref_half) = (p["ppl_all_positions"].as_f64().unwrap(), p["ppl_second_half"].as_f64().unwrap());
+    eprintln!("gemma perplexity {all:.4} vs {ref_all:.4}; second half {half:.4} vs {ref_half:.4}");
+    assert!((all / ref_all - 1.0).abs() < 0.02, "perplexity {all} vs llama.cpp {ref_all}");
+    assert!((half / ref_half - 1.0).abs() < 0.02, "second-half perplexity {half} vs llama.cpp {ref_half}");
+}

@@ -256,10 +256,10 @@ fn synthetic_pre_tokenizers() {
 
 #[test]
 fn unsupported_vocabularies_are_clear_errors() {
-    let bytes = tiny_gguf("llama", None);
+    let bytes = tiny_gguf("bert", None);
     let err = Tokenizer::from_gguf(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
-    assert_eq!(err, TokenizerError::UnsupportedModel("llama".into()));
-    assert!(err.to_string().contains("llama"));
+    assert_eq!(err, TokenizerError::UnsupportedModel("bert".into()));
+    assert!(err.to_string().contains("bert"));
 
     let err = tiny(Some("no-such-pre")).expect_err("must fail");
     assert_eq!(err, TokenizerError::UnsupportedPreTokenizer("no-such-pre".into()));

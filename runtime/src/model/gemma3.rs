@@ -60,7 +60,7 @@ impl<B: Backend> Gemma3<B> {
     }
 
     fn spec(&self, layer: usize) -> AttnSpec {
-        let global = (layer + 1) % GLOBAL_EVERY == 0;
+        let global = (layer + 1).is_multiple_of(GLOBAL_EVERY);
         AttnSpec {
             rope_base: if global { self.config.rope_base } else { LOCAL_ROPE_BASE },
             rope_style: RopeStyle::Halves,
