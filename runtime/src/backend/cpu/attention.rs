@@ -30,7 +30,7 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
     // Never before what the cache still holds (a window only drops what is invisible).
     let first_visible = p.window.map_or(0, |w| (pos0 + 1).saturating_sub(w)).max(kv.start);
     if let (1, KvData::F16(k), KvData::F16(v)) = (q.rows, &kv.k, &kv.v) {
-        return decode_f16(q, k, v, width, kv.start, first_visible..n_ctx, p, isa);
+        return decode_f16(q, kv, (k, v), first_visible..n_ctx, p, isa);
     }
     // The visible cache in f32, converted once per call rather than once per query.
     let span = (first_visible - kv.start) * width..(n_ctx - kv.start) * width;
@@ -73,14 +73,13 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
 /// every cached key and value is read and converted once per step.
 fn decode_f16(
     q: &CpuTensor,
-    k: &[f16],
-    v: &[f16],
-    width: usize,
-    start: usize,
+    kv: &CpuKv,
+    (k, v): (&[f16], &[f16]),
     span: std::ops::Range<usize>,
     p: &AttnParams,
     isa: Isa,
 ) -> CpuTensor {
+    let (width, start) = (kv.width, kv.start);
     use half::slice::HalfFloatSliceExt;
     let hd = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
