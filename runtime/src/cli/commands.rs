@@ -47,8 +47,12 @@ pub fn chat(
 ) -> Result<()> {
     let engine = load(m)?;
     let mut chat = Chat::new(&engine, m.ctx_size, system)?;
-    if let Err(why) = &engine.template {
-        eprintln!("note: this model has no chat template ({why}); it is probably a base model, so chat continues your text as raw completion");
+    match &engine.template {
+        Err(why) if why.contains("no chat template") => {
+            eprintln!("note: this model has no chat template (a base model): chat continues your text as raw completion")
+        }
+        Err(why) => eprintln!("note: the chat template is unusable ({why}): chat continues your text as raw completion"),
+        Ok(_) => {}
     }
     let mut sampler = Sampler::new(cfg);
     if let Some(p) = prompt {

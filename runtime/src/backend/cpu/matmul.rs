@@ -19,7 +19,8 @@ pub fn matmul(x: &CpuTensor, w: &CpuWeight, isa: Option<Isa>, threads: usize) ->
     assert_eq!(x.cols, h.cols(), "matmul: {} expects {} inputs, got {}", h.name, h.cols(), x.cols);
     match isa {
         Some(isa) if kernels::supports(h.ty) => matmul_q8(x, w, isa, threads),
-        _ => matmul_f32(x, h),
+        Some(isa) => matmul_f32(x, h, isa),
+        None => matmul_f32(x, h, Isa::Scalar),
     }
 }
 
@@ -97,11 +98,29 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> CpuTensor {
     CpuTensor { data: out, rows: cols, cols: rows }
 }
 
-fn matmul_f32(x: &CpuTensor, w: &HostTensor) -> CpuTensor {
+/// Weights dequantized row by row, f32 activations: the reference path (`Isa::Scalar`),
+/// and the fast path's fallback for types without integer kernels (the k-quants), where
+/// a dequantized row and a SIMD dot beat the fused scalar dot.
+fn matmul_f32(x: &CpuTensor, w: &HostTensor, isa: Isa) -> CpuTensor {
     let (n, k, m) = (x.rows, x.cols, w.rows());
     let rb = w.row_bytes();
     let bytes = w.bytes();
     let ty = w.ty;
+    if n == 1 && isa != Isa::Scalar {
+        let mut out = vec![0f32; m];
+        out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, o)| {
+            let mut row = vec![0f32; k];
+            for (i, o) in o.iter_mut().enumerate() {
+                let j = c * ROWS_PER_TASK + i;
+                // Lengths were checked at load: dequantizing cannot fail here.
+                *o = match cairn_formats::quant::dequantize(ty, &bytes[j * rb..(j + 1) * rb], &mut row) {
+                    Ok(()) => kernels::dot_f32(isa, &row, &x.data),
+                    Err(_) => f32::NAN,
+                };
+            }
+        });
+        return CpuTensor { data: out, rows: 1, cols: m };
+    }
     if n == 1 {
         let mut out = vec![0f32; m];
         out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, o)| {
@@ -124,7 +143,7 @@ fn matmul_f32(x: &CpuTensor, w: &HostTensor) -> CpuTensor {
                 continue;
             }
             for (t, o) in o.iter_mut().enumerate() {
-                *o = kernels::scalar_dot_f32(&row, &x.data[t * k..(t + 1) * k]);
+                *o = kernels::dot_f32(isa, &row, &x.data[t * k..(t + 1) * k]);
             }
         }
     });
