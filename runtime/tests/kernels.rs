@@ -12,7 +12,7 @@ fn random(rng: &mut SplitMix, n: usize, scale: f32) -> Vec<f32> {
 }
 
 fn weights(rng: &mut SplitMix, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let mut w = vec![0u8; rows * cols / QK * ty.type_size()];
+    let mut w = vec![0u8; rows * ty.row_bytes(cols as u64).unwrap() as usize];
     quant::quantize(ty, &random(rng, rows * cols, 0.5), &mut w).unwrap();
     w
 }
@@ -159,6 +159,51 @@ fn repacked_kernels_equal_scalar() {
                 kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
                 for i in 0..rows * n {
                     close(got[i], want[i], &format!("{} repacked {ty} {rows}x{n}x{cols} at {i}", isa.name()));
+                }
+            }
+        }
+    }
+}
+
+/// The k-quants (Q4_K: a scale and min per 32 values; Q6_K: a scale per 16) through the
+/// same kernels: the scalar reference against f32 math on the dequantized weights, and
+/// every SIMD version against the scalar reference.
+#[test]
+fn k_quant_kernels() {
+    let mut rng = SplitMix(7);
+    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        for (rows, n, cols) in [(1, 1, 256), (5, 3, 512), (8, 4, 1536), (13, 6, 256)] {
+            let w = weights(&mut rng, ty, rows, cols);
+            let rb = w.len() / rows;
+            let mut q = Q8Acts::default();
+            q.quantize(&random(&mut rng, n * cols, 2.0), n, cols);
+            let mut want = vec![0f32; rows * n];
+            kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
+            // Scalar reference = dequantized weights · dequantized activations.
+            let mut wf = vec![0f32; rows * cols];
+            quant::dequantize(ty, &w, &mut wf).unwrap();
+            for r in 0..rows {
+                for t in 0..n {
+                    let xh = |i: usize| q.qs[t * cols + i] as f64 * q.d[(t * cols + i) / QK] as f64;
+                    let exact: f64 = (0..cols).map(|i| wf[r * cols + i] as f64 * xh(i)).sum();
+                    let size: f64 = (0..cols).map(|i| (wf[r * cols + i] as f64 * xh(i)).abs()).sum();
+                    let got = want[t * rows + r] as f64;
+                    assert!(
+                        (got - exact).abs() < 1e-4 * size.max(1e-3),
+                        "{ty} scalar {rows}x{n}x{cols} ({r},{t}): {got} vs {exact}"
+                    );
+                }
+            }
+            for isa in Isa::available().into_iter().filter(|&i| kernels::supports(i, ty)) {
+                let mut got = vec![0f32; rows * n];
+                kernels::matmul(isa, ty, &w, rb, &q, &mut got);
+                for i in 0..rows * n {
+                    close(got[i], want[i], &format!("{} {ty} matmul {rows}x{n}x{cols} at {i}", isa.name()));
+                }
+                let mut one = vec![0f32; rows];
+                kernels::matvec(isa, ty, &w, rb, q.row(0), &mut one);
+                for r in 0..rows {
+                    close(one[r], want[r], &format!("{} {ty} matvec {rows}x{cols} row {r}", isa.name()));
                 }
             }
         }

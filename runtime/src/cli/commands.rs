@@ -49,9 +49,13 @@ pub fn chat(
     let mut chat = Chat::new(&engine, m.ctx_size, system)?;
     match &engine.template {
         Err(why) if why.contains("no chat template") => {
-            eprintln!("note: this model has no chat template (a base model): chat continues your text as raw completion")
+            eprintln!(
+                "note: this model has no chat template (a base model): chat continues your text as raw completion"
+            )
         }
-        Err(why) => eprintln!("note: the chat template is unusable ({why}): chat continues your text as raw completion"),
+        Err(why) => {
+            eprintln!("note: the chat template is unusable ({why}): chat continues your text as raw completion")
+        }
         Ok(_) => {}
     }
     let mut sampler = Sampler::new(cfg);

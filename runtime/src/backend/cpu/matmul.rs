@@ -18,7 +18,7 @@ pub fn matmul(x: &CpuTensor, w: &CpuWeight, isa: Option<Isa>, threads: usize) ->
     let h = &w.host;
     assert_eq!(x.cols, h.cols(), "matmul: {} expects {} inputs, got {}", h.name, h.cols(), x.cols);
     match isa {
-        Some(isa) if kernels::supports(h.ty) => matmul_q8(x, w, isa, threads),
+        Some(isa) if kernels::supports(isa, h.ty) => matmul_q8(x, w, isa, threads),
         Some(isa) => matmul_f32(x, h, isa),
         None => matmul_f32(x, h, Isa::Scalar),
     }
@@ -45,8 +45,8 @@ fn decode_chunk(rows: usize, threads: usize) -> usize {
 /// Decode steps (one row) of several weights sharing one quantized input in a single
 /// parallel region; anything else falls back to one matmul per weight.
 pub fn matmul_many(x: &CpuTensor, ws: &[&CpuWeight], isa: Option<Isa>, threads: usize) -> Vec<CpuTensor> {
-    let fused =
-        x.rows == 1 && isa.is_some() && ws.iter().all(|w| kernels::supports(w.host.ty) && w.host.cols() == x.cols);
+    let fused = x.rows == 1
+        && isa.is_some_and(|isa| ws.iter().all(|w| kernels::supports(isa, w.host.ty) && w.host.cols() == x.cols));
     let Some(isa) = isa.filter(|_| fused) else {
         return ws.iter().map(|w| matmul(x, w, isa, threads)).collect();
     };

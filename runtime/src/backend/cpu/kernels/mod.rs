@@ -82,9 +82,13 @@ impl Isa {
     }
 }
 
-/// Whether `ty` has integer kernels (otherwise the backend uses f32 dequantization).
-pub fn supports(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
+/// Whether `ty` has integer kernels on `isa` (otherwise the backend dequantizes to f32).
+pub fn supports(isa: Isa, ty: GgmlType) -> bool {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => true,
+        GgmlType::Q4K | GgmlType::Q6K => isa != Isa::NeonDot,
+        _ => false,
+    }
 }
 
 /// Rows of activations quantized to 8 bits the way ggml's `q8_1` does it on x86

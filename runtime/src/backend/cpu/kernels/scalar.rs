@@ -48,15 +48,65 @@ pub fn unpack(ty: GgmlType, b: &[u8]) -> ([u8; QK], f32, f32) {
     }
 }
 
+/// The k-quants' 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// The `b`-th run of 32 values of a row as signed integers, the scales of its two
+/// halves, and its offset: legacy blocks are one run each; a k-quant super-block of 256
+/// holds eight (Q4_K: a scale and min per run; Q6_K: a scale per 16 values).
+pub fn unpack32(ty: GgmlType, row: &[u8], b: usize) -> ([i16; QK], [f32; 2], f32) {
+    let mut w = [0i16; QK];
+    match ty {
+        GgmlType::Q4K => {
+            let sb = &row[(b / 8) * 144..(b / 8 + 1) * 144];
+            let j = b % 8;
+            let (sc, m) = scale_min_k4(j, &sb[4..16]);
+            let qs = &sb[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+            for i in 0..QK {
+                w[i] = if j % 2 == 0 { qs[i] & 0x0F } else { qs[i] >> 4 } as i16;
+            }
+            let d = f16_at(sb, 0) * sc as f32;
+            (w, [d, d], -f16_at(sb, 2) * m as f32)
+        }
+        GgmlType::Q6K => {
+            let sb = &row[(b / 8) * 210..(b / 8 + 1) * 210];
+            let (h, part) = ((b % 8) / 4, b % 4);
+            let ql = &sb[64 * h + 32 * (part & 1)..64 * h + 32 * (part & 1) + 32];
+            let qh = &sb[128 + 32 * h..128 + 32 * h + 32];
+            for i in 0..QK {
+                let lo = if part < 2 { ql[i] & 0x0F } else { ql[i] >> 4 };
+                let hi = (qh[i] >> (2 * part)) & 3;
+                w[i] = (lo | (hi << 4)) as i16 - 32;
+            }
+            let (d, sc) = (f16_at(sb, 208), &sb[192..208]);
+            let s = |k: usize| d * (sc[8 * h + 2 * part + k] as i8) as f32;
+            (w, [s(0), s(1)], 0.0)
+        }
+        _ => {
+            let bs = ty.type_size();
+            let (u, d, m) = unpack(ty, &row[b * bs..(b + 1) * bs]);
+            for i in 0..QK {
+                w[i] = u[i] as i16;
+            }
+            (w, [d, d], m)
+        }
+    }
+}
+
 pub fn dot(ty: GgmlType, w: &[u8], x: Q8Row<'_>) -> f32 {
-    let bs = ty.type_size();
     let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(bs).enumerate() {
-        let (u, d, m) = unpack(ty, blk);
+    for b in 0..x.qs.len() / QK {
+        let (w, d, m) = unpack32(ty, w, b);
         let xq = &x.qs[b * QK..(b + 1) * QK];
-        let s: i32 = u.iter().zip(xq).map(|(&u, &q)| u as i32 * q as i32).sum();
+        let half = |r: std::ops::Range<usize>| -> i32 { r.map(|i| w[i] as i32 * xq[i] as i32).sum() };
         let off = if super::has_min(ty) { x.s[b] } else { x.d[b] * x.sum[b] as f32 };
-        acc += d * x.d[b] * s as f32 + m * off;
+        acc += x.d[b] * (d[0] * half(0..16) as f32 + d[1] * half(16..32) as f32) + m * off;
     }
     acc
 }

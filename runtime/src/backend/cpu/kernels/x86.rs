@@ -52,6 +52,8 @@ const Q4_1: u8 = 1;
 const Q5_0: u8 = 2;
 const Q5_1: u8 = 3;
 const Q8_0: u8 = 4;
+const Q4K: u8 = 5;
+const Q6K: u8 = 6;
 
 #[inline(always)]
 unsafe fn f16x2(p: *const u8) -> (f32, f32) {
@@ -77,32 +79,65 @@ unsafe fn high_bits(qh: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// A block's 32 values as unsigned bytes (|w| for Q8_0, whose signs then move onto x),
-/// its scale and offset.
+/// The `b`-th run of 32 values of a row: the bytes to multiply (unsigned; signed for
+/// Q8_0 and Q6_K, whose signs then move onto x), the scale of each i32 lane (Q6_K has a
+/// scale per 16 values: lanes 0–3 hold the first 16, lanes 4–7 the rest), the offset.
 #[inline(always)]
-unsafe fn block<const T: u8>(p: *const u8) -> (__m256i, f32, f32) {
+unsafe fn block<const T: u8>(row: *const u8, b: usize) -> (__m256i, __m256, f32) {
+    let mask = _mm256_set1_epi8(0x0F);
     match T {
-        Q4_0 => {
-            let (d, _) = f16x2(p);
-            (nibbles(p.add(2)), d, -8.0 * d)
+        Q4K => {
+            let sb = row.add((b / 8) * 144);
+            let j = b % 8;
+            let (d, dmin) = f16x2(sb);
+            let scales = std::slice::from_raw_parts(sb.add(4), 12);
+            let (sc, m) = super::scalar::scale_min_k4(j, scales);
+            let qs = _mm256_loadu_si256(sb.add(16 + 32 * (j / 2)) as *const __m256i);
+            let u =
+                if j % 2 == 0 { _mm256_and_si256(qs, mask) } else { _mm256_and_si256(_mm256_srli_epi16(qs, 4), mask) };
+            (u, _mm256_set1_ps(d * sc as f32), -dmin * m as f32)
         }
-        Q4_1 => {
-            let (d, m) = f16x2(p);
-            (nibbles(p.add(4)), d, m)
-        }
-        Q5_0 => {
-            let (d, _) = f16x2(p);
-            let qh = (p.add(2) as *const u32).read_unaligned();
-            (_mm256_or_si256(nibbles(p.add(6)), high_bits(qh)), d, -16.0 * d)
-        }
-        Q5_1 => {
-            let (d, m) = f16x2(p);
-            let qh = (p.add(4) as *const u32).read_unaligned();
-            (_mm256_or_si256(nibbles(p.add(8)), high_bits(qh)), d, m)
+        Q6K => {
+            let sb = row.add((b / 8) * 210);
+            let (h, part) = ((b % 8) / 4, b % 4);
+            let ql = _mm256_loadu_si256(sb.add(64 * h + 32 * (part & 1)) as *const __m256i);
+            let qh = _mm256_loadu_si256(sb.add(128 + 32 * h) as *const __m256i);
+            let lo =
+                if part < 2 { _mm256_and_si256(ql, mask) } else { _mm256_and_si256(_mm256_srli_epi16(ql, 4), mask) };
+            let hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * part as i32)), _mm256_set1_epi8(3));
+            let w = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+            let d = f16x2(sb.add(206)).1;
+            let sc = sb.add(192 + 8 * h + 2 * part) as *const i8;
+            let (s0, s1) = (d * *sc as f32, d * *sc.add(1) as f32);
+            (w, _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1), 0.0)
         }
         _ => {
-            let (d, _) = f16x2(p);
-            (_mm256_loadu_si256(p.add(2) as *const __m256i), d, 0.0)
+            let p = row.add(b * type_size(T));
+            let (u, d, m) = match T {
+                Q4_0 => {
+                    let (d, _) = f16x2(p);
+                    (nibbles(p.add(2)), d, -8.0 * d)
+                }
+                Q4_1 => {
+                    let (d, m) = f16x2(p);
+                    (nibbles(p.add(4)), d, m)
+                }
+                Q5_0 => {
+                    let (d, _) = f16x2(p);
+                    let qh = (p.add(2) as *const u32).read_unaligned();
+                    (_mm256_or_si256(nibbles(p.add(6)), high_bits(qh)), d, -16.0 * d)
+                }
+                Q5_1 => {
+                    let (d, m) = f16x2(p);
+                    let qh = (p.add(4) as *const u32).read_unaligned();
+                    (_mm256_or_si256(nibbles(p.add(8)), high_bits(qh)), d, m)
+                }
+                _ => {
+                    let (d, _) = f16x2(p);
+                    (_mm256_loadu_si256(p.add(2) as *const __m256i), d, 0.0)
+                }
+            };
+            (u, _mm256_set1_ps(d), m)
         }
     }
 }
@@ -111,7 +146,7 @@ unsafe fn block<const T: u8>(p: *const u8) -> (__m256i, f32, f32) {
 /// trick (|w| · sign(x, w)) keeps `vpmaddubsw` in range.
 #[inline(always)]
 unsafe fn block_dot<D: Dot, const T: u8>(w: __m256i, x: __m256i) -> __m256i {
-    if T == Q8_0 {
+    if T == Q8_0 || T == Q6K {
         D::dot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
     } else {
         D::dot(w, x)
@@ -124,7 +159,17 @@ const fn type_size(t: u8) -> usize {
         Q4_1 => 20,
         Q5_0 => 22,
         Q5_1 => 24,
+        Q4K => 144,
+        Q6K => 210,
         _ => 34,
+    }
+}
+
+/// Runs of 32 values in a row of `row_bytes`.
+const fn runs(t: u8, row_bytes: usize) -> usize {
+    match t {
+        Q4K | Q6K => row_bytes / type_size(t) * 8,
+        _ => row_bytes / type_size(t),
     }
 }
 
@@ -151,7 +196,8 @@ unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
     out: *mut f32,
     ld: usize,
 ) {
-    let bs = type_size(T);
+    // Bytes per run of 32 values (fractional for the k-quants; only for prefetching).
+    let bs = row_bytes / nb.max(1);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut off = [[0f32; C]; R];
     for b in 0..nb {
@@ -161,10 +207,10 @@ unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
         }
         // Unpack each row's block once for all C tokens.
         let mut u = [_mm256_setzero_si256(); R];
-        let mut d = [0f32; R];
+        let mut d = [_mm256_setzero_ps(); R];
         let mut m = [0f32; R];
         for r in 0..R {
-            (u[r], d[r], m[r]) = block::<T>(w.add(r * row_bytes + b * bs));
+            (u[r], d[r], m[r]) = block::<T>(w.add(r * row_bytes), b);
         }
         for c in 0..C {
             let xv = _mm256_loadu_si256(xs[c].qs.as_ptr().add(b * QK) as *const __m256i);
@@ -178,7 +224,7 @@ unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
             };
             for r in 0..R {
                 let p = _mm256_cvtepi32_ps(block_dot::<D, T>(u[r], xv));
-                acc[r][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[r] * dx), acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(p, _mm256_mul_ps(d[r], _mm256_set1_ps(dx)), acc[r][c]);
                 off[r][c] += m[r] * sx;
             }
         }
@@ -193,7 +239,7 @@ unsafe fn tile<D: Dot, const T: u8, const R: usize, const C: usize>(
 /// Rows × one activation row, four rows at a time.
 #[inline(always)]
 unsafe fn matvec_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]) {
-    let nb = row_bytes / type_size(T);
+    let nb = runs(T, row_bytes);
     let rows = out.len();
     let mut r = 0;
     while r + 4 <= rows {
@@ -210,7 +256,7 @@ unsafe fn matvec_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: Q8Row<
 /// `[tokens][rows]`.
 #[inline(always)]
 unsafe fn matmul_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]) {
-    let nb = row_bytes / type_size(T);
+    let nb = runs(T, row_bytes);
     let (rows, n) = (w.len() / row_bytes, x.rows);
     let o = out.as_mut_ptr();
     let mut r = 0;
@@ -375,6 +421,8 @@ macro_rules! entry {
                 GgmlType::Q5_0 => $body::<$dot, Q5_0>($($arg),*),
                 GgmlType::Q5_1 => $body::<$dot, Q5_1>($($arg),*),
                 GgmlType::Q8_0 => $body::<$dot, Q8_0>($($arg),*),
+                GgmlType::Q4K => $body::<$dot, Q4K>($($arg),*),
+                GgmlType::Q6K => $body::<$dot, Q6K>($($arg),*),
                 _ => unreachable!("no integer kernel for {ty}"),
             }
         }
@@ -389,8 +437,8 @@ entry!(packed_vnni, packed_body, Vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,
 entry!(matmul_vnni, matmul_body, Vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", (w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]));
 
 fn check(ty: GgmlType, w: &[u8], row_bytes: usize, cols: usize, rows_out: usize) {
-    assert!(super::supports(ty), "no integer kernel for {ty}");
-    assert_eq!(row_bytes, cols / QK * ty.type_size(), "row bytes do not match {cols} columns of {ty}");
+    assert!(super::supports(Isa::Avx2, ty), "no integer kernel for {ty}");
+    assert_eq!(Ok(row_bytes as u64), ty.row_bytes(cols as u64), "row bytes do not match {cols} columns of {ty}");
     assert!(w.len() >= rows_out * row_bytes, "weight slice too short");
 }
 
