@@ -69,7 +69,7 @@ pub fn unpack32(ty: GgmlType, row: &[u8], b: usize) -> ([i16; QK], [f32; 2], f32
             let (sc, m) = scale_min_k4(j, &sb[4..16]);
             let qs = &sb[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
             for i in 0..QK {
-                w[i] = if j % 2 == 0 { qs[i] & 0x0F } else { qs[i] >> 4 } as i16;
+                w[i] = if j.is_multiple_of(2) { qs[i] & 0x0F } else { qs[i] >> 4 } as i16;
             }
             let d = f16_at(sb, 0) * sc as f32;
             (w, [d, d], -f16_at(sb, 2) * m as f32)

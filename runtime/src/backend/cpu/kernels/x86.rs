@@ -93,8 +93,11 @@ unsafe fn block<const T: u8>(row: *const u8, b: usize) -> (__m256i, __m256, f32)
             let scales = std::slice::from_raw_parts(sb.add(4), 12);
             let (sc, m) = super::scalar::scale_min_k4(j, scales);
             let qs = _mm256_loadu_si256(sb.add(16 + 32 * (j / 2)) as *const __m256i);
-            let u =
-                if j % 2 == 0 { _mm256_and_si256(qs, mask) } else { _mm256_and_si256(_mm256_srli_epi16(qs, 4), mask) };
+            let u = if j.is_multiple_of(2) {
+                _mm256_and_si256(qs, mask)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16(qs, 4), mask)
+            };
             (u, _mm256_set1_ps(d * sc as f32), -dmin * m as f32)
         }
         Q6K => {
