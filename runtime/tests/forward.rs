@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::max_rel_diff;
+
 use cairn::backend::cpu::CpuBackend;
 use cairn::model::{self, Logits};
 use cairn::synthetic::{llama_gguf, SyntheticConfig};
@@ -125,12 +127,6 @@ impl Reference {
         }
         xs.iter().map(|x| Self::matvec(&self.output, &Self::norm(x, &self.out_norm, c.norm_eps))).collect()
     }
-}
-
-/// Largest |a - b| relative to the largest |b| of the row.
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
 }
 
 fn check(file: &ModelFile, ids: &[u32], tol: f32) {

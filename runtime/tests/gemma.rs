@@ -1,50 +1,30 @@
 //! Gemma-3-270M against llama.cpp's outputs (`tests/reference/gemma-3-270m-q4_k_m.json`).
 
-use std::path::PathBuf;
+mod common;
+
+use common::{gemma_path, gemma_reference, ids, top5};
+
 use std::sync::OnceLock;
 
 use cairn::backend::cpu::CpuBackend;
 use cairn::model::{self, Logits, Runner};
 use cairn::weights::ModelFile;
-use serde_json::Value;
 
 /// llama.cpp's top-1 must match where its lead over the top-2 exceeds this.
 const MARGIN: f64 = 0.3;
 /// Largest allowed difference of a top-5 logit.
 const LOGIT_TOL: f64 = 2.0;
 
-fn model_path() -> PathBuf {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| match cairn::pull::resolve_model(Some("gemma3-270m")) {
-        Ok(p) => p,
-        Err(e) => panic!("cannot get gemma3-270m: {e}"),
-    })
-    .clone()
-}
-
-fn reference() -> Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/gemma-3-270m-q4_k_m.json");
-    serde_json::from_str(&std::fs::read_to_string(p).expect("reference file")).expect("reference json")
-}
-
 fn runner(exact: bool) -> &'static dyn Runner {
     static FAST: OnceLock<Box<dyn Runner>> = OnceLock::new();
     static EXACT: OnceLock<Box<dyn Runner>> = OnceLock::new();
     let cell = if exact { &EXACT } else { &FAST };
     cell.get_or_init(|| {
-        let file = ModelFile::open(&model_path()).expect("open gemma");
+        let file = ModelFile::open(&gemma_path()).expect("open gemma");
         let be = if exact { CpuBackend::reference(0) } else { CpuBackend::new(0) }.expect("backend");
         model::load(&file, be).expect("load gemma")
     })
     .as_ref()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-fn top5(v: &Value) -> Vec<(u32, f64)> {
-    v.as_array().expect("top5").iter().map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap())).collect()
 }
 
 fn eval_all(r: &dyn Runner, seq: &[u32]) -> Vec<f32> {
@@ -56,7 +36,7 @@ fn check_logits(exact: bool) {
     let r = runner(exact);
     let vocab = r.config().vocab;
     let (mut diffs, mut agree, mut firm, mut flips) = (Vec::new(), 0, 0, Vec::new());
-    for s in reference()["sequences"].as_array().unwrap() {
+    for s in gemma_reference()["sequences"].as_array().unwrap() {
         let name = s["name"].as_str().unwrap();
         let mut seq = ids(&s["prompt_ids"]);
         seq.extend(ids(&s["greedy_ids"]));
@@ -113,7 +93,7 @@ fn fast_logits_match_llama_cpp() {
 #[test]
 fn greedy_continuations_match_llama_cpp() {
     let r = runner(false);
-    for s in reference()["sequences"].as_array().unwrap() {
+    for s in gemma_reference()["sequences"].as_array().unwrap() {
         let name = s["name"].as_str().unwrap();
         let prompt = ids(&s["prompt_ids"]);
         let want = ids(&s["greedy_ids"]);
@@ -142,11 +122,11 @@ fn greedy_continuations_match_llama_cpp() {
 
 #[test]
 fn perplexity_matches_llama_cpp() {
-    let r = reference();
+    let r = gemma_reference();
     let p = &r["perplexity"][0];
     let path = p["source"].as_str().unwrap().rsplit(", ").next().unwrap().to_string();
     let text = std::fs::read_to_string(&path).expect("the reference text (Debian's base-files)");
-    let engine = cairn::engine::Engine::load(&model_path(), &Default::default()).expect("load gemma");
+    let engine = cairn::engine::Engine::load(&gemma_path(), &Default::default()).expect("load gemma");
     let (window, windows) = (p["window"].as_u64().unwrap() as usize, p["windows"].as_u64().unwrap() as usize);
     let (all, half) = cairn::engine::perplexity(&engine, &text, window, Some(windows), |_, _, _| {}).unwrap();
     let (ref_all, ref_half) = (p["ppl_all_positions"].as_f64().unwrap(), p["ppl_second_half"].as_f64().unwrap());

@@ -2,6 +2,10 @@
 //! window, the CPU backend equals a plain f32 reference that masks keys older than the
 //! window, and differs from the same reference without the mask.
 
+mod common;
+
+use common::max_rel_diff;
+
 use cairn::backend::cpu::CpuBackend;
 use cairn::model::{self, Logits};
 use cairn::synthetic::{gemma3_gguf, SyntheticConfig};
@@ -128,11 +132,6 @@ impl Reference {
         let x = Self::norm(xs.last().unwrap(), self.w("output_norm.weight"), eps);
         Self::matvec(emb, &x)
     }
-}
-
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
 }
 
 #[test]

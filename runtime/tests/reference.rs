@@ -2,12 +2,13 @@
 
 mod common;
 
+use common::{ids, top5};
+
 use std::ops::ControlFlow;
 use std::sync::OnceLock;
 
 use cairn::engine::{perplexity, Engine, EngineOptions};
 use cairn::sampling::{Sampler, SamplerConfig};
-use serde_json::Value;
 
 /// Positions where llama.cpp's top-1 leads its top-2 by more than this must agree on
 /// the top-1 id (llama.cpp quantizes activations to 8 bits, so logits differ slightly).
@@ -27,19 +28,6 @@ fn exact_engine() -> &'static Engine {
     E.get_or_init(|| {
         Engine::load(&common::model_path(), &EngineOptions { exact: true, ..Default::default() }).expect("load")
     })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-/// llama.cpp's top-5 at one position: (id, logit) pairs, largest first.
-fn top5(v: &Value) -> Vec<(u32, f64)> {
-    v.as_array()
-        .expect("top5")
-        .iter()
-        .map(|p| (p[0].as_u64().expect("id") as u32, p[1].as_f64().expect("logit")))
-        .collect()
 }
 
 fn margin(t: &[(u32, f64)]) -> f64 {

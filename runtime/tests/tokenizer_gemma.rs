@@ -2,7 +2,10 @@
 //! on Gemma-3-270M, plus merges, byte fallback and malformed metadata on small synthetic
 //! vocabularies.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{gemma_path, gemma_reference};
+
 use std::sync::OnceLock;
 
 use cairn::tokenizer::{StreamDecoder, TokenType, Tokenizer, TokenizerError};
@@ -10,25 +13,10 @@ use cairn::weights::ModelFile;
 use cairn_formats::{Gguf, GgufBuilder, MetaValue};
 use serde_json::Value;
 
-/// Resolved once per test binary, so that parallel tests never race one download.
-fn model_path() -> PathBuf {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| match cairn::pull::resolve_model(Some("gemma3-270m")) {
-        Ok(p) => p,
-        Err(e) => panic!("cannot get gemma3-270m: {e}"),
-    })
-    .clone()
-}
-
-fn reference() -> Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/gemma-3-270m-q4_k_m.json");
-    serde_json::from_str(&std::fs::read_to_string(p).expect("reference file")).expect("reference json")
-}
-
 fn tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
-        let file = ModelFile::open(&model_path()).expect("open gemma");
+        let file = ModelFile::open(&gemma_path()).expect("open gemma");
         let gguf = file.gguf().expect("parse gguf");
         let t0 = std::time::Instant::now();
         let tok = Tokenizer::from_gguf(&gguf).expect("build tokenizer");
@@ -47,7 +35,7 @@ fn ids(v: &Value) -> Vec<u32> {
 #[test]
 fn reference_tokenize_cases() {
     let tok = tokenizer();
-    let reference = reference();
+    let reference = gemma_reference();
     let cases = reference["tokenize"].as_array().expect("tokenize cases");
     assert!(!cases.is_empty());
     for case in cases {
@@ -74,7 +62,7 @@ fn reference_tokenize_cases() {
 #[test]
 fn reference_prompt_ids_and_greedy_text() {
     let tok = tokenizer();
-    let reference = reference();
+    let reference = gemma_reference();
     let bos = tok.bos_id().expect("bos");
     for seq in reference["sequences"].as_array().expect("sequences") {
         let name = seq["name"].as_str().unwrap_or("?");
@@ -98,9 +86,9 @@ fn reference_prompt_ids_and_greedy_text() {
 }
 
 #[test]
-fn special_ids_match_reference() {
+fn special_ids_match_gemma_reference() {
     let tok = tokenizer();
-    let reference = reference();
+    let reference = gemma_reference();
     assert_eq!(tok.vocab_size(), 262_144);
     assert_eq!(tok.bos_id(), Some(2));
     assert_eq!(tok.eos_id(), reference["eos_id"].as_u64().map(|x| x as u32));
@@ -167,7 +155,7 @@ fn perplexity_text_token_count_matches() {
     // tokenized all of it (no BOS, no special parsing) into `n_tokens` tokens.
     use sha2::{Digest, Sha256};
     let tok = tokenizer();
-    let reference = reference();
+    let reference = gemma_reference();
     for case in reference["perplexity"].as_array().expect("perplexity") {
         let path = case["source"].as_str().and_then(|s| s.split(", ").nth(1)).expect("source path");
         let Ok(text) = std::fs::read(path) else {

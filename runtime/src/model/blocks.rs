@@ -6,7 +6,7 @@
 
 use std::any::Any;
 
-use super::{KvState, Logits, ModelConfig};
+use super::{KvState, Logits, ModelConfig, Runner};
 use crate::backend::{AttnParams, Backend, KvLayer, RopeStyle};
 use crate::error::{Error, Result};
 use crate::weights::ModelFile;
@@ -228,5 +228,64 @@ pub fn forward<B: Backend + 'static>(
             cache.truncate(pos0);
             Err(e)
         }
+    }
+}
+
+/// What distinguishes one architecture: its layers (loaded and run), and how it scales
+/// the embedding. Everything else a model needs is [`Transformer`]'s.
+pub trait Architecture<B: Backend>: Sized + Send + Sync {
+    fn load(l: &Loader<'_, B>, c: &ModelConfig) -> Result<Self>;
+    /// Multiplies the embedding rows (Gemma: √dim).
+    fn embed_scale(&self, _c: &ModelConfig) -> f32 {
+        1.0
+    }
+    /// Run every layer over `x` (rows at positions `pos0..`), appending to `cache`.
+    fn layers(&self, be: &B, c: &ModelConfig, x: &mut B::Tensor, cache: &mut Cache<B>, pos0: usize) -> Result<()>;
+}
+
+/// A decoder-only transformer: token embedding, an architecture's layers, final norm,
+/// output head (tied to the embedding unless the file has its own).
+pub struct Transformer<B: Backend, A> {
+    config: ModelConfig,
+    backend: B,
+    embed: B::Weight,
+    out_norm: B::Weight,
+    output: Option<B::Weight>,
+    arch: A,
+}
+
+impl<B: Backend, A: Architecture<B>> Transformer<B, A> {
+    pub fn load(file: &ModelFile, config: ModelConfig, backend: B) -> Result<Self> {
+        let l = Loader { file, backend: &backend };
+        let d = config.dim as u64;
+        let embed = l.weight("token_embd.weight", &[d, config.vocab as u64])?;
+        let arch = A::load(&l, &config)?;
+        let out_norm = l.weight("output_norm.weight", &[d])?;
+        let output = l.output(&config)?;
+        Ok(Transformer { config, backend, embed, out_norm, output, arch })
+    }
+}
+
+impl<B: Backend + 'static, A: Architecture<B>> Runner for Transformer<B, A> {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvState>> {
+        new_cache(&self.backend, &self.config, capacity)
+    }
+
+    fn forward(&self, cache: &mut dyn KvState, ids: &[u32], logits: Logits) -> Result<Vec<f32>> {
+        let (be, c) = (&self.backend, &self.config);
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        forward(be, c, &self.out_norm, head, cache, ids, logits, |cache, pos0| {
+            let mut x = be.embed(&self.embed, ids, self.arch.embed_scale(c))?;
+            self.arch.layers(be, c, &mut x, cache, pos0)?;
+            Ok(x)
+        })
     }
 }

@@ -61,8 +61,8 @@ pub fn load<B: Backend + 'static>(file: &ModelFile, backend: B) -> Result<Box<dy
         _ => ModelConfig::from_file(file)?,
     };
     match config.arch.as_str() {
-        "llama" => Ok(Box::new(llama::Llama::load(file, config, backend)?)),
-        "gemma3" => Ok(Box::new(gemma3::Gemma3::load(file, config, backend)?)),
+        "llama" => Ok(Box::new(llama::Llama::<B>::load(file, config, backend)?)),
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::<B>::load(file, config, backend)?)),
         other => Err(unsupported_arch(file, other)),
     }
 }

@@ -15,10 +15,46 @@ pub fn model_path() -> PathBuf {
     .clone()
 }
 
+/// Gemma-3-270M, fetched through the pull code like the default model.
+pub fn gemma_path() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| match cairn::pull::resolve_model(Some("gemma3-270m")) {
+        Ok(p) => p,
+        Err(e) => panic!("cannot get gemma3-270m: {e}"),
+    })
+    .clone()
+}
+
+/// llama.cpp's reference outputs for Gemma-3-270M.
+pub fn gemma_reference() -> serde_json::Value {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/gemma-3-270m-q4_k_m.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("reference file")).expect("reference json")
+}
+
 /// llama.cpp's reference outputs for the default model (a copy of
 /// `../shared/reference/`, see `tests/reference/README.md`).
 pub fn reference() -> serde_json::Value {
     let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/smollm2-135m-instruct-q4_1.json");
     let s = std::fs::read_to_string(p).expect("reference file");
     serde_json::from_str(&s).expect("reference json")
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+/// llama.cpp's top-5 at one position: (id, logit) pairs, largest first.
+pub fn top5(v: &serde_json::Value) -> Vec<(u32, f64)> {
+    v.as_array()
+        .expect("top5")
+        .iter()
+        .map(|p| (p[0].as_u64().expect("id") as u32, p[1].as_f64().expect("logit")))
+        .collect()
+}
+
+/// Largest |a - b| relative to the largest |b| of the row.
+pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
 }
