@@ -225,9 +225,13 @@ impl Backend for CpuBackend {
             if id as usize >= vocab {
                 return Err(Error::input(format!("token id {id} is outside the vocabulary of {vocab}")));
             }
-            let src = &table.host.bytes()[id as usize * rb..(id as usize + 1) * rb];
-            cairn_formats::quant::dequantize(table.host.ty, src, row)
-                .map_err(|e| Error::model(format!("{}: {e}", table.host.name)))?;
+            let id = id as usize;
+            let ty = table.host.ty;
+            let done = match &table.packed {
+                Some(p) => cairn_formats::quant::dequantize(ty, &kernels::repack::row(ty, p, rb, id), row),
+                None => cairn_formats::quant::dequantize(ty, &table.host.bytes()[id * rb..(id + 1) * rb], row),
+            };
+            done.map_err(|e| Error::model(format!("{}: {e}", table.host.name)))?;
             if scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= scale);
             }

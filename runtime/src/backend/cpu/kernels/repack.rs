@@ -66,37 +66,38 @@ pub fn repack(ty: GgmlType, src: &[u8], rows: usize, row_bytes: usize) -> Option
     Some(out)
 }
 
-/// The inverse of [`repack`] (tests use it to prove no byte is lost or moved wrongly).
-pub fn unpack(ty: GgmlType, packed: &[u8], rows: usize, row_bytes: usize) -> Vec<u8> {
+/// Row `r` of a repacked matrix back in the ggml layout: embedding lookups of a tied
+/// table read the repacked copy, so the mapping's pages are never touched again.
+pub fn row(ty: GgmlType, packed: &[u8], row_bytes: usize, r: usize) -> Vec<u8> {
     let bs = ty.type_size();
     let nb = row_bytes / bs;
     let gb = group_block_bytes(ty);
-    let mut out = vec![0u8; rows * row_bytes];
-    for g in 0..rows / R8 {
-        for b in 0..nb {
-            let p = &packed[(g * nb + b) * gb..(g * nb + b + 1) * gb];
-            for r in 0..R8 {
-                let dst = &mut out[(g * R8 + r) * row_bytes + b * bs..(g * R8 + r) * row_bytes + (b + 1) * bs];
-                match ty {
-                    GgmlType::Q8_0 => {
-                        dst[0..2].copy_from_slice(&p[2 * r..2 * r + 2]);
-                        dst[2..34].copy_from_slice(&p[16 + 32 * r..16 + 32 * (r + 1)]);
-                    }
-                    _ => {
-                        let lane = LANES.iter().position(|&x| x == r).unwrap_or(0);
-                        dst[0..2].copy_from_slice(&p[2 * lane..2 * lane + 2]);
-                        let q = if ty == GgmlType::Q4_1 {
-                            dst[2..4].copy_from_slice(&p[16 + 2 * lane..16 + 2 * lane + 2]);
-                            4
-                        } else {
-                            2
-                        };
-                        let at = if ty == GgmlType::Q4_1 { 32 } else { 16 } + 16 * r;
-                        dst[q..q + 16].copy_from_slice(&p[at..at + 16]);
-                    }
-                }
+    let (g, i) = (r / R8, r % R8);
+    let lane = LANES.iter().position(|&x| x == i).unwrap_or(0);
+    let mut out = vec![0u8; row_bytes];
+    for (b, dst) in out.chunks_exact_mut(bs).enumerate() {
+        let p = &packed[(g * nb + b) * gb..(g * nb + b + 1) * gb];
+        match ty {
+            GgmlType::Q8_0 => {
+                dst[0..2].copy_from_slice(&p[2 * i..2 * i + 2]);
+                dst[2..34].copy_from_slice(&p[16 + 32 * i..16 + 32 * (i + 1)]);
+            }
+            _ => {
+                dst[0..2].copy_from_slice(&p[2 * lane..2 * lane + 2]);
+                let (q, at) = if ty == GgmlType::Q4_1 {
+                    dst[2..4].copy_from_slice(&p[16 + 2 * lane..16 + 2 * lane + 2]);
+                    (4, 32 + 16 * i)
+                } else {
+                    (2, 16 + 16 * i)
+                };
+                dst[q..q + 16].copy_from_slice(&p[at..at + 16]);
             }
         }
     }
     out
+}
+
+/// The inverse of [`repack`] (tests use it to prove no byte is lost or moved wrongly).
+pub fn unpack(ty: GgmlType, packed: &[u8], rows: usize, row_bytes: usize) -> Vec<u8> {
+    (0..rows).flat_map(|r| row(ty, packed, row_bytes, r)).collect()
 }
