@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::f32ref::{attend, matvec, rms_norm};
 use common::max_rel_diff;
 
 use cairn::backend::cpu::CpuBackend;
@@ -55,17 +56,6 @@ impl Reference {
         Reference { out_norm: deq(file, "output_norm.weight"), c, embed, layers, output }
     }
 
-    fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
-        let k = x.len();
-        (0..w.len() / k).map(|j| (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>() as f32).collect()
-    }
-
-    fn norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-        let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
-        let inv = 1.0 / (ms + eps as f64).sqrt();
-        x.iter().zip(w).map(|(v, w)| (*v as f64 * inv) as f32 * w).collect()
-    }
-
     fn rope(x: &mut [f32], hd: usize, pos: usize, base: f32) {
         for head in x.chunks_mut(hd) {
             for i in 0..hd / 2 {
@@ -81,7 +71,6 @@ impl Reference {
     fn logits(&self, ids: &[u32]) -> Vec<Vec<f32>> {
         let c = &self.c;
         let (d, hd) = (c.dim, c.head_dim);
-        let group = c.n_heads / c.n_kv_heads;
         let mut xs: Vec<Vec<f32>> =
             ids.iter().map(|&t| self.embed[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
         for l in &self.layers {
@@ -89,43 +78,28 @@ impl Reference {
             let mut vs = Vec::new();
             let mut qs = Vec::new();
             for (pos, x) in xs.iter().enumerate() {
-                let h = Self::norm(x, &l[0], c.norm_eps);
-                let mut q = Self::matvec(&l[1], &h);
-                let mut k = Self::matvec(&l[2], &h);
+                let h = rms_norm(x, &l[0], c.norm_eps);
+                let mut q = matvec(&l[1], &h);
+                let mut k = matvec(&l[2], &h);
                 Self::rope(&mut q, hd, pos, c.rope_base);
                 Self::rope(&mut k, hd, pos, c.rope_base);
                 qs.push(q);
                 ks.push(k);
-                vs.push(Self::matvec(&l[3], &h));
+                vs.push(matvec(&l[3], &h));
             }
             for (pos, x) in xs.iter_mut().enumerate() {
-                let mut att = vec![0f32; c.n_heads * hd];
-                for h in 0..c.n_heads {
-                    let g = h / group;
-                    let q = &qs[pos][h * hd..(h + 1) * hd];
-                    let s: Vec<f64> = (0..=pos)
-                        .map(|j| {
-                            (0..hd).map(|i| q[i] as f64 * ks[j][g * hd + i] as f64).sum::<f64>() / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
-                    for i in 0..hd {
-                        att[h * hd + i] =
-                            (0..=pos).map(|j| (s[j] - m).exp() / z * vs[j][g * hd + i] as f64).sum::<f64>() as f32;
-                    }
-                }
-                let o = Self::matvec(&l[4], &att);
+                let att = attend(&qs[pos], &ks, &vs, 0..=pos, c.n_heads, c.n_kv_heads, hd);
+                let o = matvec(&l[4], &att);
                 x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-                let h = Self::norm(x, &l[5], c.norm_eps);
-                let g = Self::matvec(&l[6], &h);
-                let u = Self::matvec(&l[7], &h);
+                let h = rms_norm(x, &l[5], c.norm_eps);
+                let g = matvec(&l[6], &h);
+                let u = matvec(&l[7], &h);
                 let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-                let dn = Self::matvec(&l[8], &a);
+                let dn = matvec(&l[8], &a);
                 x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
             }
         }
-        xs.iter().map(|x| Self::matvec(&self.output, &Self::norm(x, &self.out_norm, c.norm_eps))).collect()
+        xs.iter().map(|x| matvec(&self.output, &rms_norm(x, &self.out_norm, c.norm_eps))).collect()
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::f32ref::{attend, matvec, rms_norm};
 use common::max_rel_diff;
 
 use cairn::backend::cpu::CpuBackend;
@@ -38,21 +39,6 @@ impl Reference {
         &self.t[name]
     }
 
-    fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
-        let k = x.len();
-        (0..w.len() / k).map(|j| (0..k).map(|i| w[j * k + i] as f64 * x[i] as f64).sum::<f64>() as f32).collect()
-    }
-
-    fn norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-        x.chunks(w.len())
-            .flat_map(|x| {
-                let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
-                let inv = 1.0 / (ms + eps as f64).sqrt();
-                x.iter().zip(w).map(move |(v, w)| (*v as f64 * inv) as f32 * w).collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
     /// NEOX-style RoPE: the two halves of each head rotate together.
     fn rope(x: &mut [f32], hd: usize, pos: usize, base: f32) {
         for head in x.chunks_mut(hd) {
@@ -74,7 +60,6 @@ impl Reference {
     fn last_logits(&self, ids: &[u32], window: Option<usize>) -> Vec<f32> {
         let c = &self.c;
         let (d, hd, eps) = (c.dim, c.head_dim, c.norm_eps);
-        let group = c.n_heads / c.n_kv_heads;
         let emb = self.w("token_embd.weight");
         let scale = (d as f32).sqrt();
         let mut xs: Vec<Vec<f32>> = ids
@@ -87,66 +72,54 @@ impl Reference {
             let base = if global { c.rope_base } else { 10_000.0 };
             let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
             for (pos, x) in xs.iter().enumerate() {
-                let h = Self::norm(x, w("attn_norm"), eps);
-                let mut q = Self::norm(&Self::matvec(w("attn_q"), &h), w("attn_q_norm"), eps);
-                let mut k = Self::norm(&Self::matvec(w("attn_k"), &h), w("attn_k_norm"), eps);
+                let h = rms_norm(x, w("attn_norm"), eps);
+                let mut q = rms_norm(&matvec(w("attn_q"), &h), w("attn_q_norm"), eps);
+                let mut k = rms_norm(&matvec(w("attn_k"), &h), w("attn_k_norm"), eps);
                 Self::rope(&mut q, hd, pos, base);
                 Self::rope(&mut k, hd, pos, base);
                 qs.push(q);
                 ks.push(k);
-                vs.push(Self::matvec(w("attn_v"), &h));
+                vs.push(matvec(w("attn_v"), &h));
             }
             for (pos, x) in xs.iter_mut().enumerate() {
                 let first = match (global, window) {
                     (false, Some(win)) => (pos + 1).saturating_sub(win),
                     _ => 0,
                 };
-                let mut att = vec![0f32; c.n_heads * hd];
-                for h in 0..c.n_heads {
-                    let g = h / group;
-                    let q = &qs[pos][h * hd..(h + 1) * hd];
-                    let s: Vec<f64> = (first..=pos)
-                        .map(|j| {
-                            (0..hd).map(|i| q[i] as f64 * ks[j][g * hd + i] as f64).sum::<f64>() / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
-                    for i in 0..hd {
-                        att[h * hd + i] = (first..=pos)
-                            .zip(&s)
-                            .map(|(j, sj)| (sj - m).exp() / z * vs[j][g * hd + i] as f64)
-                            .sum::<f64>() as f32;
-                    }
-                }
-                let o = Self::norm(&Self::matvec(w("attn_output"), &att), w("post_attention_norm"), eps);
+                let att = attend(&qs[pos], &ks, &vs, first..=pos, c.n_heads, c.n_kv_heads, hd);
+                let o = rms_norm(&matvec(w("attn_output"), &att), w("post_attention_norm"), eps);
                 x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-                let h = Self::norm(x, w("ffn_norm"), eps);
-                let g = Self::matvec(w("ffn_gate"), &h);
-                let u = Self::matvec(w("ffn_up"), &h);
+                let h = rms_norm(x, w("ffn_norm"), eps);
+                let g = matvec(w("ffn_gate"), &h);
+                let u = matvec(w("ffn_up"), &h);
                 let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| Self::gelu(*g) * u).collect();
-                let f = Self::norm(&Self::matvec(w("ffn_down"), &a), w("post_ffw_norm"), eps);
+                let f = rms_norm(&matvec(w("ffn_down"), &a), w("post_ffw_norm"), eps);
                 x.iter_mut().zip(&f).for_each(|(a, b)| *a += b);
             }
         }
-        let x = Self::norm(xs.last().unwrap(), self.w("output_norm.weight"), eps);
-        Self::matvec(emb, &x)
+        let x = rms_norm(xs.last().unwrap(), self.w("output_norm.weight"), eps);
+        matvec(emb, &x)
     }
 }
 
-#[test]
-fn sliding_window_masks_old_keys() {
-    let c = SyntheticConfig {
+/// Six layers (the sixth global), as in the real model's pattern, at a tiny width.
+fn small_gemma(context: usize) -> SyntheticConfig {
+    SyntheticConfig {
         n_layers: 6,
         dim: 64,
         n_heads: 2,
         n_kv_heads: 1,
         ffn_dim: 128,
         vocab: 64,
-        context: 1024,
+        context,
         rope_base: 1_000_000.0,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn sliding_window_masks_old_keys() {
+    let c = small_gemma(1024);
     let file = ModelFile::from_bytes("gemma.gguf", gemma3_gguf(&c, WINDOW, 11).unwrap()).unwrap();
     let ids: Vec<u32> = (0..600u32).map(|i| (i * 13 + 5) % 64).collect();
     let reference = Reference::new(&file);
@@ -171,16 +144,7 @@ fn sliding_window_masks_old_keys() {
 #[test]
 fn windowed_cache_drops_old_positions_without_changing_results() {
     let window = 16;
-    let c = SyntheticConfig {
-        n_layers: 6,
-        dim: 64,
-        n_heads: 2,
-        n_kv_heads: 1,
-        ffn_dim: 128,
-        vocab: 64,
-        context: 256,
-        ..Default::default()
-    };
+    let c = small_gemma(256);
     let file = ModelFile::from_bytes("gemma.gguf", gemma3_gguf(&c, window, 12).unwrap()).unwrap();
     let ids: Vec<u32> = (0..90u32).map(|i| (i * 29 + 7) % 64).collect();
     let reference = Reference::new(&file);
