@@ -38,7 +38,7 @@ pub enum MetaValue {
 }
 
 impl MetaValue {
-    fn type_id(&self) -> u32 {
+    pub(crate) fn type_id(&self) -> u32 {
         match self {
             MetaValue::U8(_) => 0,
             MetaValue::I8(_) => 1,
@@ -142,13 +142,13 @@ pub struct Gguf<'a> {
     bytes: &'a [u8],
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
+pub(crate) struct Cursor<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
         match end {
             Some(end) => {
@@ -160,7 +160,7 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
@@ -171,16 +171,16 @@ impl<'a> Cursor<'a> {
         Ok(a)
     }
 
-    fn u8(&mut self, what: &str) -> Result<u8> {
+    pub(crate) fn u8(&mut self, what: &str) -> Result<u8> {
         Ok(self.array::<1>(what)?[0])
     }
-    fn u16(&mut self, what: &str) -> Result<u16> {
+    pub(crate) fn u16(&mut self, what: &str) -> Result<u16> {
         Ok(u16::from_le_bytes(self.array(what)?))
     }
-    fn u32(&mut self, what: &str) -> Result<u32> {
+    pub(crate) fn u32(&mut self, what: &str) -> Result<u32> {
         Ok(u32::from_le_bytes(self.array(what)?))
     }
-    fn u64(&mut self, what: &str) -> Result<u64> {
+    pub(crate) fn u64(&mut self, what: &str) -> Result<u64> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
@@ -190,7 +190,7 @@ impl<'a> Cursor<'a> {
 
     /// A count of items each at least `min_size` bytes long, bounded by what remains so
     /// that a hostile count cannot make us allocate or loop beyond the input's size.
-    fn bounded_count(&mut self, what: &str, min_size: usize) -> Result<usize> {
+    pub(crate) fn bounded_count(&mut self, what: &str, min_size: usize) -> Result<usize> {
         let at = self.pos;
         let n = self.count(what)?;
         let max = (self.remaining() / min_size.max(1)) as u64;
@@ -204,13 +204,13 @@ impl<'a> Cursor<'a> {
         Ok(n as usize)
     }
 
-    fn string(&mut self, what: &str) -> Result<String> {
+    pub(crate) fn string(&mut self, what: &str) -> Result<String> {
         let n = self.bounded_count(what, 1)?;
         let s = self.take(n, what)?;
         Ok(String::from_utf8_lossy(s).into_owned())
     }
 
-    fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<MetaValue> {
+    pub(crate) fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<MetaValue> {
         Ok(match ty {
             0 => MetaValue::U8(self.u8(key)?),
             1 => MetaValue::I8(self.u8(key)? as i8),
@@ -403,7 +403,7 @@ impl<'a> Gguf<'a> {
 /// A key or tensor name as error messages show it: control characters escaped and at
 /// most 64 characters, so that a corrupt length cannot turn one error line into
 /// megabytes of the file's contents.
-fn label(s: &str) -> Cow<'_, str> {
+pub(crate) fn label(s: &str) -> Cow<'_, str> {
     const MAX: usize = 64;
     if s.len() <= MAX && !s.chars().any(char::is_control) {
         return Cow::Borrowed(s);
@@ -424,7 +424,7 @@ fn bound(n: u64, remaining: usize, min: usize, what: &str) -> Result<usize> {
     Ok(n as usize)
 }
 
-fn align_up(x: u64, a: u64) -> Option<u64> {
+pub(crate) fn align_up(x: u64, a: u64) -> Option<u64> {
     Some(x.checked_add(a - 1)? / a * a)
 }
 
@@ -453,6 +453,9 @@ impl GgufBuilder {
 
     /// Add a tensor from its raw block bytes; the size must match `dims` and `ty`.
     pub fn tensor(mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Result<Self> {
+        if let GgmlType::Fine(ft) = ty {
+            return Err(Error::invalid(format!("tensor {name}: {ft} exists only in .cairn files, not in GGUF")));
+        }
         let n: u64 = dims.iter().product();
         let want = ty.row_bytes(dims[0])? * (n / dims[0].max(1));
         if want != data.len() as u64 {
@@ -503,12 +506,12 @@ fn pad_to(out: &mut Vec<u8>, a: u64) {
     out.resize(len as usize, 0);
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
-fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
+pub(crate) fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
     match v {
         MetaValue::U8(x) => out.push(*x),
         MetaValue::I8(x) => out.push(*x as u8),

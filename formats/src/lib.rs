@@ -9,11 +9,16 @@
 extern crate alloc;
 extern crate no_std_compat as std;
 
+pub mod container;
 pub mod error;
+pub mod fine;
 pub mod gguf;
+pub mod hash;
 pub mod quant;
 pub mod types;
 
+pub use container::{CairnBuilder, CairnFile};
 pub use error::{Error, Result};
+pub use fine::FineType;
 pub use gguf::{Gguf, GgufBuilder, MetaValue, TensorInfo};
 pub use types::GgmlType;

@@ -1,10 +1,13 @@
 //! ggml tensor types: ids as stored in GGUF, block geometry, and row sizes.
 
 use crate::error::{Error, Result};
+use crate::fine::FineType;
 
-/// A ggml tensor type. The discriminant is the id GGUF stores. Every type ggml knows is
-/// listed so that a file using one Cairn cannot run still parses (and the error can say
-/// which tensor and type is the problem); [`GgmlType::is_supported`] says which have kernels.
+/// A tensor storage type: every type ggml knows, plus Cairn's own FineQuant family
+/// ([`GgmlType::Fine`], only ever stored in `.cairn` files). The discriminant is the id
+/// GGUF stores. Every ggml type is listed so that a file using one Cairn cannot run still
+/// parses (and the error can say which tensor and type is the problem);
+/// [`GgmlType::is_supported`] says which have kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum GgmlType {
@@ -39,6 +42,8 @@ pub enum GgmlType {
     BF16 = 30,
     TQ1_0 = 34,
     TQ2_0 = 35,
+    /// FineQuant / round-to-nearest integer codes with per-group scales (see [`crate::fine`]).
+    Fine(FineType) = 0x1000,
 }
 
 /// Values per super-block of the k-quants.
@@ -83,8 +88,43 @@ impl GgmlType {
         })
     }
 
+    /// The id GGUF stores; [`GgmlType::Fine`] has none there and reports 0x1000.
     pub fn id(self) -> u32 {
-        self as u32
+        use GgmlType::*;
+        match self {
+            F32 => 0,
+            F16 => 1,
+            Q4_0 => 2,
+            Q4_1 => 3,
+            Q5_0 => 6,
+            Q5_1 => 7,
+            Q8_0 => 8,
+            Q8_1 => 9,
+            Q2K => 10,
+            Q3K => 11,
+            Q4K => 12,
+            Q5K => 13,
+            Q6K => 14,
+            Q8K => 15,
+            IQ2XXS => 16,
+            IQ2XS => 17,
+            IQ3XXS => 18,
+            IQ1S => 19,
+            IQ4NL => 20,
+            IQ3S => 21,
+            IQ2S => 22,
+            IQ4XS => 23,
+            I8 => 24,
+            I16 => 25,
+            I32 => 26,
+            I64 => 27,
+            F64 => 28,
+            IQ1M => 29,
+            BF16 => 30,
+            TQ1_0 => 34,
+            TQ2_0 => 35,
+            Fine(_) => 0x1000,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -121,6 +161,13 @@ impl GgmlType {
             BF16 => "BF16",
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
+            Fine(ft) => match (ft.bits(), ft.sym()) {
+                (2, _) => "INT2",
+                (3, _) => "INT3",
+                (4, false) => "INT4",
+                (4, true) => "INT4S",
+                _ => "INT8",
+            },
         }
     }
 
@@ -159,6 +206,8 @@ impl GgmlType {
             IQ1M => (QK_K, 56),
             TQ1_0 => (QK_K, 54),
             TQ2_0 => (QK_K, 66),
+            // Runs of 32 codes; group headers come on top (see `row_bytes`).
+            Fine(ft) => (crate::fine::RUN, ft.run_bytes()),
         }
     }
 
@@ -173,12 +222,15 @@ impl GgmlType {
     /// Whether Cairn has dequantization and dot-product kernels for this type.
     pub fn is_supported(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K)
+        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K | Fine(_))
     }
 
     /// Bytes of a row of `n` values, or an error when `n` is not a whole number of blocks
     /// or the size overflows.
     pub fn row_bytes(self, n: u64) -> Result<u64> {
+        if let GgmlType::Fine(ft) = self {
+            return ft.row_bytes(n);
+        }
         let (bs, ts) = self.block_geometry();
         if !n.is_multiple_of(bs as u64) {
             return Err(Error::invalid(alloc_fmt(self, n)));
@@ -193,6 +245,9 @@ fn alloc_fmt(ty: GgmlType, n: u64) -> std::string::String {
 
 impl core::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
+        match self {
+            GgmlType::Fine(ft) => write!(f, "{ft}"),
+            _ => f.write_str(self.name()),
+        }
     }
 }

@@ -9,20 +9,26 @@
 //! - `src` holds whole blocks of `ty`; `dst`/`x` length = number of values;
 //!   mismatched lengths return `Error::Invalid`, never panic.
 //! - Unsupported types return `Error::UnsupportedType`.
+//! - FineQuant types ([`GgmlType::Fine`]) take exactly one row: their last group may be
+//!   shorter than the others, so where it ends depends on the row length.
 //! - Any bytes are accepted: NaN or infinite scales give NaN or infinite values.
 
 use std::prelude::v1::*;
 
 use crate::error::{Error, Result};
+use crate::fine;
 use crate::types::{GgmlType, QK_K};
 
 mod float;
 mod kquants;
 mod legacy;
-mod num;
+pub(crate) mod num;
 
 /// Dequantize `src` (whole blocks of `ty`) into `dst`.
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    if let GgmlType::Fine(ft) = ty {
+        return fine::dequantize_row(ft, src, dst);
+    }
     check(ty, src.len(), dst.len())?;
     let (bs, ts) = ty.block_geometry();
     match ty {
@@ -45,6 +51,9 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
 /// block is decoded into a stack buffer by the same code as [`dequantize`], so the two
 /// cannot drift apart, and nothing is allocated.
 pub fn dot(ty: GgmlType, src: &[u8], x: &[f32]) -> Result<f32> {
+    if let GgmlType::Fine(ft) = ty {
+        return fine::dot_row(ft, src, x);
+    }
     check(ty, src.len(), x.len())?;
     let (bs, ts) = ty.block_geometry();
     Ok(match ty {
@@ -71,6 +80,9 @@ pub fn dot(ty: GgmlType, src: &[u8], x: &[f32]) -> Result<f32> {
 /// k-quants follow the same algorithm (weighted scale/min search, then re-rounding
 /// against the stored scales) but have no byte-exact reference to be checked against.
 pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
+    if let GgmlType::Fine(ft) = ty {
+        return fine::quantize_row(ft, fine::Rounding::Search, src, dst);
+    }
     check(ty, dst.len(), src.len())?;
     let (bs, ts) = ty.block_geometry();
     match ty {
