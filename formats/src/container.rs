@@ -11,7 +11,7 @@ use std::prelude::v1::*;
 
 use crate::error::{Error, Result};
 use crate::fine::FineType;
-use crate::gguf::{align_up, label, put_str, put_value, Cursor, MetaValue, TensorInfo};
+use crate::gguf::{align_up, label, put_str, put_value, Cursor, MetaValue, Metadata, TensorInfo};
 use crate::hash::xxh64;
 use crate::types::GgmlType;
 
@@ -232,10 +232,6 @@ impl<'a> CairnFile<'a> {
         Ok(CairnFile { version: VERSION, metadata, tensors, checksums, stack, data_offset: data_off, bytes })
     }
 
-    pub fn get(&self, key: &str) -> Option<&MetaValue> {
-        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-    }
-
     pub fn tensor_data(&self, t: &TensorInfo) -> &'a [u8] {
         &self.bytes[t.offset as usize..(t.offset + t.size) as usize]
     }
@@ -248,6 +244,12 @@ impl<'a> CairnFile<'a> {
     /// Check tensor `i`'s data against its stored checksum.
     pub fn verify(&self, i: usize) -> Result<()> {
         verify_tensor(&self.tensors[i], self.checksums[i], self.tensor_data(&self.tensors[i]))
+    }
+}
+
+impl Metadata for CairnFile<'_> {
+    fn get(&self, key: &str) -> Option<&MetaValue> {
+        Metadata::get(&self.metadata, key)
     }
 }
 

@@ -416,14 +416,10 @@ pub const AUTO_THRESHOLD: f64 = 1.5;
 /// Halving a group that holds an outlier gives its other half a step sized to its own
 /// values, so where outliers inflate their neighbours' error the ratio is large; for
 /// well-spread values the range barely shrinks and the ratio stays near 1, and the
-/// extra header bytes buy little. `rows` holds whole rows of `n` values.
-pub fn choose_group(base: FineType, rounding: Rounding, rows: &[f32], n: usize, threshold: f64) -> GroupChoice {
-    let err = |g: usize| -> f64 {
-        match base.with_group(g) {
-            Ok(ft) => rows.chunks_exact(n).map(|r| row_error(ft, rounding, r)).sum(),
-            Err(_) => f64::INFINITY,
-        }
-    };
+/// extra header bytes buy little. `error(ft)` is the matrix's squared error when
+/// encoded as `ft` (see [`matrix_error`]; callers may compute it in parallel).
+pub fn choose_group(base: FineType, threshold: f64, mut error: impl FnMut(FineType) -> f64) -> GroupChoice {
+    let mut err = |g: usize| base.with_group(g).map_or(f64::INFINITY, &mut error);
     let mut errors = Vec::new();
     let mut i = 0;
     let mut e = err(AUTO_GROUPS[0]);
@@ -439,4 +435,9 @@ pub fn choose_group(base: FineType, rounding: Rounding, rows: &[f32], n: usize, 
         }
     }
     GroupChoice { group: AUTO_GROUPS[i], errors }
+}
+
+/// Squared error of whole rows of `n` values encoded as `ft`.
+pub fn matrix_error(ft: FineType, rounding: Rounding, rows: &[f32], n: usize) -> f64 {
+    rows.chunks_exact(n).map(|r| row_error(ft, rounding, r)).sum()
 }

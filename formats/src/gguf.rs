@@ -113,6 +113,36 @@ impl MetaValue {
     }
 }
 
+/// Key-value metadata, whichever file it came from: the tokenizer, chat template and
+/// model config read GGUF and `.cairn` files through this one view.
+pub trait Metadata {
+    fn get(&self, key: &str) -> Option<&MetaValue>;
+
+    fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(MetaValue::as_str)
+    }
+
+    fn get_u64(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(MetaValue::as_u64)
+    }
+
+    fn get_f64(&self, key: &str) -> Option<f64> {
+        self.get(key).and_then(MetaValue::as_f64)
+    }
+}
+
+impl Metadata for Vec<(String, MetaValue)> {
+    fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+}
+
+impl Metadata for Gguf<'_> {
+    fn get(&self, key: &str) -> Option<&MetaValue> {
+        Metadata::get(&self.metadata, key)
+    }
+}
+
 /// One entry of the tensor directory. `dims[0]` is the innermost (contiguous) dimension,
 /// as in ggml: a weight matrix of `dims = [k, m]` has `m` rows of `k` values each.
 #[derive(Debug, Clone, PartialEq)]

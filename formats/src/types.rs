@@ -225,6 +225,20 @@ impl GgmlType {
         matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K | Fine(_))
     }
 
+    /// The ggml type with the same bytes, where one exists: a FineQuant asymmetric
+    /// int4 group of 32 is a Q4_1 block, a symmetric int8 group of 32 a Q8_0 block.
+    /// Backends run the canonical type (and its repacked kernels).
+    pub fn canonical(self) -> GgmlType {
+        match self {
+            GgmlType::Fine(ft) if ft.group() == crate::fine::RUN => match (ft.bits(), ft.sym()) {
+                (4, false) => GgmlType::Q4_1,
+                (8, true) => GgmlType::Q8_0,
+                _ => self,
+            },
+            _ => self,
+        }
+    }
+
     /// Bytes of a row of `n` values, or an error when `n` is not a whole number of blocks
     /// or the size overflows.
     pub fn row_bytes(self, n: u64) -> Result<u64> {

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use cairn_formats::Gguf;
+use cairn_formats::Metadata;
 use minijinja::value::{Kwargs, Value};
 use minijinja::{context, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -81,11 +81,11 @@ impl fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// The template stored in a GGUF file, with its BOS/EOS token texts (templates
     /// often write `{{ bos_token }}`). [`ChatError::NoTemplate`] when there is none.
-    pub fn from_gguf(gguf: &Gguf) -> Result<ChatTemplate, ChatError> {
-        let source = gguf.get_str("tokenizer.chat_template").ok_or(ChatError::NoTemplate)?;
+    pub fn from_metadata(meta: &dyn Metadata) -> Result<ChatTemplate, ChatError> {
+        let source = meta.get_str("tokenizer.chat_template").ok_or(ChatError::NoTemplate)?;
         let token_text = |key: &str| -> String {
-            let tokens = gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
-            gguf.get_u64(key)
+            let tokens = meta.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
+            meta.get_u64(key)
                 .and_then(|id| tokens?.get(usize::try_from(id).ok()?)?.as_str())
                 .unwrap_or_default()
                 .to_string()

@@ -41,9 +41,9 @@ impl Engine {
     pub fn from_file(file: ModelFile, opts: &EngineOptions) -> Result<Engine> {
         let backend = if opts.exact { CpuBackend::reference(opts.threads)? } else { CpuBackend::new(opts.threads)? };
         let runner = model::load(&file, backend)?;
-        let gguf = file.gguf()?;
+        let meta = &file.metadata;
         let tokenizer =
-            Tokenizer::from_gguf(&gguf).map_err(|e| Error::model(format!("{}: {e}", file.path.display())))?;
+            Tokenizer::from_metadata(meta).map_err(|e| Error::model(format!("{}: {e}", file.path.display())))?;
         if tokenizer.vocab_size() > runner.config().vocab {
             return Err(Error::model(format!(
                 "{}: the tokenizer has {} tokens but the embedding only {} rows",
@@ -52,8 +52,7 @@ impl Engine {
                 runner.config().vocab
             )));
         }
-        let template = ChatTemplate::from_gguf(&gguf).map_err(|e| e.to_string());
-        drop(gguf);
+        let template = ChatTemplate::from_metadata(meta).map_err(|e| e.to_string());
         Ok(Engine { file, runner, tokenizer, template })
     }
 

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -23,7 +23,7 @@ use std::collections::BinaryHeap;
 use std::fmt;
 use std::sync::OnceLock;
 
-use cairn_formats::{Gguf, MetaValue};
+use cairn_formats::{MetaValue, Metadata};
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -293,11 +293,11 @@ struct Symbol {
 const NONE: u32 = u32::MAX;
 
 impl Spm {
-    fn new(gguf: &Gguf, tokens: &[&str], unk: Option<u32>) -> Result<Spm> {
+    fn new(meta: &dyn Metadata, tokens: &[&str], unk: Option<u32>) -> Result<Spm> {
         let n = tokens.len();
         const SCORES: &str = "tokenizer.ggml.scores";
         // llama.cpp scores every token 0 when the key is absent.
-        let scores = match meta_array(gguf, SCORES)? {
+        let scores = match meta_array(meta, SCORES)? {
             None => vec![0.0; n],
             Some(a) if a.len() == n => a
                 .iter()
@@ -320,7 +320,7 @@ impl Spm {
             let one = (b < 0x80).then(|| char::from(b as u8).to_string());
             *slot = ids.get(&format!("<0x{b:02X}>")).or_else(|| one.and_then(|c| ids.get(&c))).or(unk);
         }
-        let add_space_prefix = gguf.get("tokenizer.ggml.add_space_prefix").and_then(MetaValue::as_bool).unwrap_or(true);
+        let add_space_prefix = meta.get("tokenizer.ggml.add_space_prefix").and_then(MetaValue::as_bool).unwrap_or(true);
         Ok(Spm { ids, scores, byte_ids, add_space_prefix })
     }
 
@@ -547,8 +547,8 @@ const EOT_TEXTS: &[&str] = &[
     "<end_of_utterance>",
 ];
 
-fn meta_array<'g>(gguf: &'g Gguf, key: &'static str) -> Result<Option<&'g [MetaValue]>> {
-    match gguf.get(key) {
+fn meta_array<'g>(meta: &'g dyn Metadata, key: &'static str) -> Result<Option<&'g [MetaValue]>> {
+    match meta.get(key) {
         None => Ok(None),
         Some(v) => {
             v.as_array().map(Some).ok_or(TokenizerError::BadMetadata { key, reason: "expected an array".into() })
@@ -556,8 +556,8 @@ fn meta_array<'g>(gguf: &'g Gguf, key: &'static str) -> Result<Option<&'g [MetaV
     }
 }
 
-fn meta_strings<'g>(gguf: &'g Gguf, key: &'static str) -> Result<Option<Vec<&'g str>>> {
-    let Some(arr) = meta_array(gguf, key)? else {
+fn meta_strings<'g>(meta: &'g dyn Metadata, key: &'static str) -> Result<Option<Vec<&'g str>>> {
+    let Some(arr) = meta_array(meta, key)? else {
         return Ok(None);
     };
     arr.iter()
@@ -572,8 +572,8 @@ fn meta_strings<'g>(gguf: &'g Gguf, key: &'static str) -> Result<Option<Vec<&'g 
 
 /// A token id from metadata; ids outside the vocabulary (some converters write -1 or a
 /// stale id) are treated as absent rather than failing the whole model.
-fn meta_id(gguf: &Gguf, key: &str, n_vocab: usize) -> Option<u32> {
-    let v = gguf.get(key)?.as_u64()?;
+fn meta_id(meta: &dyn Metadata, key: &str, n_vocab: usize) -> Option<u32> {
+    let v = meta.get(key)?.as_u64()?;
     if (v as usize) < n_vocab {
         Some(v as u32)
     } else {
@@ -664,9 +664,9 @@ fn bpe_pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
     })
 }
 
-fn build_bpe(gguf: &Gguf, tokens: &[&str], pre: &str) -> Result<Model> {
+fn build_bpe(meta: &dyn Metadata, tokens: &[&str], pre: &str) -> Result<Model> {
     let merges =
-        meta_strings(gguf, "tokenizer.ggml.merges")?.ok_or(TokenizerError::MissingKey("tokenizer.ggml.merges"))?;
+        meta_strings(meta, "tokenizer.ggml.merges")?.ok_or(TokenizerError::MissingKey("tokenizer.ggml.merges"))?;
     // `tokenizers` panics on a merge longer than every token, so refuse that here.
     let max_len = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
     // Split at the first space after the first byte, as llama.cpp does, so that a
@@ -717,21 +717,21 @@ impl fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Build the tokenizer a GGUF file describes.
-    pub fn from_gguf(gguf: &Gguf) -> Result<Tokenizer> {
-        let kind = gguf.get_str("tokenizer.ggml.model").ok_or(TokenizerError::MissingKey("tokenizer.ggml.model"))?;
+    /// Build the tokenizer a model file's metadata describes (GGUF keys, in GGUF or `.cairn`).
+    pub fn from_metadata(meta: &dyn Metadata) -> Result<Tokenizer> {
+        let kind = meta.get_str("tokenizer.ggml.model").ok_or(TokenizerError::MissingKey("tokenizer.ggml.model"))?;
         let spm = match kind {
             "gpt2" => false,
             "llama" => true,
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
         let tokens =
-            meta_strings(gguf, "tokenizer.ggml.tokens")?.ok_or(TokenizerError::MissingKey("tokenizer.ggml.tokens"))?;
+            meta_strings(meta, "tokenizer.ggml.tokens")?.ok_or(TokenizerError::MissingKey("tokenizer.ggml.tokens"))?;
         let n = tokens.len();
         if n == 0 || n >= u32::MAX as usize {
             return Err(TokenizerError::BadMetadata { key: "tokenizer.ggml.tokens", reason: format!("{n} tokens") });
         }
-        let mut types = match meta_array(gguf, "tokenizer.ggml.token_type")? {
+        let mut types = match meta_array(meta, "tokenizer.ggml.token_type")? {
             None => vec![TokenType::Normal; n],
             Some(a) if a.len() == n => a.iter().map(|v| TokenType::from_gguf(v.as_i64().unwrap_or(0))).collect(),
             Some(a) => {
@@ -744,25 +744,25 @@ impl Tokenizer {
 
         // SentencePiece vocabularies have llama.cpp defaults for ids and BOS that a
         // converter may leave out: <unk> 0, <s> 1, </s> 2, BOS added.
-        let id_or = |key: &str, spm_default: u32| match gguf.get(key) {
-            Some(_) => meta_id(gguf, key, n),
+        let id_or = |key: &str, spm_default: u32| match meta.get(key) {
+            Some(_) => meta_id(meta, key, n),
             None => (spm && (spm_default as usize) < n).then_some(spm_default),
         };
         let bos = id_or("tokenizer.ggml.bos_token_id", 1);
         let eos = id_or("tokenizer.ggml.eos_token_id", 2);
         let unk = id_or("tokenizer.ggml.unknown_token_id", 0);
         let model = if spm {
-            Model::Spm(Box::new(Spm::new(gguf, &tokens, unk)?))
+            Model::Spm(Box::new(Spm::new(meta, &tokens, unk)?))
         } else {
-            let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or_else(|| {
+            let pre = meta.get_str("tokenizer.ggml.pre").unwrap_or_else(|| {
                 log::warn!("GGUF names no pre-tokenizer (tokenizer.ggml.pre); using llama.cpp's default");
                 "default"
             });
-            build_bpe(gguf, &tokens, pre)?
+            build_bpe(meta, &tokens, pre)?
         };
 
-        let eom = meta_id(gguf, "tokenizer.ggml.eom_token_id", n);
-        let mut eot = meta_id(gguf, "tokenizer.ggml.eot_token_id", n);
+        let eom = meta_id(meta, "tokenizer.ggml.eom_token_id", n);
+        let mut eot = meta_id(meta, "tokenizer.ggml.eot_token_id", n);
         if eot.is_none() {
             // The earliest text in the list wins (llama.cpp takes whichever its hash map
             // yields first, which is arbitrary when a vocabulary has several).
@@ -813,7 +813,7 @@ impl Tokenizer {
             })?);
         }
 
-        let flag = |key: &str, default: bool| gguf.get(key).and_then(MetaValue::as_bool).unwrap_or(default);
+        let flag = |key: &str, default: bool| meta.get(key).and_then(MetaValue::as_bool).unwrap_or(default);
         Ok(Tokenizer {
             model,
             types,

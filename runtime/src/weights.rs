@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cairn_formats::{GgmlType, Gguf, TensorInfo};
+use cairn_formats::{container, CairnFile, GgmlType, Gguf, MetaValue, TensorInfo};
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
@@ -24,13 +24,25 @@ impl Storage {
     }
 }
 
-/// A parsed model file. The directory is copied out of the GGUF so that the bytes can
-/// be shared (`Arc`) by every weight without a self-referential borrow.
+/// Which container a model file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Gguf,
+    Cairn,
+}
+
+/// A parsed model file, GGUF or `.cairn`: the rest of the runtime sees only metadata
+/// and a tensor directory. The directory is copied out of the parser so that the bytes
+/// can be shared (`Arc`) by every weight without a self-referential borrow.
 pub struct ModelFile {
     pub path: PathBuf,
+    pub kind: FileKind,
     storage: Arc<Storage>,
-    pub metadata: Vec<(String, cairn_formats::MetaValue)>,
+    pub metadata: Vec<(String, MetaValue)>,
     pub tensors: Vec<TensorInfo>,
+    /// `.cairn` only: each tensor's data checksum, checked when the tensor is first
+    /// fetched (so a loader verifies exactly what it maps).
+    checksums: Option<Vec<u64>>,
 }
 
 impl ModelFile {
@@ -60,19 +72,25 @@ impl ModelFile {
     }
 
     fn from_storage(path: PathBuf, storage: Storage) -> Result<Self> {
-        let g = Gguf::parse(storage.bytes()).map_err(|source| Error::Format { path: path.clone(), source })?;
-        let (metadata, tensors) = (g.metadata, g.tensors);
-        Ok(ModelFile { path, storage: Arc::new(storage), metadata, tensors })
+        let fmt = |source| Error::Format { path: path.clone(), source };
+        let bytes = storage.bytes();
+        let (kind, metadata, tensors, checksums) = if container::is_cairn(bytes) {
+            let c = CairnFile::parse(bytes).map_err(fmt)?;
+            (FileKind::Cairn, c.metadata, c.tensors, Some(c.checksums))
+        } else {
+            let g = Gguf::parse(bytes).map_err(fmt)?;
+            (FileKind::Gguf, g.metadata, g.tensors, None)
+        };
+        Ok(ModelFile { path, kind, storage: Arc::new(storage), metadata, tensors, checksums })
     }
 
-    /// The file parsed as GGUF again, for readers that want the format's own view
-    /// (the tokenizer and chat template read their metadata through it).
-    pub fn gguf(&self) -> Result<Gguf<'_>> {
-        Gguf::parse(self.storage.bytes()).map_err(|source| Error::Format { path: self.path.clone(), source })
-    }
-
-    pub fn meta(&self, key: &str) -> Option<&cairn_formats::MetaValue> {
+    pub fn meta(&self, key: &str) -> Option<&MetaValue> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The raw bytes of tensor `t` (unverified).
+    pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+        &self.storage.bytes()[t.offset as usize..(t.offset + t.size) as usize]
     }
 
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
@@ -82,9 +100,12 @@ impl ModelFile {
     /// A tensor by name, with its shape checked against what the model expects
     /// (`dims[0]` innermost, as in GGUF).
     pub fn tensor(&self, name: &str, dims: &[u64]) -> Result<HostTensor> {
-        let t = self
-            .tensor_info(name)
+        let i = self
+            .tensors
+            .iter()
+            .position(|t| t.name == name)
             .ok_or_else(|| Error::model(format!("{}: missing tensor {name}", self.path.display())))?;
+        let t = &self.tensors[i];
         if t.dims != dims {
             return Err(Error::model(format!(
                 "{}: tensor {name} has shape {:?}, expected {:?}",
@@ -100,9 +121,13 @@ impl ModelFile {
                 t.ty
             )));
         }
+        if let Some(sums) = &self.checksums {
+            container::verify_tensor(t, sums[i], self.tensor_bytes(t))
+                .map_err(|source| Error::Format { path: self.path.clone(), source })?;
+        }
         Ok(HostTensor {
             name: t.name.clone(),
-            ty: t.ty,
+            ty: t.ty.canonical(),
             dims: t.dims.clone(),
             storage: self.storage.clone(),
             offset: t.offset as usize,
@@ -161,11 +186,15 @@ impl HostTensor {
         }
     }
 
-    /// The whole tensor as f32 (for small tensors: norms, biases).
+    /// The whole tensor as f32 (for small tensors: norms, biases), row by row (the
+    /// FineQuant types decode one row at a time).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; self.cols() * self.rows()];
-        cairn_formats::quant::dequantize(self.ty, self.bytes(), &mut out)
-            .map_err(|e| Error::model(format!("tensor {}: {e}", self.name)))?;
+        let (cols, rb) = (self.cols(), self.row_bytes());
+        let mut out = vec![0f32; cols * self.rows()];
+        for (dst, src) in out.chunks_exact_mut(cols.max(1)).zip(self.bytes().chunks_exact(rb.max(1))) {
+            cairn_formats::quant::dequantize(self.ty, src, dst)
+                .map_err(|e| Error::model(format!("tensor {}: {e}", self.name)))?;
+        }
         Ok(out)
     }
 }

@@ -9,7 +9,7 @@ use cairn_formats::{Gguf, GgufBuilder, MetaValue};
 fn model_template() -> ChatTemplate {
     let bytes = std::fs::read(common::model_path()).expect("read model");
     let gguf = Gguf::parse(&bytes).expect("parse gguf");
-    ChatTemplate::from_gguf(&gguf).expect("template")
+    ChatTemplate::from_metadata(&gguf).expect("template")
 }
 
 const SYSTEM: &str =
@@ -67,7 +67,7 @@ fn gguf_with(template: Option<&str>) -> Vec<u8> {
 #[test]
 fn missing_template_is_reported() {
     let bytes = gguf_with(None);
-    let err = ChatTemplate::from_gguf(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
+    let err = ChatTemplate::from_metadata(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
     assert_eq!(err, ChatError::NoTemplate);
     assert!(err.to_string().contains("no chat template"));
 }
@@ -75,7 +75,7 @@ fn missing_template_is_reported() {
 #[test]
 fn bos_and_eos_come_from_the_vocabulary() {
     let bytes = gguf_with(Some("{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"));
-    let tmpl = ChatTemplate::from_gguf(&Gguf::parse(&bytes).expect("parse")).expect("template");
+    let tmpl = ChatTemplate::from_metadata(&Gguf::parse(&bytes).expect("parse")).expect("template");
     let out = tmpl.render(&[Message::new("user", "a"), Message::new("assistant", "b")], false).expect("render");
     assert_eq!(out, "<s>a</s>b</s>");
 }

@@ -22,13 +22,12 @@ struct Reference {
 
 impl Reference {
     fn new(file: &ModelFile) -> Self {
-        let g = file.gguf().unwrap();
-        let t = g
+        let t = file
             .tensors
             .iter()
             .map(|ti| {
                 let mut v = vec![0f32; ti.n_elements() as usize];
-                quant::dequantize(ti.ty, g.tensor_data(ti), &mut v).unwrap();
+                quant::dequantize(ti.ty, file.tensor_bytes(ti), &mut v).unwrap();
                 (ti.name.clone(), v)
             })
             .collect();

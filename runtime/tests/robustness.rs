@@ -254,7 +254,7 @@ fn exercise(file: cairn::Result<ModelFile>, forward: bool, tokenizer: bool, t: &
     if tokenizer && t.tokenizers < max_tokenizers() {
         t.tokenizers += 1;
         let start = Instant::now();
-        match Tokenizer::from_gguf(&gguf) {
+        match Tokenizer::from_metadata(&gguf) {
             Ok(tok) => match tok.encode("Hello, world! <|im_start|> 123", true) {
                 Ok(ids) => {
                     if let Err(e) = tok.decode(&ids) {

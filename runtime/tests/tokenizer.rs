@@ -19,7 +19,7 @@ fn tokenizer() -> &'static Tokenizer {
     TOK.get_or_init(|| {
         let gguf = Gguf::parse(model_bytes()).expect("parse gguf");
         let t0 = std::time::Instant::now();
-        let tok = Tokenizer::from_gguf(&gguf).expect("build tokenizer");
+        let tok = Tokenizer::from_metadata(&gguf).expect("build tokenizer");
         eprintln!("tokenizer built in {:?}", t0.elapsed());
         tok
     })
@@ -219,7 +219,7 @@ fn tiny_gguf(model: &str, pre: Option<&str>) -> Vec<u8> {
 
 fn tiny(pre: Option<&str>) -> Result<Tokenizer, TokenizerError> {
     let bytes = tiny_gguf("gpt2", pre);
-    Tokenizer::from_gguf(&Gguf::parse(&bytes).expect("parse"))
+    Tokenizer::from_metadata(&Gguf::parse(&bytes).expect("parse"))
 }
 
 #[test]
@@ -257,7 +257,7 @@ fn synthetic_pre_tokenizers() {
 #[test]
 fn unsupported_vocabularies_are_clear_errors() {
     let bytes = tiny_gguf("bert", None);
-    let err = Tokenizer::from_gguf(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
+    let err = Tokenizer::from_metadata(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
     assert_eq!(err, TokenizerError::UnsupportedModel("bert".into()));
     assert!(err.to_string().contains("bert"));
 
@@ -265,7 +265,7 @@ fn unsupported_vocabularies_are_clear_errors() {
     assert_eq!(err, TokenizerError::UnsupportedPreTokenizer("no-such-pre".into()));
 
     let bytes = GgufBuilder::new().build();
-    let err = Tokenizer::from_gguf(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
+    let err = Tokenizer::from_metadata(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
     assert_eq!(err, TokenizerError::MissingKey("tokenizer.ggml.model"));
 
     let bytes = GgufBuilder::new()
@@ -273,7 +273,7 @@ fn unsupported_vocabularies_are_clear_errors() {
         .meta("tokenizer.ggml.tokens", strings(&["a", "b"]))
         .meta("tokenizer.ggml.merges", strings(&["a b"]))
         .build();
-    let err = Tokenizer::from_gguf(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
+    let err = Tokenizer::from_metadata(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
     assert!(matches!(err, TokenizerError::BadMetadata { .. }), "{err}");
 }
 

@@ -17,9 +17,8 @@ fn tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
         let file = ModelFile::open(&gemma_path()).expect("open gemma");
-        let gguf = file.gguf().expect("parse gguf");
         let t0 = std::time::Instant::now();
-        let tok = Tokenizer::from_gguf(&gguf).expect("build tokenizer");
+        let tok = Tokenizer::from_metadata(&file.metadata).expect("build tokenizer");
         let took = t0.elapsed();
         eprintln!("gemma tokenizer built in {took:?}");
         // A generous bound against regressions (typically well under 0.5 s), not a benchmark.
@@ -227,7 +226,7 @@ fn spm_gguf(scores: &[(&str, f32)], extra: &[(&str, MetaValue)]) -> Vec<u8> {
 }
 
 fn spm(scores: &[(&str, f32)], extra: &[(&str, MetaValue)]) -> Result<Tokenizer, TokenizerError> {
-    Tokenizer::from_gguf(&Gguf::parse(&spm_gguf(scores, extra)).expect("parse"))
+    Tokenizer::from_metadata(&Gguf::parse(&spm_gguf(scores, extra)).expect("parse"))
 }
 
 fn no_prefix() -> (&'static str, MetaValue) {
@@ -289,7 +288,7 @@ fn synthetic_spm_defaults_and_space_prefix() {
 
 #[test]
 fn synthetic_spm_malformed_metadata_is_an_error() {
-    let bad = |bytes: Vec<u8>| Tokenizer::from_gguf(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
+    let bad = |bytes: Vec<u8>| Tokenizer::from_metadata(&Gguf::parse(&bytes).expect("parse")).expect_err("must fail");
 
     // Scores of the wrong length.
     let bytes = GgufBuilder::new()
@@ -325,7 +324,7 @@ fn synthetic_spm_malformed_metadata_is_an_error() {
         .meta("tokenizer.ggml.unknown_token_id", MetaValue::I32(-1))
         .meta("tokenizer.ggml.add_space_prefix", MetaValue::Bool(false))
         .build();
-    let tok = Tokenizer::from_gguf(&Gguf::parse(&bytes).expect("parse")).expect("build");
+    let tok = Tokenizer::from_metadata(&Gguf::parse(&bytes).expect("parse")).expect("build");
     assert_eq!(tok.encode("ab", false).expect("encode"), vec![0, 1]);
     assert!(tok.encode("aé", false).is_err());
 }

@@ -14,7 +14,12 @@ use crate::sampling::{Sampler, SamplerConfig};
 use crate::weights::ModelFile;
 
 fn model_path(m: &ModelArgs) -> Result<PathBuf> {
-    pull::resolve_model(m.model.as_deref()).map_err(|e| Error::Fetch(e.to_string()))
+    resolve_model(m.model.as_deref())
+}
+
+/// A model name (fetched if needed) or a path.
+pub fn resolve_model(name: Option<&str>) -> Result<PathBuf> {
+    pull::resolve_model(name).map_err(|e| Error::Fetch(e.to_string()))
 }
 
 fn load(m: &ModelArgs) -> Result<Engine> {
@@ -186,17 +191,29 @@ pub fn info(m: &ModelArgs) -> Result<()> {
         }
         Err(e) => println!("hyper-parameters: {e}"),
     }
-    let mut by_type: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
+    let mut by_type: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
+    let (mut lin_bytes, mut lin_params) = (0u64, 0u64);
     for t in &file.tensors {
-        let e = by_type.entry(t.ty.name()).or_default();
+        let e = by_type.entry(t.ty.to_string()).or_default();
         e.0 += 1;
         e.1 += t.n_elements();
         e.2 += t.size;
+        if crate::convert::is_linear(t) {
+            lin_bytes += t.size;
+            lin_params += t.n_elements();
+        }
     }
+    for (k, v) in file.metadata.iter().filter(|(k, _)| k.starts_with("cairn.")) {
+        println!("{k}: {}", v.as_str().map(str::to_string).unwrap_or_else(|| format!("{v:?}")));
+    }
+    println!(
+        "linear weights: {lin_bytes} bytes, {lin_params} params, {:.3} bits/param",
+        lin_bytes as f64 * 8.0 / lin_params.max(1) as f64
+    );
     println!("{} tensors:", file.tensors.len());
     for (ty, (n, elems, bytes)) in by_type {
         println!(
-            "  {ty:6} {n:4} tensors {elems:>12} values {bytes:>12} bytes ({:.2} bits/value)",
+            "  {ty:10} {n:4} tensors {elems:>12} values {bytes:>12} bytes ({:.2} bits/value)",
             bytes as f64 * 8.0 / elems as f64
         );
     }

@@ -105,6 +105,21 @@ enum Command {
         #[arg(short = 'o', long, default_value = "md", value_parser = ["md", "json"])]
         output: String,
     },
+    /// Re-encode a model's linear weights into a .cairn file.
+    Convert {
+        /// Source model: a name (see `cairn pull`), a .gguf or a .cairn file.
+        #[arg(short, long)]
+        model: Option<String>,
+        /// f16, fq8, fq4, fq8-auto, fq4-auto (FineQuant), rtn2, rtn3, rtn4 (round to nearest).
+        #[arg(short, long)]
+        quant: String,
+        /// Group size for fq8, fq4 and rtn* (a multiple of 32; default 64).
+        #[arg(short, long)]
+        group: Option<usize>,
+        /// Output .cairn file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Architecture, hyper-parameters, tensor types and sizes.
     Info {
         #[command(flatten)]
@@ -114,7 +129,7 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Model name (see `cairn pull`) or path to a .gguf file.
+    /// Model name (see `cairn pull`) or path to a .gguf or .cairn file.
     #[arg(short, long)]
     model: Option<String>,
     /// CPU threads (default: all cores).
@@ -189,5 +204,10 @@ pub fn run() -> Result<()> {
         Command::Perplexity { model, file, ctx, windows } => commands::perplexity(&model, &file, ctx, windows),
         Command::Bench { model, prompt, gen, reps, output } => commands::bench(&model, prompt, gen, reps, &output),
         Command::Info { model } => commands::info(&model),
+        Command::Convert { model, quant, group, output } => {
+            let quant = crate::convert::Quant::parse(&quant, group)?;
+            let input = commands::resolve_model(model.as_deref())?;
+            crate::convert::run(&input, quant, &output)
+        }
     }
 }

@@ -87,6 +87,7 @@ pub fn supports(isa: Isa, ty: GgmlType) -> bool {
     match ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => true,
         GgmlType::Q4K | GgmlType::Q6K => isa != Isa::NeonDot,
+        GgmlType::Fine(_) => true,
         _ => false,
     }
 }
@@ -127,7 +128,10 @@ fn round_f16(x: f32) -> f32 {
 
 /// Whether a block type has its own minimum (its offset term uses `s`).
 pub fn has_min(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
+    match ty {
+        GgmlType::Fine(ft) => !ft.sym(),
+        _ => matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1),
+    }
 }
 
 impl Q8Acts {
@@ -193,8 +197,9 @@ pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, 
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => x86::matvec(isa, ty, w, row_bytes, x, out),
+        // No NEON FineQuant kernel yet: the scalar one is exact, only slower.
         #[cfg(target_arch = "aarch64")]
-        Isa::NeonDot => neon::matvec(ty, w, row_bytes, x, out),
+        Isa::NeonDot if !matches!(ty, GgmlType::Fine(_)) => neon::matvec(ty, w, row_bytes, x, out),
         _ => scalar::matvec(ty, w, row_bytes, x, out),
     }
 }

@@ -1,6 +1,6 @@
 //! The reference: each block decoded to (u, d, m), then plain integer loops.
 
-use cairn_formats::GgmlType;
+use cairn_formats::{fine, GgmlType};
 use half::f16;
 
 use super::{Q8Row, QK};
@@ -87,6 +87,12 @@ pub fn unpack32(ty: GgmlType, row: &[u8], b: usize) -> ([i16; QK], [f32; 2], f32
             let (d, sc) = (f16_at(sb, 208), &sb[192..208]);
             let s = |k: usize| d * (sc[8 * h + 2 * part + k] as i8) as f32;
             (w, [s(0), s(1)], 0.0)
+        }
+        GgmlType::Fine(ft) => {
+            let (c, h) = ft.run_offsets(b);
+            fine::unpack_run(ft, &row[c..c + ft.run_bytes()], &mut w);
+            let (d, m) = fine::header(ft, &row[h..]);
+            (w, [d, d], ft.offset(d, m))
         }
         _ => {
             let bs = ty.type_size();

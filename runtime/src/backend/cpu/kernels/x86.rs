@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use cairn_formats::GgmlType;
+use cairn_formats::{FineType, GgmlType};
 
 use super::repack::R8;
 use super::{Isa, Q8Acts, Q8Row, QK};
@@ -446,6 +446,9 @@ fn check(ty: GgmlType, w: &[u8], row_bytes: usize, cols: usize, rows_out: usize)
 }
 
 pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]) {
+    if let GgmlType::Fine(ft) = ty {
+        return fine(isa, ft, &w[..out.len() * row_bytes], row_bytes, &[x], out);
+    }
     check(ty, w, row_bytes, x.qs.len(), out.len());
     // SAFETY: `check` ensured the weight rows and activation blocks the kernel reads
     // exist, and `isa` only names instruction sets `Isa::available` detected.
@@ -458,6 +461,10 @@ pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, 
 }
 
 pub fn matmul(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: &Q8Acts, out: &mut [f32]) {
+    if let GgmlType::Fine(ft) = ty {
+        let xs: Vec<Q8Row<'_>> = (0..x.rows).map(|t| x.row(t)).collect();
+        return fine(isa, ft, w, row_bytes, &xs, out);
+    }
     let rows = w.len() / row_bytes;
     check(ty, w, row_bytes, x.cols, rows);
     assert!(out.len() >= rows * x.rows, "output too short");
@@ -535,6 +542,174 @@ pub fn packed(isa: Isa, ty: GgmlType, packed: &[u8], rows: usize, x: &Q8Acts, ou
         match isa {
             Isa::Avx512Vnni => packed_vnni(ty, packed, rows, nb, x, out),
             _ => packed_avx2(ty, packed, rows, nb, x, out),
+        }
+    }
+}
+
+// ---- FineQuant types: groups of runs sharing one header, the last group maybe short.
+
+/// Code widths, as const parameters (symmetry is a per-group branch that predicts).
+const F2: u8 = 2;
+const F3: u8 = 3;
+const F4: u8 = 4;
+const F8: u8 = 8;
+
+/// 0xFF in byte j where bit j of `bits` is set.
+#[inline(always)]
+unsafe fn bit_mask(bits: u32) -> __m256i {
+    let v = _mm256_set1_epi32(bits as i32);
+    let idx = _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
+    let bytes = _mm256_shuffle_epi8(v, idx);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit)
+}
+
+/// The 32 codes of one run (signed for 8 bits, unsigned otherwise); see `fine.rs`.
+#[inline(always)]
+unsafe fn fine_run<const K: u8>(p: *const u8) -> __m256i {
+    match K {
+        F2 | F3 => {
+            let v = _mm256_set1_epi64x((p as *const i64).read_unaligned());
+            let lo = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3));
+            if K == F3 {
+                let hi = bit_mask((p.add(8) as *const u32).read_unaligned());
+                _mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi8(4)))
+            } else {
+                lo
+            }
+        }
+        F4 => nibbles(p),
+        _ => _mm256_loadu_si256(p as *const __m256i),
+    }
+}
+
+/// An R-rows × C-tokens tile of a FineQuant matrix: `out[c * ld + r] = w_r · x_c`.
+///
+/// Safety: `w` holds R rows of `ft.row_bytes(32 · nb)` bytes at stride `row_bytes`;
+/// each `xs[c]` has `nb` runs; `out` has room for `(C - 1) * ld + R` values.
+#[inline(always)]
+unsafe fn fine_tile<D: Dot, const K: u8, const R: usize, const C: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    ft: FineType,
+    nb: usize,
+    xs: [Q8Row<'_>; C],
+    out: *mut f32,
+    ld: usize,
+) {
+    let (hdr, rb, per) = (ft.header_bytes(), ft.run_bytes(), ft.group() / QK);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut off = [[0f32; C]; R];
+    let (mut b, mut at) = (0, 0);
+    while b < nb {
+        let runs = per.min(nb - b);
+        let mut d = [_mm256_setzero_ps(); R];
+        let mut m = [0f32; R];
+        for r in 0..R {
+            let h = w.add(r * row_bytes + at);
+            let (dr, mr) = if ft.sym() { (f16x2(h).0, 0.0) } else { f16x2(h) };
+            d[r] = _mm256_set1_ps(dr);
+            m[r] = ft.offset(dr, mr);
+        }
+        at += hdr;
+        for j in 0..runs {
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(r * row_bytes + at + PREFETCH) as *const i8);
+            }
+            let mut u = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                u[r] = fine_run::<K>(w.add(r * row_bytes + at));
+            }
+            let bj = b + j;
+            for c in 0..C {
+                let xv = _mm256_loadu_si256(xs[c].qs.as_ptr().add(bj * QK) as *const __m256i);
+                let dx = *xs[c].d.get_unchecked(bj);
+                // Asymmetric groups use ggml's f16-rounded d·sum, as Q4_1 does, so that a
+                // 4-bit group of 32 gives exactly Q4_1's result.
+                let sx = if ft.sym() { dx * *xs[c].sum.get_unchecked(bj) as f32 } else { *xs[c].s.get_unchecked(bj) };
+                for r in 0..R {
+                    let p = if K == F8 {
+                        D::dot(_mm256_sign_epi8(u[r], u[r]), _mm256_sign_epi8(xv, u[r]))
+                    } else {
+                        D::dot(u[r], xv)
+                    };
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d[r], _mm256_set1_ps(dx)), acc[r][c]);
+                    off[r][c] += m[r] * sx;
+                }
+            }
+            at += rb;
+        }
+        b += runs;
+    }
+    for r in 0..R {
+        for c in 0..C {
+            *out.add(c * ld + r) = hsum(acc[r][c]) + off[r][c];
+        }
+    }
+}
+
+/// FineQuant rows × activation rows (`x.rows` = 1 is the decode case) in 4 × 4 tiles.
+#[inline(always)]
+unsafe fn fine_body<D: Dot, const K: u8>(ft: FineType, w: &[u8], row_bytes: usize, x: &[Q8Row<'_>], out: &mut [f32]) {
+    let nb = x.first().map_or(0, |x| x.qs.len() / QK);
+    let (rows, n) = (w.len() / row_bytes, x.len());
+    let o = out.as_mut_ptr();
+    let mut r = 0;
+    while r < rows {
+        let wr = w.as_ptr().add(r * row_bytes);
+        let mut c = 0;
+        if r + 4 <= rows {
+            while c + 4 <= n {
+                let xs = [x[c], x[c + 1], x[c + 2], x[c + 3]];
+                fine_tile::<D, K, 4, 4>(wr, row_bytes, ft, nb, xs, o.add(c * rows + r), rows);
+                c += 4;
+            }
+            while c < n {
+                fine_tile::<D, K, 4, 1>(wr, row_bytes, ft, nb, [x[c]], o.add(c * rows + r), rows);
+                c += 1;
+            }
+            r += 4;
+        } else {
+            while c < n {
+                fine_tile::<D, K, 1, 1>(wr, row_bytes, ft, nb, [x[c]], o.add(c * rows + r), rows);
+                c += 1;
+            }
+            r += 1;
+        }
+    }
+}
+
+macro_rules! fine_entry {
+    ($name:ident, $dot:ty, $features:literal) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(ft: FineType, w: &[u8], row_bytes: usize, x: &[Q8Row<'_>], out: &mut [f32]) {
+            match ft.bits() {
+                2 => fine_body::<$dot, F2>(ft, w, row_bytes, x, out),
+                3 => fine_body::<$dot, F3>(ft, w, row_bytes, x, out),
+                4 => fine_body::<$dot, F4>(ft, w, row_bytes, x, out),
+                _ => fine_body::<$dot, F8>(ft, w, row_bytes, x, out),
+            }
+        }
+    };
+}
+
+fine_entry!(fine_avx2, Avx2, "avx2,fma,f16c");
+fine_entry!(fine_vnni, Vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+
+/// FineQuant weights × activation rows `x` (of equal length): `out[t * rows + r]`.
+pub fn fine(isa: Isa, ft: FineType, w: &[u8], row_bytes: usize, x: &[Q8Row<'_>], out: &mut [f32]) {
+    let rows = w.len() / row_bytes.max(1);
+    let cols = x.first().map_or(0, |x| x.qs.len());
+    check(GgmlType::Fine(ft), w, row_bytes, cols, rows);
+    assert!(out.len() >= rows * x.len(), "output too short");
+    assert!(x.iter().all(|x| x.qs.len() == cols && x.d.len() * QK >= cols && x.s.len() * QK >= cols && x.sum.len() * QK >= cols), "activations too short");
+    // SAFETY: `check` tied `row_bytes` to `x.cols` columns of `ft` (so every group
+    // header and run the tile walks is inside its row) and bounded the rows; the output
+    // and activations were bounded above; `isa` was detected.
+    unsafe {
+        match isa {
+            Isa::Avx512Vnni => fine_vnni(ft, w, row_bytes, x, out),
+            _ => fine_avx2(ft, w, row_bytes, x, out),
         }
     }
 }
