@@ -200,7 +200,13 @@ pub fn run(input: &Path, quant: Quant, output: &Path) -> Result<()> {
             lin_params += m.params;
             let tried: Vec<String> = m.tried.iter().map(|(g, e)| format!("g{g} {e:.3e}")).collect();
             let why = if tried.is_empty() { String::new() } else { format!("  (squared error: {})", tried.join(", ")) };
-            bar.println(format!("{:<28} {:<10} {:>6.3} bits/param{why}", m.name, m.ty.to_string(), bits(m.bytes, m.params)));
+            let line = format!("{:<28} {:<10} {:>6.3} bits/param{why}", m.name, m.ty.to_string(), bits(m.bytes, m.params));
+            // A hidden bar (stderr not a terminal) would swallow the line.
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
         },
     )?;
     bar.finish_and_clear();

@@ -209,3 +209,90 @@ fn k_quant_kernels() {
         }
     }
 }
+
+/// Every FineQuant code width, symmetric and not, with groups that divide the rows and
+/// groups that leave a short last group (576 = 4·128 + 64).
+fn fine_types() -> Vec<GgmlType> {
+    let mut v = Vec::new();
+    for (bits, sym) in [(2u8, false), (3, false), (4, false), (4, true), (8, true)] {
+        for group in [32, 64, 96, 128, 256] {
+            v.push(GgmlType::Fine(cairn_formats::FineType::new(bits, sym, group).unwrap()));
+        }
+    }
+    v
+}
+
+fn fine_weights(rng: &mut SplitMix, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+    let mut w = vec![0u8; rows * rb];
+    let x = random(rng, rows * cols, 0.5);
+    for (dst, src) in w.chunks_exact_mut(rb).zip(x.chunks_exact(cols)) {
+        quant::quantize(ty, src, dst).unwrap();
+    }
+    w
+}
+
+#[test]
+fn fine_scalar_kernel_equals_dequantized_math() {
+    let mut rng = SplitMix(11);
+    for ty in fine_types() {
+        let cols = 576;
+        let w = fine_weights(&mut rng, ty, 1, cols);
+        let x = random(&mut rng, cols, 3.0);
+        let mut q = Q8Acts::default();
+        q.quantize(&x, 1, cols);
+        let xh: Vec<f32> = (0..cols).map(|i| q.qs[i] as f32 * q.d[i / QK]).collect();
+        let mut wf = vec![0f32; cols];
+        quant::dequantize(ty, &w, &mut wf).unwrap();
+        let want: f64 = wf.iter().zip(&xh).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let size: f64 = wf.iter().zip(&xh).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+        let mut got = [0f32];
+        kernels::matvec(Isa::Scalar, ty, &w, w.len(), q.row(0), &mut got);
+        assert!((got[0] as f64 - want).abs() < 1e-3 * size, "{ty}: {} vs {want}", got[0]);
+    }
+}
+
+#[test]
+fn fine_simd_kernels_equal_scalar() {
+    let mut rng = SplitMix(12);
+    for isa in Isa::available() {
+        for ty in fine_types() {
+            for (rows, n, cols) in [(7, 1, 576), (4, 4, 1536), (9, 5, 96), (1, 1, 32), (5, 3, 320)] {
+                if ty.row_bytes(cols as u64).is_err() {
+                    continue;
+                }
+                let w = fine_weights(&mut rng, ty, rows, cols);
+                let rb = w.len() / rows;
+                let mut q = Q8Acts::default();
+                q.quantize(&random(&mut rng, n * cols, 2.0), n, cols);
+                let (mut got, mut want) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+                kernels::matmul(isa, ty, &w, rb, &q, &mut got);
+                kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
+                for i in 0..rows * n {
+                    close(got[i], want[i], &format!("{} {ty} matmul {rows}x{n}x{cols} at {i}", isa.name()));
+                }
+                let mut one = vec![0f32; rows];
+                kernels::matvec(isa, ty, &w, rb, q.row(0), &mut one);
+                for r in 0..rows {
+                    close(one[r], want[r], &format!("{} {ty} matvec {rows}x{cols} row {r}", isa.name()));
+                }
+            }
+        }
+    }
+}
+
+/// An asymmetric int4 group of 32 is a Q4_1 block and a symmetric int8 one a Q8_0
+/// block, byte for byte: the backends run them as those types.
+#[test]
+fn fine_groups_of_32_are_ggml_blocks() {
+    let mut rng = SplitMix(13);
+    for (bits, sym, ggml) in [(4u8, false, GgmlType::Q4_1), (8, true, GgmlType::Q8_0)] {
+        let ty = GgmlType::Fine(cairn_formats::FineType::new(bits, sym, 32).unwrap());
+        assert_eq!(ty.canonical(), ggml);
+        let w = fine_weights(&mut rng, ty, 1, 256);
+        let (mut a, mut b) = (vec![0f32; 256], vec![0f32; 256]);
+        quant::dequantize(ty, &w, &mut a).unwrap();
+        quant::dequantize(ggml, &w, &mut b).unwrap();
+        assert_eq!(a, b, "{ty} vs {ggml}");
+    }
+}
