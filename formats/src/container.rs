@@ -262,11 +262,14 @@ pub fn verify_tensor(t: &TensorInfo, stored: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A tensor waiting to be written: name, dims, type, bytes, alignment.
+type PendingTensor = (String, Vec<u64>, GgmlType, Vec<u8>, u64);
+
 /// Builds a `.cairn` file in memory.
 #[derive(Debug, Default, Clone)]
 pub struct CairnBuilder {
     metadata: Vec<(String, MetaValue)>,
-    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>, u64)>,
+    tensors: Vec<PendingTensor>,
     stack: Option<Vec<u8>>,
 }
 

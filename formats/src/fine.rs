@@ -57,7 +57,9 @@ impl FineType {
         };
         if !ok_bits {
             let kind = if sym { "symmetric" } else { "asymmetric" };
-            return Err(Error::invalid(format!("no {kind} {bits}-bit FineQuant type (int2/int3 asym, int4, int8 sym)")));
+            return Err(Error::invalid(format!(
+                "no {kind} {bits}-bit FineQuant type (int2/int3 asym, int4, int8 sym)"
+            )));
         }
         if group == 0 || !group.is_multiple_of(RUN) || group > 4096 {
             return Err(Error::invalid(format!("group size {group} is not a multiple of 32 between 32 and 4096")));
@@ -312,11 +314,13 @@ fn assign(ft: FineType, x: &[f32], d: f32, m: f32, codes: &mut [i16]) {
 
 fn group_error(ft: FineType, x: &[f32], codes: &[i16], d: f32, m: f32) -> f64 {
     let off = ft.offset(d, m);
-    x.iter().zip(codes).map(|(&x, &u)| {
-        let e = (d * u as f32 + off - x) as f64;
-        e * e
-    })
-    .sum()
+    x.iter()
+        .zip(codes)
+        .map(|(&x, &u)| {
+            let e = (d * u as f32 + off - x) as f64;
+            e * e
+        })
+        .sum()
 }
 
 /// Scale and minimum (f16-rounded, as stored) and the codes of one group.

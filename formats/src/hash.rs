@@ -33,8 +33,7 @@ pub fn xxh64(data: &[u8], seed: u64) -> u64 {
     let mut h;
     let mut rest = data;
     if len >= 32 {
-        let mut v =
-            [seed.wrapping_add(P1).wrapping_add(P2), seed.wrapping_add(P2), seed, seed.wrapping_sub(P1)];
+        let mut v = [seed.wrapping_add(P1).wrapping_add(P2), seed.wrapping_add(P2), seed, seed.wrapping_sub(P1)];
         let stripes = rest.chunks_exact(32);
         let tail = stripes.remainder();
         for s in stripes {

@@ -51,7 +51,10 @@ fn bytes(seed: u64, n: usize) -> Vec<u8> {
         .collect()
 }
 
-fn sample_file(stack: bool) -> (Vec<u8>, Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>) {
+/// Name, dims, type and bytes of a tensor written to a sample file.
+type Written = (String, Vec<u64>, GgmlType, Vec<u8>);
+
+fn sample_file(stack: bool) -> (Vec<u8>, Vec<Written>) {
     let mut b = CairnBuilder::new();
     for (k, v) in metadata() {
         b.meta(&k, v);
@@ -204,7 +207,8 @@ fn first_entry_fields(f: &[u8]) -> usize {
 fn hostile_contents_behind_valid_checksums_are_refused() {
     let (file, _) = sample_file(true);
     let at = first_entry_fields(&file);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("version", Box::new(|f| f[8] = 9)),
         ("outside the file", Box::new(|f| f[40..48].copy_from_slice(&(1u64 << 40).to_le_bytes()))),
         ("unknown type", Box::new(move |f| f[at..at + 4].copy_from_slice(&77u32.to_le_bytes()))),

@@ -156,9 +156,8 @@ fn adaptive_groups_follow_outliers() {
         }
     }
     let base = FineType::new(4, false, 256).unwrap();
-    let pick = |w: &[f32]| {
-        fine::choose_group(base, fine::AUTO_THRESHOLD, |ft| fine::matrix_error(ft, Rounding::Search, w, n))
-    };
+    let pick =
+        |w: &[f32]| fine::choose_group(base, fine::AUTO_THRESHOLD, |ft| fine::matrix_error(ft, Rounding::Search, w, n));
     let (a, b) = (pick(&smooth), pick(&spiky));
     assert!(a.group > b.group, "smooth {:?} vs spiky {:?}", a, b);
     assert_eq!(b.group, 32, "{b:?}");

@@ -23,11 +23,19 @@ use crate::weights::ModelFile;
 pub enum Quant {
     F16,
     /// FineQuant: fixed group size.
-    Fine { bits: u8, group: usize },
+    Fine {
+        bits: u8,
+        group: usize,
+    },
     /// FineQuant with the adaptive per-matrix group rule.
-    FineAuto { bits: u8 },
+    FineAuto {
+        bits: u8,
+    },
     /// Plain round to nearest (min-max, asymmetric) with a fixed group.
-    Rtn { bits: u8, group: usize },
+    Rtn {
+        bits: u8,
+        group: usize,
+    },
 }
 
 impl Quant {
@@ -117,7 +125,8 @@ pub fn convert(
             Quant::F16 => (GgmlType::F16, vec![]),
             Quant::Fine { bits, group } | Quant::Rtn { bits, group } => (fine_type(bits, group)?, vec![]),
             Quant::FineAuto { bits } => {
-                let base = FineType::new(bits, bits == 8, fine::AUTO_GROUPS[0]).map_err(|e| Error::input(e.to_string()))?;
+                let base =
+                    FineType::new(bits, bits == 8, fine::AUTO_GROUPS[0]).map_err(|e| Error::input(e.to_string()))?;
                 let c = fine::choose_group(base, fine::AUTO_THRESHOLD, |ft| {
                     w.par_chunks(cols).map(|r| fine::row_error(ft, Rounding::Search, r)).sum()
                 });
@@ -127,18 +136,14 @@ pub fn convert(
         let rounding = if matches!(quant, Quant::Rtn { .. }) { Rounding::MinMax } else { Rounding::Search };
         let rb = ty.row_bytes(cols as u64).map_err(|e| Error::model(format!("{}: {e}", t.name)))? as usize;
         let mut out = vec![0u8; rb * rows];
-        out.par_chunks_mut(rb).zip(w.par_chunks(cols)).try_for_each(|(dst, src)| match ty {
-            GgmlType::Fine(ft) => fine::quantize_row(ft, rounding, src, dst),
-            _ => quant::quantize(ty, src, dst),
-        })
-        .map_err(|e| Error::model(format!("{}: {e}", t.name)))?;
-        report(&MatrixReport {
-            name: t.name.clone(),
-            ty,
-            tried,
-            bytes: out.len() as u64,
-            params: t.n_elements(),
-        });
+        out.par_chunks_mut(rb)
+            .zip(w.par_chunks(cols))
+            .try_for_each(|(dst, src)| match ty {
+                GgmlType::Fine(ft) => fine::quantize_row(ft, rounding, src, dst),
+                _ => quant::quantize(ty, src, dst),
+            })
+            .map_err(|e| Error::model(format!("{}: {e}", t.name)))?;
+        report(&MatrixReport { name: t.name.clone(), ty, tried, bytes: out.len() as u64, params: t.n_elements() });
         b.tensor(&t.name, &t.dims, ty, out).map_err(|e| Error::model(e.to_string()))?;
         done += t.n_elements();
         progress(done, total);
@@ -200,7 +205,8 @@ pub fn run(input: &Path, quant: Quant, output: &Path) -> Result<()> {
             lin_params += m.params;
             let tried: Vec<String> = m.tried.iter().map(|(g, e)| format!("g{g} {e:.3e}")).collect();
             let why = if tried.is_empty() { String::new() } else { format!("  (squared error: {})", tried.join(", ")) };
-            let line = format!("{:<28} {:<10} {:>6.3} bits/param{why}", m.name, m.ty.to_string(), bits(m.bytes, m.params));
+            let line =
+                format!("{:<28} {:<10} {:>6.3} bits/param{why}", m.name, m.ty.to_string(), bits(m.bytes, m.params));
             // A hidden bar (stderr not a terminal) would swallow the line.
             if bar.is_hidden() {
                 eprintln!("{line}");

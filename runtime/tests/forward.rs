@@ -11,7 +11,7 @@ use cairn::backend::cpu::CpuBackend;
 use cairn::model::{self, Logits};
 use cairn::synthetic::{llama_gguf, SyntheticConfig};
 use cairn::weights::ModelFile;
-use cairn_formats::{quant, GgmlType};
+use cairn_formats::GgmlType;
 
 /// The llama architecture, written as plainly as possible.
 struct Reference {

@@ -617,8 +617,8 @@ unsafe fn fine_tile<D: Dot, const K: u8, const R: usize, const C: usize>(
                 _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(r * row_bytes + at + PREFETCH) as *const i8);
             }
             let mut u = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                u[r] = fine_run::<K>(w.add(r * row_bytes + at));
+            for (r, u) in u.iter_mut().enumerate() {
+                *u = fine_run::<K>(w.add(r * row_bytes + at));
             }
             let bj = b + j;
             for c in 0..C {
@@ -633,7 +633,8 @@ unsafe fn fine_tile<D: Dot, const K: u8, const R: usize, const C: usize>(
                     } else {
                         D::dot(u[r], xv)
                     };
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d[r], _mm256_set1_ps(dx)), acc[r][c]);
+                    acc[r][c] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d[r], _mm256_set1_ps(dx)), acc[r][c]);
                     off[r][c] += m[r] * sx;
                 }
             }
@@ -702,7 +703,13 @@ pub fn fine(isa: Isa, ft: FineType, w: &[u8], row_bytes: usize, x: &[Q8Row<'_>],
     let cols = x.first().map_or(0, |x| x.qs.len());
     check(GgmlType::Fine(ft), w, row_bytes, cols, rows);
     assert!(out.len() >= rows * x.len(), "output too short");
-    assert!(x.iter().all(|x| x.qs.len() == cols && x.d.len() * QK >= cols && x.s.len() * QK >= cols && x.sum.len() * QK >= cols), "activations too short");
+    assert!(
+        x.iter().all(|x| x.qs.len() == cols
+            && x.d.len() * QK >= cols
+            && x.s.len() * QK >= cols
+            && x.sum.len() * QK >= cols),
+        "activations too short"
+    );
     // SAFETY: `check` tied `row_bytes` to `x.cols` columns of `ft` (so every group
     // header and run the tile walks is inside its row) and bounded the rows; the output
     // and activations were bounded above; `isa` was detected.
