@@ -88,6 +88,17 @@ impl ModelFile {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
+    /// Check every tensor's data checksum (`.cairn`; a GGUF has none): `Ok(n)` with the
+    /// number verified.
+    pub fn verify_all(&self) -> Result<usize> {
+        let Some(sums) = &self.checksums else { return Ok(0) };
+        for (t, &sum) in self.tensors.iter().zip(sums) {
+            container::verify_tensor(t, sum, self.tensor_bytes(t))
+                .map_err(|source| Error::Format { path: self.path.clone(), source })?;
+        }
+        Ok(sums.len())
+    }
+
     /// The raw bytes of tensor `t` (unverified).
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
         &self.storage.bytes()[t.offset as usize..(t.offset + t.size) as usize]

@@ -369,3 +369,25 @@ fn harness_sees_success_and_output() {
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     assert!(o.stdout.contains("llama"), "{}", o.stdout);
 }
+
+#[test]
+fn convert_refuses_bad_arguments_and_inputs() {
+    let dir = TempDir::new();
+    let model = dir.file("m.gguf", &synthetic());
+    let out = dir.0.join("out.cairn");
+    let out = out.to_str().unwrap();
+    check(&dir, &["convert", "-m", &model, "-q", "fq5", "-o", out], &["unknown --quant fq5"]);
+    check(&dir, &["convert", "-m", &model, "-q", "fq4", "-g", "48", "-o", out], &["--group 48", "multiple of 32"]);
+    check(&dir, &["convert", "-m", &model, "-q", "fq4-auto", "-g", "64", "-o", out], &["--group does not apply"]);
+    let missing = dir.0.join("missing.gguf");
+    check(&dir, &["convert", "-m", missing.to_str().unwrap(), "-q", "fq4", "-o", out], &["missing.gguf"]);
+    // A corrupt .cairn as the source: the tensor is named.
+    let o = cairn(&dir, &["convert", "-m", &model, "-q", "fq4", "-g", "32", "-o", out]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let mut bytes = std::fs::read(out).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    let bad = dir.file("bad.cairn", &bytes);
+    check(&dir, &["info", "-m", &bad], &["output_norm.weight", "checksum"]);
+    check(&dir, &["generate", "-m", &bad, "-p", "hi"], &["checksum"]);
+}

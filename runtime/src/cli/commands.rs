@@ -178,7 +178,11 @@ pub fn info(m: &ModelArgs) -> Result<()> {
     let path = model_path(m)?;
     let file = ModelFile::open(&path)?;
     let c = crate::model::ModelConfig::from_file(&file);
-    println!("file: {} ({} bytes)", path.display(), file.file_bytes());
+    println!("file: {} ({} bytes, {:?})", path.display(), file.file_bytes(), file.kind);
+    let verified = file.verify_all()?;
+    if verified > 0 {
+        println!("checksums: all {verified} tensors verified");
+    }
     for key in ["general.name", "general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre"] {
         if let Some(v) = file.meta(key).and_then(|v| v.as_str()) {
             println!("{key}: {v}");
