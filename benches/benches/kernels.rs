@@ -1,11 +1,12 @@
 //! The hot kernels at SmolLM2-135M's shapes: quantized matvec (decode) and matmul
-//! (prefill) per block type, attention at several context lengths, norms, RoPE.
+//! (prefill) per weight type (ggml's and FineQuant's), attention at several context
+//! lengths, norms, RoPE.
 
-use cairn::backend::cpu::kernels::{self, Isa, Q8Acts, QK};
+use cairn::backend::cpu::kernels::{self, Isa, Q8Acts};
 use cairn::backend::cpu::CpuBackend;
 use cairn::backend::{AttnParams, Backend, RopeStyle};
 use cairn::synthetic::SplitMix;
-use cairn_formats::{quant, GgmlType};
+use cairn_formats::{quant, FineType, GgmlType};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn random(rng: &mut SplitMix, n: usize) -> Vec<f32> {
@@ -14,9 +15,19 @@ fn random(rng: &mut SplitMix, n: usize) -> Vec<f32> {
 
 fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
     let mut rng = SplitMix(1);
-    let mut w = vec![0u8; rows * cols / QK * ty.type_size()];
-    quant::quantize(ty, &random(&mut rng, rows * cols), &mut w).expect("quantize");
+    // Row by row: FineQuant types encode one row at a time (their last group may be short).
+    let rb = ty.row_bytes(cols as u64).expect("row size") as usize;
+    let mut w = vec![0u8; rows * rb];
+    let x = random(&mut rng, rows * cols);
+    for (dst, src) in w.chunks_exact_mut(rb).zip(x.chunks_exact(cols)) {
+        quant::quantize(ty, src, dst).expect("quantize");
+    }
     w
+}
+
+/// FineQuant and RTN types as `cairn convert` writes them.
+fn fine(bits: u8, group: usize) -> GgmlType {
+    GgmlType::Fine(FineType::new(bits, bits == 8, group).expect("fine type"))
 }
 
 /// (rows, cols) of SmolLM2's matrices: q/o, k/v, gate/up, down, the output head.
@@ -26,7 +37,9 @@ fn matvec(c: &mut Criterion) {
     let mut g = c.benchmark_group("matvec");
     let mut rng = SplitMix(2);
     for isa in Isa::available() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+        let types = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, fine(4, 64), fine(4, 128)];
+        let types = types.into_iter().chain([fine(8, 64), fine(3, 32), fine(2, 32)]);
+        for ty in types {
             for (rows, cols) in SHAPES {
                 let w = weights(ty, rows, cols);
                 let mut q = Q8Acts::default();
@@ -46,7 +59,7 @@ fn matmul(c: &mut Criterion) {
     let mut rng = SplitMix(3);
     let n = 64;
     for isa in Isa::available() {
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0, fine(4, 64), fine(8, 64), fine(2, 32)] {
             for (rows, cols) in [(576, 576), (1536, 576), (576, 1536)] {
                 let w = weights(ty, rows, cols);
                 let mut q = Q8Acts::default();
