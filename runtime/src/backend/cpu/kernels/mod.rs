@@ -197,9 +197,8 @@ pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, 
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => x86::matvec(isa, ty, w, row_bytes, x, out),
-        // No NEON FineQuant kernel yet: the scalar one is exact, only slower.
         #[cfg(target_arch = "aarch64")]
-        Isa::NeonDot if !matches!(ty, GgmlType::Fine(_)) => neon::matvec(ty, w, row_bytes, x, out),
+        Isa::NeonDot => neon::matvec(ty, w, row_bytes, x, out),
         _ => scalar::matvec(ty, w, row_bytes, x, out),
     }
 }

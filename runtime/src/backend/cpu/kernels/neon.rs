@@ -58,11 +58,40 @@ unsafe fn dot(ty: GgmlType, w: &[u8], x: Q8Row<'_>) -> f32 {
     vaddvq_f32(acc) + off
 }
 
+/// One FineQuant row: each run of 32 codes unpacked by the scalar reference (codes fit
+/// i8: unsigned ones are at most 15, 8-bit ones are signed), then `vdotq_s32`.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn dot_fine(ty: GgmlType, w: &[u8], x: Q8Row<'_>) -> f32 {
+    let mut acc = vdupq_n_f32(0.0);
+    let mut off = 0f32;
+    let mut u = [0i8; QK];
+    for b in 0..x.qs.len() / QK {
+        let (codes, d, m) = scalar::unpack32(ty, w, b);
+        for (u, c) in u.iter_mut().zip(codes) {
+            *u = c as i8;
+        }
+        let ua = vld1q_s8(u.as_ptr());
+        let ub = vld1q_s8(u.as_ptr().add(16));
+        let xa = vld1q_s8(x.qs.as_ptr().add(b * QK));
+        let xb = vld1q_s8(x.qs.as_ptr().add(b * QK + 16));
+        let p = vdotq_s32(vdotq_s32(vdupq_n_s32(0), ua, xa), ub, xb);
+        let dx = x.d[b];
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), d[0] * dx);
+        off += m * if super::has_min(ty) { x.s[b] } else { dx * x.sum[b] as f32 };
+    }
+    vaddvq_f32(acc) + off
+}
+
 pub fn matvec(ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, out: &mut [f32]) {
-    assert!(w.len() >= out.len() * row_bytes && x.qs.len() == row_bytes / ty.type_size() * QK);
+    assert!(w.len() >= out.len() * row_bytes && ty.row_bytes(x.qs.len() as u64) == Ok(row_bytes as u64));
     for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
         // SAFETY: `Isa::NeonDot` is only chosen when neon and dotprod were detected;
         // the assertion above bounds every block read.
-        *o = unsafe { dot(ty, row, x) };
+        *o = unsafe {
+            match ty {
+                GgmlType::Fine(_) => dot_fine(ty, row, x),
+                _ => dot(ty, row, x),
+            }
+        };
     }
 }
