@@ -4,16 +4,19 @@
 # perplexity on the reference text (both conventions) and, with `bench`, pp512/tg128.
 #
 #   benches/formats_table.sh [ppl|bench|all]   (default all; outputs go to $OUT)
+#
+# MODEL=gemma3-270m picks another model, ONLY="source fq4-g64" a subset of the
+# formats, WINDOWS=N limits perplexity to N windows of 512 tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PHASE=${1:-all}
-OUT=${OUT:-target/formats-table}
+MODEL=${MODEL:-smollm2-135m-instruct}
+OUT=${OUT:-target/formats-table/$MODEL}
 TEXT=${TEXT:-/usr/share/common-licenses/GPL-3}
 THREADS=${THREADS:-2}
 mkdir -p "$OUT"
 cargo build --release -q
 CAIRN=target/release/cairn
-SRC=$($CAIRN pull)
 CONFIGS=(
   "source|"
   "f16|f16"
@@ -30,6 +33,16 @@ CONFIGS=(
   "rtn2-g32|rtn2 -g 32"
   "rtn2-g128|rtn2 -g 128"
 )
+SRC=$($CAIRN pull "$MODEL" | tail -1)
+PPL_ARGS=()
+if [ -n "${WINDOWS:-}" ]; then PPL_ARGS=(--windows "$WINDOWS"); fi
+if [ -n "${ONLY:-}" ]; then
+  KEEP=()
+  for c in "${CONFIGS[@]}"; do
+    case " $ONLY " in *" ${c%%|*} "*) KEEP+=("$c") ;; esac
+  done
+  CONFIGS=("${KEEP[@]}")
+fi
 for c in "${CONFIGS[@]}"; do
   name=${c%%|*}; args=${c#*|}
   if [ "$name" = source ]; then model=$SRC; else model=$OUT/$name.cairn; fi
@@ -39,7 +52,7 @@ for c in "${CONFIGS[@]}"; do
   fi
   $CAIRN info -m "$model" | grep '^linear weights' > "$OUT/$name.info"
   if [ "$PHASE" != bench ]; then
-    $CAIRN perplexity -m "$model" -t "$THREADS" -f "$TEXT" 2>/dev/null | tail -1 > "$OUT/$name.ppl"
+    $CAIRN perplexity -m "$model" -t "$THREADS" -f "$TEXT" "${PPL_ARGS[@]}" 2>/dev/null | tail -1 > "$OUT/$name.ppl"
   fi
   if [ "$PHASE" != ppl ]; then
     $CAIRN bench -m "$model" -t "$THREADS" -p 512 -n 128 -r 3 -o json 2>/dev/null > "$OUT/$name.bench.json"

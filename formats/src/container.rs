@@ -155,15 +155,7 @@ impl<'a> CairnFile<'a> {
         let (moff, mlen, _) = h.sections[0];
         let mut c = Cursor { buf: &bytes[..(moff + mlen) as usize], pos: moff as usize };
         let n_kv = c.bounded_count("metadata count", 8 + 4 + 1)?;
-        let mut metadata = Vec::with_capacity(n_kv);
-        for _ in 0..n_kv {
-            let key = c.string("metadata key")?;
-            let shown = label(&key);
-            let ty = c.u32(&shown)?;
-            let v = c.value(ty, 0, &shown)?;
-            drop(shown);
-            metadata.push((key, v));
-        }
+        let metadata = c.metadata(n_kv)?;
         if c.remaining() != 0 {
             return Err(Error::invalid(format!("metadata section has {} bytes left over", c.remaining())));
         }
@@ -177,16 +169,8 @@ impl<'a> CairnFile<'a> {
         let mut seen = std::collections::BTreeSet::new();
         let mut extents = Vec::with_capacity(n);
         for _ in 0..n {
-            let name = c.string("tensor name")?;
+            let (name, dims) = c.name_and_dims()?;
             let shown = label(&name).into_owned();
-            let n_dims = c.u32(&shown)? as usize;
-            if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(Error::invalid(format!("tensor {shown}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
-            }
-            let mut dims = Vec::with_capacity(n_dims);
-            for _ in 0..n_dims {
-                dims.push(c.u64(&shown)?);
-            }
             let (kind, param) = (c.u32(&shown)?, c.u32(&shown)?);
             let ty = decode_type(kind, param, &shown)?;
             let (rel, size, sum) = (c.u64(&shown)?, c.u64(&shown)?, c.u64(&shown)?);

@@ -240,6 +240,36 @@ impl<'a> Cursor<'a> {
         Ok(String::from_utf8_lossy(s).into_owned())
     }
 
+    /// `n` key-value pairs in GGUF's encoding (the `.cairn` metadata section uses it too).
+    pub(crate) fn metadata(&mut self, n: usize) -> Result<Vec<(String, MetaValue)>> {
+        let mut metadata = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = self.string("metadata key")?;
+            let shown = label(&key);
+            let ty = self.u32(&shown)?;
+            let v = self.value(ty, 0, &shown)?;
+            drop(shown);
+            metadata.push((key, v));
+        }
+        Ok(metadata)
+    }
+
+    /// A tensor entry's name and dimensions (1 to 4), as both directories start.
+    pub(crate) fn name_and_dims(&mut self) -> Result<(String, Vec<u64>)> {
+        let name = self.string("tensor name")?;
+        let shown = label(&name);
+        let n_dims = self.u32(&shown)? as usize;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(Error::invalid(format!("tensor {shown}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            dims.push(self.u64(&shown)?);
+        }
+        drop(shown);
+        Ok((name, dims))
+    }
+
     pub(crate) fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<MetaValue> {
         Ok(match ty {
             0 => MetaValue::U8(self.u8(key)?),
@@ -312,14 +342,7 @@ impl<'a> Gguf<'a> {
         let n_kv = bound(n_kv, c.remaining(), 8 + 4 + 1, "metadata count")?;
         let n_tensors = bound(n_tensors, c.remaining(), 8 + 4 + 8 + 4 + 8, "tensor count")?;
 
-        let mut metadata = Vec::with_capacity(n_kv);
-        for _ in 0..n_kv {
-            let key = c.string("metadata key")?;
-            let shown = label(&key);
-            let ty = c.u32(&shown)?;
-            let v = c.value(ty, 0, &shown)?;
-            metadata.push((key, v));
-        }
+        let metadata = c.metadata(n_kv)?;
 
         let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
             Some((_, v)) => {
@@ -334,16 +357,8 @@ impl<'a> Gguf<'a> {
 
         let mut raw = Vec::with_capacity(n_tensors);
         for _ in 0..n_tensors {
-            let name = c.string("tensor name")?;
+            let (name, dims) = c.name_and_dims()?;
             let shown = label(&name);
-            let n_dims = c.u32(&shown)? as usize;
-            if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(Error::invalid(format!("tensor {shown}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
-            }
-            let mut dims = Vec::with_capacity(n_dims);
-            for _ in 0..n_dims {
-                dims.push(c.u64(&shown)?);
-            }
             let ty_id = c.u32(&shown)?;
             let ty = GgmlType::from_id(ty_id)
                 .map_err(|_| Error::invalid(format!("tensor {shown}: unknown type id {ty_id}")))?;

@@ -22,6 +22,24 @@ fn close(a: f32, b: f32, what: &str) {
     assert!((a - b).abs() <= tol, "{what}: {a} vs reference {b}");
 }
 
+/// The scalar kernel on one row computes w · x̂ for the 8-bit activations x̂, up to
+/// ggml's f16 rounding of the per-block sums that asymmetric types' min term uses;
+/// returns the kernel's result.
+fn check_scalar_row(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+    let cols = x.len();
+    let mut q = Q8Acts::default();
+    q.quantize(x, 1, cols);
+    let xh: Vec<f32> = (0..cols).map(|i| q.qs[i] as f32 * q.d[i / QK]).collect();
+    let mut wf = vec![0f32; cols];
+    quant::dequantize(ty, w, &mut wf).unwrap();
+    let want: f64 = wf.iter().zip(&xh).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let size: f64 = wf.iter().zip(&xh).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+    let mut got = [0f32];
+    kernels::matvec(Isa::Scalar, ty, w, w.len(), q.row(0), &mut got);
+    assert!((got[0] as f64 - want).abs() < 1e-3 * size, "{ty}: {} vs {want}", got[0]);
+    got[0]
+}
+
 #[test]
 fn scalar_reference_equals_f32_math() {
     let mut rng = SplitMix(1);
@@ -29,22 +47,13 @@ fn scalar_reference_equals_f32_math() {
         let cols = 96;
         let w = weights(&mut rng, ty, 1, cols);
         let x = random(&mut rng, cols, 3.0);
-        let mut q = Q8Acts::default();
-        q.quantize(&x, 1, cols);
-        // The quantized activations, dequantized: the kernel must compute w · x̂, up to
-        // ggml's f16 rounding of the per-block sums that the min term of Q4_1/Q5_1 uses.
-        let xh: Vec<f32> = (0..cols).map(|i| q.qs[i] as f32 * q.d[i / QK]).collect();
+        let got = check_scalar_row(ty, &w, &x);
+        // And the 8-bit activations stay close to the exact ones.
         let mut wf = vec![0f32; cols];
         quant::dequantize(ty, &w, &mut wf).unwrap();
-        let want: f64 = wf.iter().zip(&xh).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let size: f64 = wf.iter().zip(&xh).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
-        let mut got = [0f32];
-        kernels::matvec(Isa::Scalar, ty, &w, w.len(), q.row(0), &mut got);
-        assert!((got[0] as f64 - want).abs() < 1e-3 * size, "{ty}: {} vs {want}", got[0]);
-        // And the 8-bit activations stay close to the exact ones.
         let exact: f64 = wf.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
         let scale: f64 = wf.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
-        assert!((got[0] as f64 - exact).abs() < 0.02 * scale, "{ty}: 8-bit activations drift too far");
+        assert!((got as f64 - exact).abs() < 0.02 * scale, "{ty}: 8-bit activations drift too far");
     }
 }
 
@@ -236,19 +245,8 @@ fn fine_weights(rng: &mut SplitMix, ty: GgmlType, rows: usize, cols: usize) -> V
 fn fine_scalar_kernel_equals_dequantized_math() {
     let mut rng = SplitMix(11);
     for ty in fine_types() {
-        let cols = 576;
-        let w = fine_weights(&mut rng, ty, 1, cols);
-        let x = random(&mut rng, cols, 3.0);
-        let mut q = Q8Acts::default();
-        q.quantize(&x, 1, cols);
-        let xh: Vec<f32> = (0..cols).map(|i| q.qs[i] as f32 * q.d[i / QK]).collect();
-        let mut wf = vec![0f32; cols];
-        quant::dequantize(ty, &w, &mut wf).unwrap();
-        let want: f64 = wf.iter().zip(&xh).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let size: f64 = wf.iter().zip(&xh).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
-        let mut got = [0f32];
-        kernels::matvec(Isa::Scalar, ty, &w, w.len(), q.row(0), &mut got);
-        assert!((got[0] as f64 - want).abs() < 1e-3 * size, "{ty}: {} vs {want}", got[0]);
+        let w = fine_weights(&mut rng, ty, 1, 576);
+        check_scalar_row(ty, &w, &random(&mut rng, 576, 3.0));
     }
 }
 
