@@ -11,10 +11,20 @@ fn random(rng: &mut SplitMix, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.next_f32() * scale).collect()
 }
 
+/// Random weights, encoded row by row (FineQuant rows may end in a short group).
 fn weights(rng: &mut SplitMix, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let mut w = vec![0u8; rows * ty.row_bytes(cols as u64).unwrap() as usize];
-    quant::quantize(ty, &random(rng, rows * cols, 0.5), &mut w).unwrap();
+    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+    let mut w = vec![0u8; rows * rb];
+    let x = random(rng, rows * cols, 0.5);
+    for (dst, src) in w.chunks_exact_mut(rb).zip(x.chunks_exact(cols)) {
+        quant::quantize(ty, src, dst).unwrap();
+    }
     w
+}
+
+/// The ggml types with integer kernels and every FineQuant type.
+fn all_types() -> Vec<GgmlType> {
+    TYPES.into_iter().chain(fine_types()).collect()
 }
 
 fn close(a: f32, b: f32, what: &str) {
@@ -61,7 +71,7 @@ fn scalar_reference_equals_f32_math() {
 fn simd_matvec_equals_scalar() {
     let mut rng = SplitMix(2);
     for isa in Isa::available() {
-        for ty in TYPES {
+        for ty in all_types() {
             for (rows, cols) in [(1, 32), (3, 64), (4, 96), (7, 576), (13, 160), (9, 1536)] {
                 let w = weights(&mut rng, ty, rows, cols);
                 let rb = w.len() / rows;
@@ -82,7 +92,7 @@ fn simd_matvec_equals_scalar() {
 fn simd_matmul_equals_scalar() {
     let mut rng = SplitMix(3);
     for isa in Isa::available() {
-        for ty in TYPES {
+        for ty in all_types() {
             for (rows, n, cols) in [(4, 4, 32), (5, 7, 64), (8, 3, 96), (9, 9, 576), (1, 6, 32)] {
                 let w = weights(&mut rng, ty, rows, cols);
                 let rb = w.len() / rows;
@@ -231,51 +241,12 @@ fn fine_types() -> Vec<GgmlType> {
     v
 }
 
-fn fine_weights(rng: &mut SplitMix, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
-    let mut w = vec![0u8; rows * rb];
-    let x = random(rng, rows * cols, 0.5);
-    for (dst, src) in w.chunks_exact_mut(rb).zip(x.chunks_exact(cols)) {
-        quant::quantize(ty, src, dst).unwrap();
-    }
-    w
-}
-
 #[test]
 fn fine_scalar_kernel_equals_dequantized_math() {
     let mut rng = SplitMix(11);
     for ty in fine_types() {
-        let w = fine_weights(&mut rng, ty, 1, 576);
+        let w = weights(&mut rng, ty, 1, 576);
         check_scalar_row(ty, &w, &random(&mut rng, 576, 3.0));
-    }
-}
-
-#[test]
-fn fine_simd_kernels_equal_scalar() {
-    let mut rng = SplitMix(12);
-    for isa in Isa::available() {
-        for ty in fine_types() {
-            for (rows, n, cols) in [(7, 1, 576), (4, 4, 1536), (9, 5, 96), (1, 1, 32), (5, 3, 320)] {
-                if ty.row_bytes(cols as u64).is_err() {
-                    continue;
-                }
-                let w = fine_weights(&mut rng, ty, rows, cols);
-                let rb = w.len() / rows;
-                let mut q = Q8Acts::default();
-                q.quantize(&random(&mut rng, n * cols, 2.0), n, cols);
-                let (mut got, mut want) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-                kernels::matmul(isa, ty, &w, rb, &q, &mut got);
-                kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
-                for i in 0..rows * n {
-                    close(got[i], want[i], &format!("{} {ty} matmul {rows}x{n}x{cols} at {i}", isa.name()));
-                }
-                let mut one = vec![0f32; rows];
-                kernels::matvec(isa, ty, &w, rb, q.row(0), &mut one);
-                for r in 0..rows {
-                    close(one[r], want[r], &format!("{} {ty} matvec {rows}x{cols} row {r}", isa.name()));
-                }
-            }
-        }
     }
 }
 
@@ -287,7 +258,7 @@ fn fine_groups_of_32_are_ggml_blocks() {
     for (bits, sym, ggml) in [(4u8, false, GgmlType::Q4_1), (8, true, GgmlType::Q8_0)] {
         let ty = GgmlType::Fine(cairn_formats::FineType::new(bits, sym, 32).unwrap());
         assert_eq!(ty.canonical(), ggml);
-        let w = fine_weights(&mut rng, ty, 1, 256);
+        let w = weights(&mut rng, ty, 1, 256);
         let (mut a, mut b) = (vec![0f32; 256], vec![0f32; 256]);
         quant::dequantize(ty, &w, &mut a).unwrap();
         quant::dequantize(ggml, &w, &mut b).unwrap();
