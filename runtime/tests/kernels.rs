@@ -265,3 +265,21 @@ fn fine_groups_of_32_are_ggml_blocks() {
         assert_eq!(a, b, "{ty} vs {ggml}");
     }
 }
+
+/// The f32 path's row decoder equals the reference decoder for every type and ISA
+/// (F16 takes F16C where detected).
+#[test]
+fn row_decoder_equals_reference() {
+    let mut rng = SplitMix(14);
+    for isa in Isa::available() {
+        for ty in [GgmlType::F16, GgmlType::BF16, GgmlType::Q4_1, GgmlType::Q6K] {
+            for cols in [256, 768, 1536] {
+                let w = weights(&mut rng, ty, 1, cols);
+                let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+                kernels::dequantize_row(isa, ty, &w, &mut a).unwrap();
+                quant::dequantize(ty, &w, &mut b).unwrap();
+                assert_eq!(a, b, "{} {ty} {cols}", isa.name());
+            }
+        }
+    }
+}

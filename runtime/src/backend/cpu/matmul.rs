@@ -113,7 +113,7 @@ fn matmul_f32(x: &CpuTensor, w: &HostTensor, isa: Isa) -> CpuTensor {
             for (i, o) in o.iter_mut().enumerate() {
                 let j = c * ROWS_PER_TASK + i;
                 // Lengths were checked at load: dequantizing cannot fail here.
-                *o = match cairn_formats::quant::dequantize(ty, &bytes[j * rb..(j + 1) * rb], &mut row) {
+                *o = match kernels::dequantize_row(isa, ty, &bytes[j * rb..(j + 1) * rb], &mut row) {
                     Ok(()) => kernels::dot_f32(isa, &row, &x.data),
                     Err(_) => f32::NAN,
                 };
@@ -138,7 +138,7 @@ fn matmul_f32(x: &CpuTensor, w: &HostTensor, isa: Isa) -> CpuTensor {
         let mut row = vec![0f32; k];
         for (i, o) in o.chunks_mut(n).enumerate() {
             let j = c * ROWS_PER_TASK + i;
-            if cairn_formats::quant::dequantize(ty, &bytes[j * rb..(j + 1) * rb], &mut row).is_err() {
+            if kernels::dequantize_row(isa, ty, &bytes[j * rb..(j + 1) * rb], &mut row).is_err() {
                 o.fill(f32::NAN);
                 continue;
             }

@@ -182,6 +182,20 @@ pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// One weight row decoded to f32 for the f32 matmul path: F16 rows with F16C where the
+/// CPU has it (the scalar conversion would make f16 models crawl), everything else
+/// through the formats crate's reference decoders.
+pub fn dequantize_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) -> cairn_formats::Result<()> {
+    match (isa, ty) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2 | Isa::Avx512Vnni, GgmlType::F16) if src.len() == 2 * dst.len() => {
+            x86::f16_to_f32(src, dst);
+            Ok(())
+        }
+        _ => cairn_formats::quant::dequantize(ty, src, dst),
+    }
+}
+
 /// `y += a · x` (attention's weighted sum of values).
 pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
     match isa {

@@ -517,6 +517,28 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[u8], dst: &mut [f32]) {
+    let n = dst.len().min(src.len() / 2);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(pd.add(i), _mm256_cvtph_ps(_mm_loadu_si128(ps.add(2 * i) as *const __m128i)));
+        i += 8;
+    }
+    while i < n {
+        *pd.add(i) = half::f16::from_le_bytes([*ps.add(2 * i), *ps.add(2 * i + 1)]).to_f32();
+        i += 1;
+    }
+}
+
+/// Little-endian f16 values to f32 (`dst.len()` values, `src` twice as many bytes).
+pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
+    // SAFETY: only reached for instruction sets that include AVX2 and F16C (detected);
+    // every access is below `n`, which both slices hold.
+    unsafe { f16_to_f32_f16c(src, dst) }
+}
+
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     // SAFETY: only reached for instruction sets that include AVX2 and FMA (detected);
     // every access is below the shorter length.
