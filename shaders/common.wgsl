@@ -29,3 +29,8 @@ fn sbytes4(x: u32) -> vec4<f32> {
 fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
 }
+
+// The four low bits of `h` moved to bit 4 of bytes 0..3 (the 5th bit of Q5 values).
+fn spread4(h: u32) -> u32 {
+    return ((h & 1u) | ((h & 2u) << 7u) | ((h & 4u) << 14u) | ((h & 8u) << 21u)) << 4u;
+}

@@ -1,13 +1,13 @@
-// Sum of a per-thread tile of TILE partial sums over the workgroup. With subgroups,
-// each subgroup adds its lanes first and only the subgroup totals meet in workgroup
-// memory; without, a tree over workgroup memory. Returns total `lid` (valid for
-// lid < nt). Must be called in uniform control flow.
+// Sum of per-thread tiles of up to TILE partial sums over the workgroup. With
+// subgroups, each subgroup adds its lanes first and only the subgroup totals meet in
+// workgroup memory; without, a tree over workgroup memory. Returns total `lid` (valid
+// for lid < nt). Must be called in uniform control flow.
 
-const TILE: u32 = 8u;
-var<workgroup> red: array<f32, 512>; // TILE * WG
+const TILE: u32 = 32u;
+var<workgroup> red: array<f32, 2048>; // TILE * WG
 
 #if SUBGROUP
-fn reduce_tile(acc: ptr<function, array<f32, 8>>, lid: u32, nt: u32, sg_lane: u32) -> f32 {
+fn reduce_tile(acc: ptr<function, array<f32, 32>>, lid: u32, nt: u32, sg_lane: u32) -> f32 {
     for (var t = 0u; t < nt; t++) {
         let s = subgroupAdd((*acc)[t]);
         // One writer per subgroup; the others leave a zero, so no assumption is made
@@ -24,7 +24,7 @@ fn reduce_tile(acc: ptr<function, array<f32, 8>>, lid: u32, nt: u32, sg_lane: u3
     return total;
 }
 #else
-fn reduce_tile(acc: ptr<function, array<f32, 8>>, lid: u32, nt: u32) -> f32 {
+fn reduce_tile(acc: ptr<function, array<f32, 32>>, lid: u32, nt: u32) -> f32 {
     for (var t = 0u; t < nt; t++) {
         red[t * WG + lid] = (*acc)[t];
     }

@@ -46,7 +46,9 @@ fn load_cpu(file: &ModelFile, opts: &EngineOptions) -> Result<Box<dyn Runner>> {
 #[cfg(feature = "wgpu")]
 fn load_wgpu(file: &ModelFile, opts: &EngineOptions) -> Result<Box<dyn Runner>> {
     if opts.exact {
-        return Err(Error::input("--exact runs on the CPU backend only (the wgpu backend keeps f32 activations anyway)"));
+        return Err(Error::input(
+            "--exact runs on the CPU backend only (the wgpu backend keeps f32 activations anyway)",
+        ));
     }
     model::load(file, crate::backend::wgpu::WgpuBackend::new()?)
 }
@@ -80,7 +82,10 @@ fn load_runner(file: &ModelFile, opts: &EngineOptions) -> Result<(Box<dyn Runner
         }
         BackendKind::Auto => match load_wgpu(file, opts) {
             Ok(r) => Ok((r, None)),
-            Err(e) => Ok((load_cpu(file, opts)?, Some(format!("the wgpu backend is unavailable ({e}): using the CPU backend")))),
+            Err(e) => Ok((
+                load_cpu(file, opts)?,
+                Some(format!("the wgpu backend is unavailable ({e}): using the CPU backend")),
+            )),
         },
     }
 }

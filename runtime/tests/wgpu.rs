@@ -32,7 +32,13 @@ const MARGIN: f32 = 0.25;
 
 fn gpu_with(opts: &WgpuOptions) -> Option<WgpuBackend> {
     if list_adapters().is_empty() {
-        eprintln!("skipping: no wgpu adapter on this machine (install mesa-vulkan-drivers and libvulkan1 for lavapipe)");
+        assert!(
+            std::env::var_os("CAIRN_REQUIRE_WGPU").is_none(),
+            "CAIRN_REQUIRE_WGPU is set but there is no wgpu adapter"
+        );
+        eprintln!(
+            "skipping: no wgpu adapter on this machine (install mesa-vulkan-drivers and libvulkan1 for lavapipe)"
+        );
         return None;
     }
     Some(WgpuBackend::with_options(opts).expect("an adapter exists, so the backend must start"))
@@ -61,8 +67,17 @@ fn weight_file(ty: GgmlType, k: usize, m: usize, seed: u64) -> ModelFile {
     ModelFile::from_bytes("w.gguf", g).unwrap()
 }
 
-const TYPES: [GgmlType; 7] =
-    [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+const TYPES: [GgmlType; 9] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+];
 
 fn check_matmul(g: &WgpuBackend, ty: GgmlType, k: usize, m: usize, ns: &[usize]) {
     let c = cpu_ref();
@@ -181,18 +196,24 @@ fn attention_matches_the_cpu() {
         let mut pos = 0;
         // A prefill of 9 (more than the window), then three decode steps.
         for (step, n) in [9usize, 1, 1, 1].into_iter().enumerate() {
-            let (q, k, v) = (random(n * qw, 10 + step as u64), random(n * kw, 20 + step as u64), random(n * kw, 30 + step as u64));
-            let got = g
-                .attention(&g.upload(&q, n, qw), &g.upload(&k, n, kw), &g.upload(&v, n, kw), &mut kg, pos, p)
-                .unwrap();
-            let want = c
-                .attention(&c.upload(&q, n, qw), &c.upload(&k, n, kw), &c.upload(&v, n, kw), &mut kc, pos, p)
-                .unwrap();
+            let (q, k, v) =
+                (random(n * qw, 10 + step as u64), random(n * kw, 20 + step as u64), random(n * kw, 30 + step as u64));
+            let got =
+                g.attention(&g.upload(&q, n, qw), &g.upload(&k, n, kw), &g.upload(&v, n, kw), &mut kg, pos, p).unwrap();
+            let want =
+                c.attention(&c.upload(&q, n, qw), &c.upload(&k, n, kw), &c.upload(&v, n, kw), &mut kc, pos, p).unwrap();
             let d = max_rel_diff(&g.to_host(got), &want.data);
             assert!(d < ATTN_TOL, "attention {window:?} hd {head_dim} step {step}: relative difference {d}");
             pos += n;
         }
-        let full = g.attention(&g.upload(&[0.0; 384], 1, 384), &g.upload(&[0.0; 128], 1, 128), &g.upload(&[0.0; 128], 1, 128), &mut kg, 3, p);
+        let full = g.attention(
+            &g.upload(&[0.0; 384], 1, 384),
+            &g.upload(&[0.0; 128], 1, 128),
+            &g.upload(&[0.0; 128], 1, 128),
+            &mut kg,
+            3,
+            p,
+        );
         assert!(full.is_err(), "a position that is not the cache's length is refused");
     }
 }
@@ -224,9 +245,10 @@ fn argmax_margin(row: &[f32]) -> (usize, f32) {
     (idx[0], row[idx[0]] - row[idx[1]])
 }
 
-/// Every reference sequence (prompt and llama.cpp's greedy continuation) through both
-/// backends: the prompt as one batch, the continuation one token at a time on the GPU
-/// (the decode kernels and the cache across calls), all at once on the CPU.
+/// Every reference sequence (prompt and the start of llama.cpp's greedy continuation) through both
+/// backends: on the GPU the prompt as one batch, four decode steps (the matvec kernels
+/// and the cache across calls), then the rest as a second batch after the cached
+/// positions; on the CPU all at once.
 #[test]
 fn smollm2_forward_matches_the_cpu() {
     let Some((cpu, gpu)) = engines() else { return };
@@ -236,14 +258,17 @@ fn smollm2_forward_matches_the_cpu() {
     for s in r["sequences"].as_array().unwrap() {
         let prompt = ids(&s["prompt_ids"]);
         let greedy = ids(&s["greedy_ids"]);
-        let all: Vec<u32> = prompt.iter().chain(&greedy[..greedy.len() - 1]).copied().collect();
+        // The first 16 continuation tokens: lavapipe is a slow GPU.
+        let all: Vec<u32> = prompt.iter().chain(&greedy[..16]).copied().collect();
         let mut cc = cpu.runner.new_cache(all.len()).unwrap();
         let want = cpu.runner.forward(cc.as_mut(), &all, Logits::All).unwrap();
         let mut gc = gpu.runner.new_cache(all.len()).unwrap();
         let mut got = gpu.runner.forward(gc.as_mut(), &prompt, Logits::All).unwrap();
-        for &id in &all[prompt.len()..] {
+        let steps = prompt.len() + 4;
+        for &id in &all[prompt.len()..steps] {
             got.extend(gpu.runner.forward(gc.as_mut(), &[id], Logits::Last).unwrap());
         }
+        got.extend(gpu.runner.forward(gc.as_mut(), &all[steps..], Logits::All).unwrap());
         assert_eq!(got.len(), want.len());
         for (pos, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
             let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -257,13 +282,15 @@ fn smollm2_forward_matches_the_cpu() {
             }
         }
     }
-    eprintln!("wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {agree}/{firm} firm positions");
+    eprintln!(
+        "wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {agree}/{firm} firm positions"
+    );
     assert!(worst < MODEL_TOL, "largest logit difference {worst}");
-    assert!(firm > 100, "too few firm positions to mean anything: {firm}");
+    assert!(firm > 60, "too few firm positions to mean anything: {firm}");
 }
 
 /// Greedy generation on the GPU reproduces llama.cpp's continuation of the reference
-/// prompts while llama.cpp's own margins stay clear.
+/// prompt up to the first position where llama.cpp's own top-2 are within `MARGIN`.
 #[test]
 fn smollm2_greedy_on_the_gpu() {
     let Some((_, gpu)) = engines() else { return };
@@ -271,13 +298,23 @@ fn smollm2_greedy_on_the_gpu() {
     let s = &r["sequences"][0];
     let prompt = ids(&s["prompt_ids"]);
     let greedy = ids(&s["greedy_ids"]);
-    let mut cache = gpu.runner.new_cache(prompt.len() + 8).unwrap();
+    let tops = s["top5_per_position"].as_array().unwrap();
+    let mut cache = gpu.runner.new_cache(prompt.len() + greedy.len()).unwrap();
     let mut logits = gpu.runner.forward(cache.as_mut(), &prompt, Logits::Last).unwrap();
-    for &want in &greedy[..8] {
-        let (top, _) = argmax_margin(&logits);
-        assert_eq!(top as u32, want, "greedy continuation of {}", s["name"]);
+    let mut checked = 0;
+    for (i, &want) in greedy.iter().enumerate() {
+        let top = common::top5(&tops[prompt.len() - 1 + i]);
+        if top[0].1 - top[1].1 <= MARGIN as f64 {
+            break;
+        }
+        let (got, _) = argmax_margin(&logits);
+        assert_eq!(got as u32, want, "greedy token {i} of {}", s["name"]);
+        checked += 1;
         logits = gpu.runner.forward(cache.as_mut(), &[want], Logits::Last).unwrap();
     }
+    assert!(checked >= 4, "only {checked} tokens before a near-tie");
     // Past the cache's capacity: an error, not a panic.
-    assert!(gpu.runner.forward(cache.as_mut(), &[1, 2], Logits::Last).is_err());
+    let mut small = gpu.runner.new_cache(prompt.len()).unwrap();
+    gpu.runner.forward(small.as_mut(), &prompt, Logits::Last).unwrap();
+    assert!(gpu.runner.forward(small.as_mut(), &[1], Logits::Last).is_err());
 }

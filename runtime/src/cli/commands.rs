@@ -18,7 +18,8 @@ fn model_path(m: &ModelArgs) -> Result<PathBuf> {
 }
 
 fn load(m: &ModelArgs) -> Result<Engine> {
-    let engine = Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads, exact: m.exact, backend: m.backend })?;
+    let engine =
+        Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads, exact: m.exact, backend: m.backend })?;
     if let Some(note) = &engine.backend_note {
         eprintln!("note: {note}");
     }

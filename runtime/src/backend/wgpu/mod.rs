@@ -28,8 +28,15 @@ use crate::weights::HostTensor;
 const PARAM_STRIDE: u64 = 256;
 /// Dispatches per submission before the uniform buffer is flushed.
 const PARAM_SLOTS: u64 = 4096;
-/// Tokens per matmul workgroup (`TILE` in reduce.wgsl).
-const TILE: usize = 8;
+/// Weight rows × tokens per matmul workgroup (`TR`, `TT` in matmul.wgsl): the matvec
+/// variant for one token, the batch variant otherwise.
+fn matmul_tile(n: usize) -> (usize, usize) {
+    if n == 1 {
+        (8, 1)
+    } else {
+        (4, 8)
+    }
+}
 /// Threads per workgroup (`WG` in common.wgsl).
 const WG: usize = 64;
 /// Largest head dimension `attend` holds in workgroup memory.
@@ -100,9 +107,9 @@ fn summary(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
 /// Whether a real GPU (not a CPU emulation such as llvmpipe) is present: what
 /// `--backend auto` asks.
 pub fn has_gpu() -> bool {
-    adapters().iter().any(|a| {
-        matches!(a.get_info().device_type, wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu)
-    })
+    adapters()
+        .iter()
+        .any(|a| matches!(a.get_info().device_type, wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu))
 }
 
 fn pick(adapters: Vec<wgpu::Adapter>, want: Option<&str>) -> Result<wgpu::Adapter> {
@@ -134,6 +141,7 @@ fn pick(adapters: Vec<wgpu::Adapter>, want: Option<&str>) -> Result<wgpu::Adapte
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kernel {
     Matmul(GgmlType),
+    Matvec(GgmlType),
     Embed(GgmlType),
     RmsNorm,
     Rope,
@@ -149,7 +157,7 @@ impl Kernel {
     fn layout(self) -> (&'static str, &'static str, &'static [(u32, bool)]) {
         const IO3: &[(u32, bool)] = &[(1, true), (2, true), (3, false)];
         match self {
-            Kernel::Matmul(_) => ("matmul", "main", IO3),
+            Kernel::Matmul(_) | Kernel::Matvec(_) => ("matmul", "main", IO3),
             Kernel::Embed(_) => ("embed", "main", IO3),
             Kernel::RmsNorm => ("norm", "main", IO3),
             Kernel::Rope => ("rope", "main", &[(1, true), (2, false)]),
@@ -267,9 +275,11 @@ pub struct WgpuBackend {
 }
 
 impl WgpuBackend {
-    /// The default adapter with its own limits.
+    /// The adapter `CAIRN_WGPU_ADAPTER` names (index or part of the name), else the
+    /// best one, with its own limits.
     pub fn new() -> Result<Self> {
-        Self::with_options(&WgpuOptions::default())
+        let adapter = std::env::var("CAIRN_WGPU_ADAPTER").ok().filter(|s| !s.is_empty());
+        Self::with_options(&WgpuOptions { adapter, ..Default::default() })
     }
 
     pub fn with_options(opts: &WgpuOptions) -> Result<Self> {
@@ -320,7 +330,8 @@ impl WgpuBackend {
             mapped_at_creation: false,
         });
         let align = u64::from(limits.min_storage_buffer_offset_alignment).max(256);
-        let max_binding = opts.max_binding.unwrap_or(u64::MAX).min(limits.max_storage_buffer_binding_size) / align * align;
+        let max_binding =
+            opts.max_binding.unwrap_or(u64::MAX).min(limits.max_storage_buffer_binding_size) / align * align;
         let sh = Arc::new(Shared {
             device,
             queue,
@@ -338,9 +349,17 @@ impl WgpuBackend {
         if subgroups {
             flags.push("subgroups");
         }
-        let name = format!("wgpu {} ({:?}{}{})", info.name, info.backend, if flags.is_empty() { "" } else { ", " }, flags.join(", "));
+        let name = format!(
+            "wgpu {} ({:?}{}{})",
+            info.name,
+            info.backend,
+            if flags.is_empty() { "" } else { ", " },
+            flags.join(", ")
+        );
         let be = WgpuBackend { sh, name, f16, subgroups, max_binding, max_buffer: limits.max_buffer_size };
-        for k in [Kernel::RmsNorm, Kernel::Rope, Kernel::Swiglu, Kernel::Geglu, Kernel::Add, Kernel::KvStore, Kernel::Attend] {
+        for k in
+            [Kernel::RmsNorm, Kernel::Rope, Kernel::Swiglu, Kernel::Geglu, Kernel::Add, Kernel::KvStore, Kernel::Attend]
+        {
             be.pipe(k)?;
         }
         Ok(be)
@@ -363,10 +382,11 @@ impl WgpuBackend {
         }
         let (file, entry, bindings) = k.layout();
         let quant = match k {
-            Kernel::Matmul(ty) | Kernel::Embed(ty) => Some(
-                shaders::quant_snippet(ty)
-                    .ok_or_else(|| Error::model(format!("wgpu: no kernel for {ty:?} weights yet (use --backend cpu)")))?,
-            ),
+            Kernel::Matmul(ty) | Kernel::Matvec(ty) | Kernel::Embed(ty) => {
+                Some(shaders::quant_snippet(ty).ok_or_else(|| {
+                    Error::model(format!("wgpu: no kernel for {ty:?} weights yet (use --backend cpu)"))
+                })?)
+            }
             _ => None,
         };
         let mut defs = vec![];
@@ -375,6 +395,9 @@ impl WgpuBackend {
         }
         if self.subgroups {
             defs.push("SUBGROUP");
+        }
+        if matches!(k, Kernel::Matvec(_)) {
+            defs.push("MATVEC");
         }
         let src = shaders::assemble(file, quant, &defs).map_err(Error::model)?;
         let dev = &self.sh.device;
@@ -420,7 +443,10 @@ impl WgpuBackend {
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::model(format!("wgpu: kernel {file}/{entry} for {k:?} failed to build: {}", describe(&e))));
+            return Err(Error::model(format!(
+                "wgpu: kernel {file}/{entry} for {k:?} failed to build: {}",
+                describe(&e)
+            )));
         }
         let mut pipes = lock(&self.sh.pipes);
         let id = pipes.len() as u32;
@@ -438,7 +464,12 @@ impl WgpuBackend {
 
     fn new_buffer(&self, size: u64, usage: wgpu::BufferUsages, pooled: bool) -> Buf {
         let id = self.sh.next_id.fetch_add(1, Ordering::Relaxed);
-        let buf = self.sh.device.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
+        let buf = self.sh.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage,
+            mapped_at_creation: false,
+        });
         Buf { id, buf, size, pooled, sh: self.sh.clone() }
     }
 
@@ -573,7 +604,12 @@ impl WgpuBackend {
             return out;
         }
         if self.check_binding("an activation", len * 4) {
-            self.dispatch(k, &[len as u32, 0, 0, 0], &[Self::whole(a), Self::whole(b), Self::whole(&out)], Self::grid(len));
+            self.dispatch(
+                k,
+                &[len as u32, 0, 0, 0],
+                &[Self::whole(a), Self::whole(b), Self::whole(&out)],
+                Self::grid(len),
+            );
         }
         out
     }
@@ -609,7 +645,10 @@ impl WgpuBackend {
         use wgpu::BufferUsages as U;
         let size = (bytes.len().div_ceil(4) * 4).max(4) as u64;
         if size > self.max_buffer {
-            return Err(Error::model(format!("wgpu: {name} ({} MiB) exceeds the adapter's largest buffer", size >> 20)));
+            return Err(Error::model(format!(
+                "wgpu: {name} ({} MiB) exceeds the adapter's largest buffer",
+                size >> 20
+            )));
         }
         let scope = self.sh.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buf = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
@@ -629,7 +668,11 @@ impl WgpuBackend {
     /// Submit pending work and wait for it (bounded: a hung device is an error).
     fn wait(&self, idx: Option<wgpu::SubmissionIndex>) -> Result<()> {
         let poll = wgpu::PollType::Wait { submission_index: idx, timeout: Some(GPU_TIMEOUT) };
-        self.sh.device.poll(poll).map(|_| ()).map_err(|e| Error::model(format!("wgpu: waiting for the GPU failed: {e}")))
+        self.sh
+            .device
+            .poll(poll)
+            .map(|_| ())
+            .map_err(|e| Error::model(format!("wgpu: waiting for the GPU failed: {e}")))
     }
 
     fn take_error(&self) -> Result<()> {
@@ -700,7 +743,13 @@ impl Backend for WgpuBackend {
             // Norm weights: tiny, kept as f32 as on the CPU.
             let v = t.to_f32()?;
             let buf = self.upload_weight(&t.name, bytemuck::cast_slice(&v))?;
-            return Ok(GpuWeight { ty: GgmlType::F32, rows: 1, cols: v.len(), row_bytes: v.len() * 4, chunks: vec![(0, 1, buf)] });
+            return Ok(GpuWeight {
+                ty: GgmlType::F32,
+                rows: 1,
+                cols: v.len(),
+                row_bytes: v.len() * 4,
+                chunks: vec![(0, 1, buf)],
+            });
         }
         let (rows, cols, rb) = (t.rows(), t.cols(), t.row_bytes());
         let ty = t.ty;
@@ -708,6 +757,7 @@ impl Backend for WgpuBackend {
             return Err(Error::model(format!("wgpu: {}: rows of {cols} values are not a multiple of 4", t.name)));
         }
         self.pipe(Kernel::Matmul(ty)).map_err(|e| Error::model(format!("{}: {e}", t.name)))?;
+        self.pipe(Kernel::Matvec(ty))?;
         self.pipe(Kernel::Embed(ty))?;
         let per = ((self.max_binding / rb.max(1) as u64) as usize).min(65535);
         if per == 0 {
@@ -766,7 +816,8 @@ impl Backend for WgpuBackend {
         self.write(&idbuf, bytemuck::cast_slice(ids));
         self.check_binding("an embedding batch", ids.len() * dim * 4);
         for (r0, n, buf) in &table.chunks {
-            let p = [ids.len() as u32, dim as u32, *r0 as u32, *n as u32, table.row_bytes as u32, scale.to_bits(), 0, 0];
+            let p =
+                [ids.len() as u32, dim as u32, *r0 as u32, *n as u32, table.row_bytes as u32, scale.to_bits(), 0, 0];
             let bufs = [(buf, 0, buf.size), (&idbuf, 0, (ids.len() * 4) as u64), Self::whole(&out)];
             self.dispatch(Kernel::Embed(table.ty), &p, &bufs, Self::grid(ids.len() * dim / 4));
         }
@@ -796,10 +847,12 @@ impl Backend for WgpuBackend {
             }
             let xs = (&x.buf, (t0 * k * 4) as u64, (nt * k * 4) as u64);
             let ys = (&out.buf, (t0 * m * 4) as u64, (nt * m * 4) as u64);
+            let (tr, tt) = matmul_tile(nt);
             for (r0, rows, buf) in &w.chunks {
                 let p = [nt as u32, k as u32, *rows as u32, m as u32, *r0 as u32, w.row_bytes as u32, 0, 0];
-                let groups = (*rows as u32, nt.div_ceil(TILE) as u32);
-                self.dispatch(Kernel::Matmul(w.ty), &p, &[(buf, 0, buf.size), xs, ys], groups);
+                let groups = (rows.div_ceil(tr) as u32, nt.div_ceil(tt) as u32);
+                let kernel = if nt == 1 { Kernel::Matvec(w.ty) } else { Kernel::Matmul(w.ty) };
+                self.dispatch(kernel, &p, &[(buf, 0, buf.size), xs, ys], groups);
             }
         }
         out
@@ -846,7 +899,9 @@ impl Backend for WgpuBackend {
 
     fn kv_new(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<GpuKv> {
         if head_dim > MAX_HEAD_DIM || head_dim % 2 != 0 {
-            return Err(Error::model(format!("wgpu: attention supports even head sizes up to {MAX_HEAD_DIM}, not {head_dim}")));
+            return Err(Error::model(format!(
+                "wgpu: attention supports even head sizes up to {MAX_HEAD_DIM}, not {head_dim}"
+            )));
         }
         let width = n_kv_heads * head_dim;
         let bytes = capacity.max(1) * width * 2;

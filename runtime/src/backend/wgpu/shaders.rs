@@ -20,6 +20,8 @@ fn snippet(name: &str) -> Option<&'static str> {
         "attention" => include_str!("../../../../shaders/attention.wgsl"),
         "q4_0" => include_str!("../../../../shaders/quant/q4_0.wgsl"),
         "q4_1" => include_str!("../../../../shaders/quant/q4_1.wgsl"),
+        "q5_0" => include_str!("../../../../shaders/quant/q5_0.wgsl"),
+        "q5_1" => include_str!("../../../../shaders/quant/q5_1.wgsl"),
         "q8_0" => include_str!("../../../../shaders/quant/q8_0.wgsl"),
         "q4_k" => include_str!("../../../../shaders/quant/q4_k.wgsl"),
         "q6_k" => include_str!("../../../../shaders/quant/q6_k.wgsl"),
@@ -34,6 +36,8 @@ pub fn quant_snippet(ty: GgmlType) -> Option<&'static str> {
     Some(match ty {
         GgmlType::Q4_0 => "q4_0",
         GgmlType::Q4_1 => "q4_1",
+        GgmlType::Q5_0 => "q5_0",
+        GgmlType::Q5_1 => "q5_1",
         GgmlType::Q8_0 => "q8_0",
         GgmlType::Q4K => "q4_k",
         GgmlType::Q6K => "q6_k",
