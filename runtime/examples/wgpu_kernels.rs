@@ -1,9 +1,10 @@
-use cairn::backend::wgpu::WgpuBackend;
-use cairn::backend::{AttnParams, Backend, RopeStyle};
-use cairn::weights::ModelFile;
 //! Where the time of the wgpu backend goes: each kernel at SmolLM2's shapes, timed
 //! with a read-back after each call (so every figure includes one submission and wait).
 //! `cargo run --release --example wgpu_kernels` (needs an adapter and the default model).
+
+use cairn::backend::wgpu::WgpuBackend;
+use cairn::backend::{AttnParams, Backend, RopeStyle};
+use cairn::weights::ModelFile;
 
 use std::time::Instant;
 fn main() {
