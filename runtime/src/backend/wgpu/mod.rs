@@ -203,6 +203,9 @@ struct BindKey {
     bufs: Vec<(u64, u64, u64)>,
 }
 
+/// (pos0, rows, head_dim, base bits) of a RoPE table.
+type RopeKey = (usize, usize, usize, u32);
+
 /// What ops record into until the next submission.
 struct State {
     enc: Option<wgpu::CommandEncoder>,
@@ -210,7 +213,7 @@ struct State {
     binds: HashMap<BindKey, wgpu::BindGroup>,
     /// The last RoPE table: (pos0, rows, head_dim, base bits) and its buffer; q and k
     /// of every layer in a pass share it.
-    rope: Option<((usize, usize, usize, u32), Arc<Buf>)>,
+    rope: Option<(RopeKey, Arc<Buf>)>,
 }
 
 struct Shared {
@@ -655,7 +658,7 @@ impl WgpuBackend {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::model(format!("wgpu: no device memory for {name}: {}", describe(&e))));
         }
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.write(&buf, bytes);
         } else {
             let mut padded = bytes.to_vec();
@@ -861,7 +864,7 @@ impl Backend for WgpuBackend {
     fn rms_norm(&self, x: &GpuTensor, w: &GpuWeight, eps: f32) -> GpuTensor {
         let out = self.tensor(x.rows, x.cols);
         let wlen = w.cols;
-        if wlen == 0 || x.cols % wlen != 0 {
+        if wlen == 0 || !x.cols.is_multiple_of(wlen) {
             self.note_error(format!("wgpu: RMSNorm of width {} by a weight of {wlen}", x.cols));
             return out;
         }
@@ -874,7 +877,7 @@ impl Backend for WgpuBackend {
     }
 
     fn rope(&self, x: &mut GpuTensor, head_dim: usize, pos0: usize, base: f32, style: RopeStyle) {
-        if head_dim == 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !x.cols.is_multiple_of(head_dim) {
             return self.note_error(format!("wgpu: RoPE of width {} with heads of {head_dim}", x.cols));
         }
         let table = self.rope_table(pos0, x.rows, head_dim, base);
@@ -898,7 +901,7 @@ impl Backend for WgpuBackend {
     }
 
     fn kv_new(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<GpuKv> {
-        if head_dim > MAX_HEAD_DIM || head_dim % 2 != 0 {
+        if head_dim > MAX_HEAD_DIM || !head_dim.is_multiple_of(2) {
             return Err(Error::model(format!(
                 "wgpu: attention supports even head sizes up to {MAX_HEAD_DIM}, not {head_dim}"
             )));
@@ -941,7 +944,8 @@ impl Backend for WgpuBackend {
                 kv.len, q.rows, kv.capacity
             )));
         }
-        if p.n_kv_heads * p.head_dim != kv.width || k.cols != kv.width || p.n_heads % p.n_kv_heads.max(1) != 0 {
+        if p.n_kv_heads * p.head_dim != kv.width || k.cols != kv.width || !p.n_heads.is_multiple_of(p.n_kv_heads.max(1))
+        {
             return Err(Error::model("wgpu: attention shapes do not match the cache"));
         }
         let n = q.rows;
