@@ -99,10 +99,12 @@ mod tests {
     fn includes_and_conditionals() {
         let with = assemble("matmul", Some("q4_0"), &["SUBGROUP"]).unwrap();
         assert!(with.contains("subgroupAdd") && with.contains("const BB: u32 = 18u;"));
-        assert!(!with.contains("#include") && !with.contains("#if") && !with.contains("enable f16"));
+        assert!(!with.lines().any(|l| l.trim_start().starts_with('#')) && !with.contains("enable f16"));
         let without = assemble("matmul", Some("q6_k"), &["F16"]).unwrap();
         assert!(without.starts_with("enable f16;") && !without.contains("subgroupAdd"));
         assert!(without.contains("f32(f16(x))") && without.contains("const BB: u32 = 210u;"));
         assert!(assemble("matmul", None, &[]).is_err());
+        let matvec = assemble("matmul", Some("q4_1"), &["MATVEC"]).unwrap();
+        assert!(matvec.contains("const TR: u32 = 8u;") && !matvec.contains("const TR: u32 = 4u;"));
     }
 }
