@@ -16,6 +16,7 @@ pub struct BenchOptions {
     pub prompt: usize,
     pub gen: usize,
     pub threads: usize,
+    pub backend: crate::backend::BackendKind,
     pub reps: usize,
 }
 
@@ -57,7 +58,7 @@ pub struct BenchReport {
 
 pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     let t = Instant::now();
-    let engine = Engine::load(path, &EngineOptions { threads: o.threads, exact: false })?;
+    let engine = Engine::load(path, &EngineOptions { threads: o.threads, exact: false, backend: o.backend })?;
     let load_seconds = t.elapsed().as_secs_f64();
     let c = engine.runner.config().clone();
     let mut rng = SplitMix(0xBE7C);

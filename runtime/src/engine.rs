@@ -5,6 +5,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::BackendKind;
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::model::{self, KvState, Logits, Runner};
@@ -23,6 +24,8 @@ pub struct EngineOptions {
     /// Run the f32 reference path (weights dequantized, activations never quantized)
     /// instead of the integer kernels: slower, free of 8-bit activation noise.
     pub exact: bool,
+    /// Which backend runs the model.
+    pub backend: BackendKind,
 }
 
 pub struct Engine {
@@ -31,6 +34,60 @@ pub struct Engine {
     pub tokenizer: Tokenizer,
     /// `Err` keeps the reason a chat template is unavailable, to report when asked.
     pub template: std::result::Result<ChatTemplate, String>,
+    /// Why the backend asked for is not the one running (`--backend auto` fell back).
+    pub backend_note: Option<String>,
+}
+
+fn load_cpu(file: &ModelFile, opts: &EngineOptions) -> Result<Box<dyn Runner>> {
+    let backend = if opts.exact { CpuBackend::reference(opts.threads)? } else { CpuBackend::new(opts.threads)? };
+    model::load(file, backend)
+}
+
+#[cfg(feature = "wgpu")]
+fn load_wgpu(file: &ModelFile, opts: &EngineOptions) -> Result<Box<dyn Runner>> {
+    if opts.exact {
+        return Err(Error::input(
+            "--exact runs on the CPU backend only (the wgpu backend keeps f32 activations anyway)",
+        ));
+    }
+    model::load(file, crate::backend::wgpu::WgpuBackend::new()?)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn load_wgpu(_: &ModelFile, _: &EngineOptions) -> Result<Box<dyn Runner>> {
+    Err(Error::input("this build of cairn has no wgpu backend (built without the `wgpu` feature)"))
+}
+
+#[cfg(feature = "wgpu")]
+fn gpu_present() -> bool {
+    crate::backend::wgpu::has_gpu()
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn gpu_present() -> bool {
+    false
+}
+
+/// The model on the backend `opts` asks for, and a note when `auto` fell back.
+fn load_runner(file: &ModelFile, opts: &EngineOptions) -> Result<(Box<dyn Runner>, Option<String>)> {
+    match opts.backend {
+        BackendKind::Cpu => Ok((load_cpu(file, opts)?, None)),
+        BackendKind::Wgpu => Ok((load_wgpu(file, opts)?, None)),
+        BackendKind::Auto if opts.exact => {
+            Ok((load_cpu(file, opts)?, Some("--exact: using the CPU backend".to_string())))
+        }
+        // A CPU emulation of Vulkan (llvmpipe) is slower than the CPU backend itself.
+        BackendKind::Auto if !gpu_present() => {
+            Ok((load_cpu(file, opts)?, Some("no GPU found: using the CPU backend".to_string())))
+        }
+        BackendKind::Auto => match load_wgpu(file, opts) {
+            Ok(r) => Ok((r, None)),
+            Err(e) => Ok((
+                load_cpu(file, opts)?,
+                Some(format!("the wgpu backend is unavailable ({e}): using the CPU backend")),
+            )),
+        },
+    }
 }
 
 impl Engine {
@@ -39,8 +96,7 @@ impl Engine {
     }
 
     pub fn from_file(file: ModelFile, opts: &EngineOptions) -> Result<Engine> {
-        let backend = if opts.exact { CpuBackend::reference(opts.threads)? } else { CpuBackend::new(opts.threads)? };
-        let runner = model::load(&file, backend)?;
+        let (runner, backend_note) = load_runner(&file, opts)?;
         let meta = &file.metadata;
         let tokenizer =
             Tokenizer::from_metadata(meta).map_err(|e| Error::model(format!("{}: {e}", file.path.display())))?;
@@ -53,7 +109,7 @@ impl Engine {
             )));
         }
         let template = ChatTemplate::from_metadata(meta).map_err(|e| e.to_string());
-        Ok(Engine { file, runner, tokenizer, template })
+        Ok(Engine { file, runner, tokenizer, template, backend_note })
     }
 
     pub fn vocab(&self) -> usize {

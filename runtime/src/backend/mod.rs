@@ -3,9 +3,35 @@
 //! (CPU, wgpu, CUDA) or a weight storage type never needs its own copy of a model.
 
 pub mod cpu;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 use crate::error::Result;
 use crate::weights::HostTensor;
+
+/// Which backend runs a model (`--backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The CPU backend (always available).
+    #[default]
+    Cpu,
+    /// The wgpu backend on the first GPU adapter (an error if there is none).
+    Wgpu,
+    /// wgpu on a real GPU if one is present, else the CPU; any fallback is announced.
+    Auto,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(BackendKind::Cpu),
+            "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
+            "auto" => Ok(BackendKind::Auto),
+            _ => Err(format!("unknown backend {s:?} (cpu, wgpu or auto)")),
+        }
+    }
+}
 
 /// How RoPE pairs up the values of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +111,13 @@ pub trait Backend: Send + Sync {
     fn geglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+
+    /// Errors the device reported since the last call. GPU work runs asynchronously, so
+    /// a failed op (out of memory, a lost device) is noticed here, after the pass;
+    /// backends that fail synchronously have nothing to report.
+    fn status(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// An empty cache for up to `capacity` positions.
     fn kv_new(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self::Kv>;

@@ -23,7 +23,12 @@ pub fn resolve_model(name: Option<&str>) -> Result<PathBuf> {
 }
 
 fn load(m: &ModelArgs) -> Result<Engine> {
-    Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads, exact: m.exact })
+    let engine =
+        Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads, exact: m.exact, backend: m.backend })?;
+    if let Some(note) = &engine.backend_note {
+        eprintln!("note: {note}");
+    }
+    Ok(engine)
 }
 
 fn flush(s: &str) -> ControlFlow<()> {
@@ -174,6 +179,34 @@ pub fn perplexity(m: &ModelArgs, file: &Path, window: usize, windows: Option<usi
     Ok(())
 }
 
+/// The GPU adapters the wgpu backend can use, with what it needs to know of them.
+pub fn devices() -> Result<()> {
+    #[cfg(feature = "wgpu")]
+    {
+        let list = crate::backend::wgpu::list_adapters();
+        if list.is_empty() {
+            println!("no GPU adapters (no Vulkan/Metal/DX12 driver found); --backend wgpu is unavailable");
+        }
+        for a in list {
+            println!("[{}] {} ({}, {}, driver: {})", a.index, a.name, a.device_type, a.backend, a.driver);
+            println!(
+                "    shader-f16: {}, subgroups: {} (size {}..{}), max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, {} invocations",
+                if a.shader_f16 { "yes" } else { "no" },
+                if a.subgroups { "yes" } else { "no" },
+                a.subgroup_sizes.0,
+                a.subgroup_sizes.1,
+                a.max_storage_binding >> 20,
+                a.max_buffer >> 20,
+                a.max_workgroup_storage >> 10,
+                a.max_invocations
+            );
+        }
+    }
+    #[cfg(not(feature = "wgpu"))]
+    println!("this build of cairn has no wgpu backend (built without the `wgpu` feature)");
+    Ok(())
+}
+
 pub fn info(m: &ModelArgs) -> Result<()> {
     let path = model_path(m)?;
     let file = ModelFile::open(&path)?;
@@ -226,7 +259,7 @@ pub fn info(m: &ModelArgs) -> Result<()> {
 
 pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str) -> Result<()> {
     let path = model_path(m)?;
-    let opts = crate::bench::BenchOptions { prompt, gen, threads: m.threads, reps: reps.max(1) };
+    let opts = crate::bench::BenchOptions { prompt, gen, threads: m.threads, reps: reps.max(1), backend: m.backend };
     let report = crate::bench::run(&path, &opts)?;
     if output == "json" {
         println!("{}", serde_json::to_string(&report).map_err(|e| Error::Input(e.to_string()))?);

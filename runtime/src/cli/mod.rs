@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::backend::BackendKind;
 use crate::error::{Error, Result};
 use crate::sampling::SamplerConfig;
 
@@ -124,6 +125,9 @@ enum Command {
     Info {
         #[command(flatten)]
         model: ModelArgs,
+        /// List the GPU adapters (features and limits) instead.
+        #[arg(long)]
+        devices: bool,
     },
 }
 
@@ -142,6 +146,10 @@ struct ModelArgs {
     /// 8-bit integer kernels.
     #[arg(long)]
     exact: bool,
+    /// Backend: cpu, wgpu (the first GPU adapter; see `cairn info --devices`), or auto
+    /// (wgpu on a real GPU, else cpu).
+    #[arg(long, default_value = "cpu")]
+    backend: BackendKind,
 }
 
 #[derive(Args)]
@@ -203,7 +211,8 @@ pub fn run() -> Result<()> {
         Command::Eval { model, ids, top, json } => commands::eval(&model, &ids, top, json),
         Command::Perplexity { model, file, ctx, windows } => commands::perplexity(&model, &file, ctx, windows),
         Command::Bench { model, prompt, gen, reps, output } => commands::bench(&model, prompt, gen, reps, &output),
-        Command::Info { model } => commands::info(&model),
+        Command::Info { devices: true, .. } => commands::devices(),
+        Command::Info { model, .. } => commands::info(&model),
         Command::Convert { model, quant, group, output } => {
             let quant = crate::convert::Quant::parse(&quant, group)?;
             let input = commands::resolve_model(model.as_deref())?;

@@ -216,7 +216,9 @@ pub fn forward<B: Backend + 'static>(
             x = be.rows(&x, ids.len() - 1, 1);
         }
         let x = be.rms_norm(&x, out_norm, c.norm_eps);
-        Ok(be.to_host(be.matmul(&x, head)))
+        let logits = be.to_host(be.matmul(&x, head));
+        be.status()?;
+        Ok(logits)
     });
     match out {
         Ok(v) => {

@@ -1,0 +1,320 @@
+//! The wgpu backend against the CPU backend: every op on random inputs, weights of every
+//! storage type with a kernel (also split across bindings), and whole SmolLM2 forward
+//! passes on the reference sequences. In CI these run on Mesa's lavapipe ("llvmpipe",
+//! a CPU Vulkan driver); a machine without any adapter skips them with a message.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{ids, max_rel_diff};
+
+use cairn::backend::cpu::CpuBackend;
+use cairn::backend::wgpu::{list_adapters, WgpuBackend, WgpuOptions};
+use cairn::backend::{AttnParams, Backend, RopeStyle};
+use cairn::engine::{Engine, EngineOptions};
+use cairn::model::Logits;
+use cairn::synthetic::SplitMix;
+use cairn::weights::ModelFile;
+use cairn_formats::{quant, GgmlType, GgufBuilder};
+
+/// Matmul and element-wise results: f32 on both sides, only the summation order differs.
+const OP_TOL: f32 = 1e-4;
+/// Attention: both round q, the cache and the softmax weights to f16, but `exp` differs
+/// by an ulp now and then, which can move an f16-rounded weight by one f16 step.
+const ATTN_TOL: f32 = 2e-3;
+/// Whole model: largest |logit difference| against the CPU backend's f32 reference path
+/// (the GPU adds only f16 roundings in attention, which the reference path skips).
+const MODEL_TOL: f32 = 0.25;
+/// Positions where the CPU's top-1 leads its top-2 by more than this must agree.
+const MARGIN: f32 = 0.25;
+
+fn gpu_with(opts: &WgpuOptions) -> Option<WgpuBackend> {
+    if list_adapters().is_empty() {
+        assert!(
+            std::env::var_os("CAIRN_REQUIRE_WGPU").is_none(),
+            "CAIRN_REQUIRE_WGPU is set but there is no wgpu adapter"
+        );
+        eprintln!(
+            "skipping: no wgpu adapter on this machine (install mesa-vulkan-drivers and libvulkan1 for lavapipe)"
+        );
+        return None;
+    }
+    Some(WgpuBackend::with_options(opts).expect("an adapter exists, so the backend must start"))
+}
+
+fn gpu() -> Option<&'static WgpuBackend> {
+    static G: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    G.get_or_init(|| gpu_with(&WgpuOptions::default())).as_ref()
+}
+
+fn cpu_ref() -> CpuBackend {
+    CpuBackend::reference(2).unwrap()
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = SplitMix(seed);
+    (0..n).map(|_| r.next_f32()).collect()
+}
+
+/// A GGUF holding `w` (`[k, m]`: m rows of k values) as `ty`, and its file.
+fn weight_file(ty: GgmlType, k: usize, m: usize, seed: u64) -> ModelFile {
+    let x = random(k * m, seed);
+    let mut bytes = vec![0u8; ty.row_bytes(k as u64).unwrap() as usize * m];
+    quant::quantize(ty, &x, &mut bytes).unwrap();
+    let g = GgufBuilder::new().tensor("w", &[k as u64, m as u64], ty, bytes).unwrap().build();
+    ModelFile::from_bytes("w.gguf", g).unwrap()
+}
+
+const TYPES: [GgmlType; 9] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+];
+
+fn check_matmul(g: &WgpuBackend, ty: GgmlType, k: usize, m: usize, ns: &[usize]) {
+    let c = cpu_ref();
+    let file = weight_file(ty, k, m, 7 + ty as u64);
+    let t = file.tensor("w", &[k as u64, m as u64]).unwrap();
+    let (wg, wc) = (g.load_weight(&t).unwrap(), c.load_weight(&t).unwrap());
+    for &n in ns {
+        let x = random(n * k, n as u64);
+        let want = c.matmul(&c.upload(&x, n, k), &wc).data;
+        let got = g.to_host(g.matmul(&g.upload(&x, n, k), &wg));
+        g.status().unwrap();
+        let d = max_rel_diff(&got, &want);
+        assert!(d < OP_TOL, "{ty:?} matmul {n}x{k} by {m}: relative difference {d}");
+    }
+}
+
+#[test]
+fn matmul_every_type() {
+    let Some(g) = gpu() else { return };
+    for ty in TYPES {
+        // 1: the decode matvec; 5, 19: partial and several token tiles.
+        check_matmul(g, ty, 512, 40, &[1, 5, 19]);
+    }
+}
+
+#[test]
+fn weights_and_batches_split_across_bindings() {
+    let Some(g) = gpu_with(&WgpuOptions { max_binding: Some(256 << 10), ..Default::default() }) else { return };
+    // Q8_0 rows of 512 values are 544 bytes: 481 rows per binding, three chunks; 200
+    // tokens of 1000 outputs exceed one binding too, so the batch is split as well.
+    check_matmul(&g, GgmlType::Q8_0, 512, 1000, &[1, 200]);
+    let c = cpu_ref();
+    let file = weight_file(GgmlType::Q4K, 256, 1500, 3);
+    let t = file.tensor("w", &[256, 1500]).unwrap();
+    let (wg, wc) = (g.load_weight(&t).unwrap(), c.load_weight(&t).unwrap());
+    let ids = [0u32, 1499, 700, 1200, 5, 960];
+    let want = c.to_host(c.embed(&wc, &ids, 1.5).unwrap());
+    let got = g.to_host(g.embed(&wg, &ids, 1.5).unwrap());
+    assert_eq!(got, want, "embedding rows gathered across chunks");
+}
+
+#[test]
+fn embed_every_type() {
+    let Some(g) = gpu() else { return };
+    let c = cpu_ref();
+    for ty in TYPES {
+        let file = weight_file(ty, 256, 30, 11);
+        let t = file.tensor("w", &[256, 30]).unwrap();
+        let (wg, wc) = (g.load_weight(&t).unwrap(), c.load_weight(&t).unwrap());
+        let ids = [3u32, 0, 29, 3, 17];
+        let want = c.to_host(c.embed(&wc, &ids, 0.5).unwrap());
+        let got = g.to_host(g.embed(&wg, &ids, 0.5).unwrap());
+        assert_eq!(got, want, "{ty:?} embedding");
+        let err = g.embed(&wg, &[30], 1.0).err().expect("id past the vocabulary");
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+}
+
+fn norm_weight(len: usize) -> ModelFile {
+    let w: Vec<f32> = random(len, 5).iter().map(|v| 1.0 + v).collect();
+    let g = GgufBuilder::new().tensor("n", &[len as u64], GgmlType::F32, bytemuck_f32(&w)).unwrap().build();
+    ModelFile::from_bytes("n.gguf", g).unwrap()
+}
+
+fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn small_ops_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu_ref();
+    let (n, cols) = (6, 192);
+    let x = random(n * cols, 1);
+    let y = random(n * cols, 2);
+    let (xg, xc) = (g.upload(&x, n, cols), c.upload(&x, n, cols));
+    let (yg, yc) = (g.upload(&y, n, cols), c.upload(&y, n, cols));
+    let close = |what: &str, got: Vec<f32>, want: &[f32]| {
+        g.status().unwrap();
+        let d = max_rel_diff(&got, want);
+        assert!(d < OP_TOL, "{what}: relative difference {d}");
+    };
+    for len in [cols, 64] {
+        // A whole-row norm and a per-head (64-wide) one.
+        let f = norm_weight(len);
+        let t = f.tensor("n", &[len as u64]).unwrap();
+        let (wg, wc) = (g.load_weight(&t).unwrap(), c.load_weight(&t).unwrap());
+        close(&format!("rms_norm {len}"), g.to_host(g.rms_norm(&xg, &wg, 1e-5)), &c.rms_norm(&xc, &wc, 1e-5).data);
+    }
+    for style in [RopeStyle::Adjacent, RopeStyle::Halves] {
+        let (mut a, mut b) = (g.upload(&x, n, cols), c.upload(&x, n, cols));
+        g.rope(&mut a, 64, 1000, 10000.0, style);
+        c.rope(&mut b, 64, 1000, 10000.0, style);
+        close(&format!("rope {style:?}"), g.to_host(a), &b.data);
+    }
+    close("swiglu", g.to_host(g.swiglu(&xg, &yg)), &c.swiglu(&xc, &yc).data);
+    let big: Vec<f32> = x.iter().map(|v| v * 30.0).collect();
+    close("geglu", g.to_host(g.geglu(&g.upload(&big, n, cols), &yg)), &c.geglu(&c.upload(&big, n, cols), &yc).data);
+    let (mut a, mut b) = (g.upload(&x, n, cols), c.upload(&x, n, cols));
+    g.add_assign(&mut a, &yg);
+    c.add_assign(&mut b, &yc);
+    close("add", g.to_host(a), &b.data);
+    assert_eq!(g.to_host(g.rows(&xg, 2, 3)), c.rows(&xc, 2, 3).data, "rows");
+}
+
+#[test]
+fn attention_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    // The CPU's fast path: f16 cache with llama.cpp's roundings, as the GPU keeps it.
+    let c = CpuBackend::new(2).unwrap();
+    for (window, head_dim) in [(None, 64), (Some(5), 64), (None, 128)] {
+        let p = AttnParams { n_heads: 6, n_kv_heads: 2, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), window };
+        let (qw, kw) = (p.n_heads * head_dim, p.n_kv_heads * head_dim);
+        let mut kg = g.kv_new(p.n_kv_heads, head_dim, 32).unwrap();
+        let mut kc = c.kv_new(p.n_kv_heads, head_dim, 32).unwrap();
+        let mut pos = 0;
+        // A prefill of 9 (more than the window), then three decode steps.
+        for (step, n) in [9usize, 1, 1, 1].into_iter().enumerate() {
+            let (q, k, v) =
+                (random(n * qw, 10 + step as u64), random(n * kw, 20 + step as u64), random(n * kw, 30 + step as u64));
+            let got =
+                g.attention(&g.upload(&q, n, qw), &g.upload(&k, n, kw), &g.upload(&v, n, kw), &mut kg, pos, p).unwrap();
+            let want =
+                c.attention(&c.upload(&q, n, qw), &c.upload(&k, n, kw), &c.upload(&v, n, kw), &mut kc, pos, p).unwrap();
+            let d = max_rel_diff(&g.to_host(got), &want.data);
+            assert!(d < ATTN_TOL, "attention {window:?} hd {head_dim} step {step}: relative difference {d}");
+            pos += n;
+        }
+        let full = g.attention(
+            &g.upload(&[0.0; 384], 1, 384),
+            &g.upload(&[0.0; 128], 1, 128),
+            &g.upload(&[0.0; 128], 1, 128),
+            &mut kg,
+            3,
+            p,
+        );
+        assert!(full.is_err(), "a position that is not the cache's length is refused");
+    }
+}
+
+#[test]
+fn kv_cache_too_large_is_an_error() {
+    let Some(g) = gpu_with(&WgpuOptions { max_binding: Some(1 << 20), ..Default::default() }) else { return };
+    let err = g.kv_new(8, 64, 1 << 20).err().expect("a cache past the binding limit");
+    assert!(err.to_string().contains("--ctx-size"), "{err}");
+}
+
+/// CPU reference engine and wgpu engine on the default model, loaded once.
+fn engines() -> Option<&'static (Engine, Engine)> {
+    static E: OnceLock<Option<(Engine, Engine)>> = OnceLock::new();
+    E.get_or_init(|| {
+        gpu()?;
+        let path = common::model_path();
+        let cpu = Engine::load(&path, &EngineOptions { exact: true, ..Default::default() }).expect("cpu");
+        let opts = EngineOptions { backend: cairn::backend::BackendKind::Wgpu, ..Default::default() };
+        let gpu = Engine::load(&path, &opts).expect("wgpu engine");
+        Some((cpu, gpu))
+    })
+    .as_ref()
+}
+
+fn argmax_margin(row: &[f32]) -> (usize, f32) {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    (idx[0], row[idx[0]] - row[idx[1]])
+}
+
+/// Every reference sequence (prompt and the start of llama.cpp's greedy continuation) through both
+/// backends: on the GPU the prompt as one batch, four decode steps (the matvec kernels
+/// and the cache across calls), then the rest as a second batch after the cached
+/// positions; on the CPU all at once.
+#[test]
+fn smollm2_forward_matches_the_cpu() {
+    let Some((cpu, gpu)) = engines() else { return };
+    let r = common::reference();
+    let vocab = cpu.vocab();
+    let (mut worst, mut firm, mut agree) = (0f32, 0, 0);
+    for s in r["sequences"].as_array().unwrap() {
+        let prompt = ids(&s["prompt_ids"]);
+        let greedy = ids(&s["greedy_ids"]);
+        // The first 16 continuation tokens: lavapipe is a slow GPU.
+        let all: Vec<u32> = prompt.iter().chain(&greedy[..16]).copied().collect();
+        let mut cc = cpu.runner.new_cache(all.len()).unwrap();
+        let want = cpu.runner.forward(cc.as_mut(), &all, Logits::All).unwrap();
+        let mut gc = gpu.runner.new_cache(all.len()).unwrap();
+        let mut got = gpu.runner.forward(gc.as_mut(), &prompt, Logits::All).unwrap();
+        let steps = prompt.len() + 4;
+        for &id in &all[prompt.len()..steps] {
+            got.extend(gpu.runner.forward(gc.as_mut(), &[id], Logits::Last).unwrap());
+        }
+        got.extend(gpu.runner.forward(gc.as_mut(), &all[steps..], Logits::All).unwrap());
+        assert_eq!(got.len(), want.len());
+        for (pos, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+            let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            worst = worst.max(d);
+            let (top_w, margin) = argmax_margin(w);
+            if margin > MARGIN {
+                firm += 1;
+                let (top_g, _) = argmax_margin(g);
+                assert_eq!(top_g, top_w, "{}: top-1 at position {pos} (CPU margin {margin})", s["name"]);
+                agree += 1;
+            }
+        }
+    }
+    eprintln!(
+        "wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {agree}/{firm} firm positions"
+    );
+    assert!(worst < MODEL_TOL, "largest logit difference {worst}");
+    assert!(firm > 60, "too few firm positions to mean anything: {firm}");
+}
+
+/// Greedy generation on the GPU reproduces llama.cpp's continuation of the reference
+/// prompt up to the first position where llama.cpp's own top-2 are within `MARGIN`.
+#[test]
+fn smollm2_greedy_on_the_gpu() {
+    let Some((_, gpu)) = engines() else { return };
+    let r = common::reference();
+    let s = &r["sequences"][0];
+    let prompt = ids(&s["prompt_ids"]);
+    let greedy = ids(&s["greedy_ids"]);
+    let tops = s["top5_per_position"].as_array().unwrap();
+    let mut cache = gpu.runner.new_cache(prompt.len() + greedy.len()).unwrap();
+    let mut logits = gpu.runner.forward(cache.as_mut(), &prompt, Logits::Last).unwrap();
+    let mut checked = 0;
+    for (i, &want) in greedy.iter().enumerate() {
+        let top = common::top5(&tops[prompt.len() - 1 + i]);
+        if top[0].1 - top[1].1 <= MARGIN as f64 {
+            break;
+        }
+        let (got, _) = argmax_margin(&logits);
+        assert_eq!(got as u32, want, "greedy token {i} of {}", s["name"]);
+        checked += 1;
+        logits = gpu.runner.forward(cache.as_mut(), &[want], Logits::Last).unwrap();
+    }
+    assert!(checked >= 4, "only {checked} tokens before a near-tie");
+    // Past the cache's capacity: an error, not a panic.
+    let mut small = gpu.runner.new_cache(prompt.len()).unwrap();
+    gpu.runner.forward(small.as_mut(), &prompt, Logits::Last).unwrap();
+    assert!(gpu.runner.forward(small.as_mut(), &[1], Logits::Last).is_err());
+}
