@@ -81,7 +81,7 @@ const TYPES: [GgmlType; 9] = [
 
 fn check_matmul(g: &WgpuBackend, ty: GgmlType, k: usize, m: usize, ns: &[usize]) {
     let c = cpu_ref();
-    let file = weight_file(ty, k, m, 7 + ty as u64);
+    let file = weight_file(ty, k, m, 7 + ty.id() as u64);
     let t = file.tensor("w", &[k as u64, m as u64]).unwrap();
     let (wg, wc) = (g.load_weight(&t).unwrap(), c.load_weight(&t).unwrap());
     for &n in ns {
