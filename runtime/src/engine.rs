@@ -102,17 +102,7 @@ impl Engine {
     /// its keys.
     pub fn filter_pass(&self, ids: &[u32], r: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_ids(ids)?;
-        if ids.is_empty() {
-            return Err(Error::input("empty prompt"));
-        }
-        let mut cache = self.runner.new_partial_cache(ids.len(), r + 1)?;
-        let mut probe =
-            Probe { stop_after: Some(r), queries_from: Some(ids.len() - 1), queries_layer: Some(r), ..Probe::default() };
-        for chunk in ids.chunks(PREFILL_CHUNK) {
-            self.runner.forward_probe(cache.as_mut(), chunk, Logits::Last, &mut probe)?;
-        }
-        let q = probe.queries.get(r).cloned().ok_or_else(|| Error::model("the filter layer recorded no query"))?;
-        Ok((q, self.runner.layer_keys(cache.as_mut(), r)?))
+        longctx::filter_pass(self.runner.as_ref(), ids, r)
     }
 
     /// The prompt indices a token-selecting method keeps (ascending); every index for

@@ -6,7 +6,9 @@
 //! `k` rows of every layer's cache, chosen per KV head. The selections here are pure
 //! functions of host values; the passes that feed them are in `engine.rs`.
 
+use crate::engine::PREFILL_CHUNK;
 use crate::error::{Error, Result};
+use crate::model::{Logits, Probe, Runner};
 use crate::synthetic::SplitMix;
 
 /// Tokens kept when no budget is given.
@@ -119,6 +121,27 @@ pub fn parse_count(v: &str) -> Option<usize> {
         Some(n) => n.parse::<usize>().ok()?.checked_mul(1024),
         None => v.parse().ok(),
     }
+}
+
+/// GemFilter's first pass: layers `0..=r` over all of `ids`, in chunks, on a cache of
+/// those layers only (no later layer ever sees the prompt); returns layer `r`'s
+/// post-RoPE query of the last token and its cached keys.
+pub fn filter_pass(runner: &dyn Runner, ids: &[u32], r: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let n_layers = runner.config().n_layers;
+    if r >= n_layers {
+        return Err(Error::input(format!("filter layer {r} does not exist: the model has {n_layers} layers (0..)")));
+    }
+    if ids.is_empty() {
+        return Err(Error::input("empty prompt"));
+    }
+    let mut cache = runner.new_partial_cache(ids.len(), r + 1)?;
+    let mut probe =
+        Probe { stop_after: Some(r), queries_from: Some(ids.len() - 1), queries_layer: Some(r), ..Probe::default() };
+    for chunk in ids.chunks(PREFILL_CHUNK) {
+        runner.forward_probe(cache.as_mut(), chunk, Logits::Last, &mut probe)?;
+    }
+    let q = probe.queries.get(r).cloned().ok_or_else(|| Error::model("the filter layer recorded no query"))?;
+    Ok((q, runner.layer_keys(cache.as_mut(), r)?))
 }
 
 /// GemFilter's raw scores: for every key row `j`, Σ over heads `h` of `q_h · k_{g(h), j}`

@@ -264,6 +264,16 @@ pub fn run_case(engine: &Engine, case: &Case, opts: &NeedleOptions, layer: Optio
         let logits = s.prefill(&ids)?;
         Ok((s, logits))
     };
+    // `gemfilter@N`: GemFilter at filter layer N, from the same first pass.
+    for m in &opts.methods {
+        if let Some(r) = fixed_layer(m) {
+            let sel = selections.get(r).ok_or_else(|| Error::input(format!("{m}: no such layer")))?;
+            let sel = if opts.k >= n { (0..n).collect() } else { sel.clone() };
+            let mut s = engine.new_session(n + opts.max_new)?;
+            let l = s.prefill(&sel.iter().map(|&i| case.ids[i]).collect::<Vec<_>>())?;
+            record(m, &mut s, l)?;
+        }
+    }
     for m in ["gemfilter", "recent", "random"] {
         if want(m) {
             let method = Method::by_name(m, opts.k, opts.layer, case.seed ^ 0x5EED)?;
@@ -288,11 +298,24 @@ pub fn run_case(engine: &Engine, case: &Case, opts: &NeedleOptions, layer: Optio
     })
 }
 
+/// The layer of a `gemfilter@N` method name.
+pub fn fixed_layer(method: &str) -> Option<usize> {
+    method.strip_prefix("gemfilter@")?.parse().ok()
+}
+
+/// Refuse unknown method names before any work.
+pub fn check_methods(opts: &NeedleOptions) -> Result<()> {
+    for m in &opts.methods {
+        if fixed_layer(m).is_none() {
+            Method::by_name(m, opts.k, opts.layer, 0)?;
+        }
+    }
+    Ok(())
+}
+
 /// The whole grid, reporting each case as it finishes.
 pub fn run(engine: &Engine, hay: &str, opts: &NeedleOptions, mut progress: impl FnMut(&CaseResult)) -> Result<Report> {
-    for m in &opts.methods {
-        Method::by_name(m, opts.k, opts.layer, 0)?;
-    }
+    check_methods(opts)?;
     let ctx = engine.runner.config().context;
     if let Some(&l) = opts.lengths.iter().find(|&&l| l > ctx) {
         return Err(Error::input(format!("length {l} exceeds the model's context length {ctx}")));
@@ -382,8 +405,9 @@ impl Report {
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         for (m, table) in &self.accuracy {
-            let layer = match (m.as_str(), self.filter_layer) {
-                ("gemfilter", Some(r)) => format!(", layer {r}"),
+            let layer = match (m.as_str(), self.filter_layer, fixed_layer(m)) {
+                ("gemfilter", Some(r), _) => format!(", layer {r} (auto)"),
+                (_, _, Some(r)) => format!(", layer {r}"),
                 _ => String::new(),
             };
             let budget = if m == "full" { String::new() } else { format!(" (k = {}{layer})", self.k) };

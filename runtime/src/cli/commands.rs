@@ -235,6 +235,7 @@ pub fn needle(
     output: Option<&Path>,
     save_auto: bool,
 ) -> Result<()> {
+    needle::check_methods(opts)?;
     let engine = load(m)?;
     let (hay, paths) = needle::haystack(haystack)?;
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
