@@ -232,7 +232,7 @@ impl<'e> Session<'e> {
     /// Start over with an empty cache.
     fn reset(&mut self) {
         self.cache.truncate(0);
-        if self.cache.len() != 0 || !self.exact {
+        if !self.cache.is_empty() || !self.exact {
             // A compacted cache is replaced rather than emptied.
             if let Ok(c) = self.engine.runner.new_cache(self.cache.capacity()) {
                 self.cache = c;

@@ -200,11 +200,8 @@ pub fn run_case(engine: &Engine, case: &Case, opts: &NeedleOptions, layer: Optio
     let n = case.ids.len();
     let want = |m: &str| opts.methods.iter().any(|x| x == m);
     let mut cache = runner.new_cache(n + opts.max_new)?;
-    let mut probe = Probe {
-        queries_from: Some(n - SNAPKV_WINDOW.min(n)),
-        mass: want("h2o").then(Vec::new),
-        ..Probe::default()
-    };
+    let mut probe =
+        Probe { queries_from: Some(n - SNAPKV_WINDOW.min(n)), mass: want("h2o").then(Vec::new), ..Probe::default() };
     let mut logits = Vec::new();
     for chunk in case.ids.chunks(PREFILL_CHUNK) {
         logits = runner.forward_probe(cache.as_mut(), chunk, Logits::Last, &mut probe)?;
@@ -218,8 +215,10 @@ pub fn run_case(engine: &Engine, case: &Case, opts: &NeedleOptions, layer: Optio
         selections.push(longctx::gemfilter_select(last, &keys, c.n_heads, c.n_kv_heads, c.head_dim, opts.k));
     }
     let kept = |sel: &[usize], toks: &[usize]| toks.iter().filter(|t| sel.binary_search(t).is_ok()).count();
-    let needle_recall =
-        selections.iter().map(|s| kept(s, &case.needle_tokens) as f64 / case.needle_tokens.len().max(1) as f64).collect();
+    let needle_recall = selections
+        .iter()
+        .map(|s| kept(s, &case.needle_tokens) as f64 / case.needle_tokens.len().max(1) as f64)
+        .collect();
     let value_kept = selections.iter().map(|s| kept(s, &case.value_tokens) == case.value_tokens.len()).collect();
 
     let greedy = || Sampler::new(SamplerConfig { temperature: 0.0, ..SamplerConfig::default() });
@@ -377,7 +376,8 @@ impl Report {
                 })
                 .collect();
             accuracy.insert(m.clone(), table);
-            overall.insert(m.clone(), 100.0 * cases.iter().filter(|c| hit(c)).count() as f64 / cases.len().max(1) as f64);
+            overall
+                .insert(m.clone(), 100.0 * cases.iter().filter(|c| hit(c)).count() as f64 / cases.len().max(1) as f64);
         }
         let n_layers = cases.first().map_or(0, |c| c.needle_recall.len());
         let recall_by_layer = (0..n_layers)

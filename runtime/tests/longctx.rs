@@ -42,7 +42,8 @@ fn reference_qk(file: &ModelFile, ids: &[u32], r: usize) -> (Vec<Vec<f32>>, Vec<
     let embed = deq(file, "token_embd.weight");
     let mut xs: Vec<Vec<f32>> = ids.iter().map(|&t| embed[t as usize * d..(t as usize + 1) * d].to_vec()).collect();
     for i in 0..=r {
-        let names = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
+        let names =
+            ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
         let ws: Vec<Vec<f32>> = names.iter().map(|n| deq(file, &format!("blk.{i}.{n}.weight"))).collect();
         let w = |n: &str| &ws[names.iter().position(|m| *m == n).unwrap()];
         let (qs, ks, vs): (Vec<_>, Vec<_>, Vec<_>) = xs
@@ -113,8 +114,9 @@ fn selection_equals_brute_force() {
                     .sum()
             })
             .collect();
-        let smooth: Vec<f64> =
-            (0..n).map(|j| (j as i64 - 2..=j as i64 + 2).filter_map(|i| raw.get(i as usize)).sum::<f64>() / 5.0).collect();
+        let smooth: Vec<f64> = (0..n)
+            .map(|j| (j as i64 - 2..=j as i64 + 2).filter_map(|i| raw.get(i as usize)).sum::<f64>() / 5.0)
+            .collect();
         let got = longctx::smooth(&longctx::gemfilter_scores(&q, &keys, c.n_heads, c.n_kv_heads, c.head_dim), 5);
         let scale = smooth.iter().fold(0f64, |m, v| m.max(v.abs()));
         for (a, b) in got.iter().zip(&smooth) {

@@ -66,7 +66,13 @@ fn show_selected(engine: &Engine, ids: &[u32], sel: Option<&[usize]>) {
         last = Some(i);
     }
     let text: Vec<String> = runs.iter().map(|r| engine.tokenizer.decode(r).unwrap_or_default()).collect();
-    eprintln!("[selected {} of {} tokens in {} runs]\n{}\n[end of selection]", sel.len(), ids.len(), runs.len(), text.join(" … "));
+    eprintln!(
+        "[selected {} of {} tokens in {} runs]\n{}\n[end of selection]",
+        sel.len(),
+        ids.len(),
+        runs.len(),
+        text.join(" … ")
+    );
 }
 
 fn describe(engine: &Engine, method: Method) {

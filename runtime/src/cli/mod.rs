@@ -273,17 +273,7 @@ pub fn run() -> Result<()> {
             let turn = commands::Turn { max_new: max_tokens, cfg, method, show_selected: long.show_selected };
             commands::chat(&model, prompt.as_deref(), system.as_deref(), turn)
         }
-        Command::Generate {
-            model,
-            prompt,
-            prompt_file,
-            head_tokens,
-            max_tokens,
-            sampling,
-            long,
-            json,
-            stats,
-        } => {
+        Command::Generate { model, prompt, prompt_file, head_tokens, max_tokens, sampling, long, json, stats } => {
             let prompt = match (prompt, prompt_file) {
                 (Some(p), _) => p,
                 (None, Some(f)) => {

@@ -57,9 +57,8 @@ pub fn new_cache<B: Backend + 'static>(
     n_layers: usize,
 ) -> Result<Box<dyn KvState>> {
     let capacity = capacity.min(c.context);
-    let layers = (0..n_layers.min(c.n_layers))
-        .map(|_| be.kv_new(c.n_kv_heads, c.head_dim, capacity))
-        .collect::<Result<_>>()?;
+    let layers =
+        (0..n_layers.min(c.n_layers)).map(|_| be.kv_new(c.n_kv_heads, c.head_dim, capacity)).collect::<Result<_>>()?;
     Ok(Box::new(Cache::<B> { layers, len: 0, capacity, shift: 0 }))
 }
 

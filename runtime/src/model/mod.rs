@@ -57,8 +57,13 @@ pub trait Runner: Send + Sync {
     fn new_partial_cache(&self, capacity: usize, n_layers: usize) -> Result<Box<dyn KvState>>;
     /// [`Runner::forward`] with hooks: stop after a layer (then no logits), record
     /// queries, accumulate attention weights.
-    fn forward_probe(&self, cache: &mut dyn KvState, ids: &[u32], logits: Logits, probe: &mut Probe)
-        -> Result<Vec<f32>>;
+    fn forward_probe(
+        &self,
+        cache: &mut dyn KvState,
+        ids: &[u32],
+        logits: Logits,
+        probe: &mut Probe,
+    ) -> Result<Vec<f32>>;
     /// The cached post-RoPE keys of `layer`, `[row][n_kv_heads · head_dim]`.
     fn layer_keys(&self, cache: &mut dyn KvState, layer: usize) -> Result<Vec<f32>>;
     /// A new cache holding, for every layer and KV head, only the rows `keep[layer][head]`

@@ -357,7 +357,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_gather(&self, kv: &CpuKv, keep: &[Vec<usize>]) -> Result<CpuKv> {
-        if kv.start != 0 || keep.is_empty() || kv.width % keep.len() != 0 {
+        if kv.start != 0 || keep.is_empty() || !kv.width.is_multiple_of(keep.len()) {
             return Err(Error::input("cannot compact this cache"));
         }
         let hd = kv.width / keep.len();
