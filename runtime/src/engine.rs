@@ -8,7 +8,8 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::BackendKind;
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
-use crate::model::{self, KvState, Logits, Runner};
+use crate::longctx::{self, FilterLayer, Method, SNAPKV_WINDOW};
+use crate::model::{self, KvState, Logits, Probe, Runner};
 use crate::sampling::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::weights::ModelFile;
@@ -128,7 +129,56 @@ impl Engine {
 
     pub fn new_session(&self, context: usize) -> Result<Session<'_>> {
         let context = if context == 0 { self.runner.config().context } else { context };
-        Ok(Session { engine: self, cache: self.runner.new_cache(context)?, tokens: Vec::new() })
+        Ok(Session {
+            engine: self,
+            cache: self.runner.new_cache(context)?,
+            tokens: Vec::new(),
+            method: Method::Full,
+            h2o: None,
+            selected: None,
+            exact: true,
+        })
+    }
+
+    /// The filter layer GemFilter uses (`Auto`: calibrated once per model, then cached).
+    pub fn filter_layer(&self, layer: FilterLayer, k: usize) -> Result<usize> {
+        let n_layers = self.runner.config().n_layers;
+        match layer {
+            FilterLayer::Fixed(r) if r < n_layers => Ok(r),
+            FilterLayer::Fixed(r) => {
+                Err(Error::input(format!("filter layer {r} does not exist: the model has {n_layers} layers (0..)")))
+            }
+            FilterLayer::Auto => crate::needle::auto_layer(self, k),
+        }
+    }
+
+    /// GemFilter's first pass: layers `0..=r` over all of `ids` (chunked, on a cache of
+    /// those layers only), returning layer `r`'s post-RoPE query of the last token and
+    /// its keys.
+    pub fn filter_pass(&self, ids: &[u32], r: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_ids(ids)?;
+        longctx::filter_pass(self.runner.as_ref(), ids, r)
+    }
+
+    /// The prompt indices a token-selecting method keeps (ascending); every index for
+    /// the methods that keep the whole prompt.
+    pub fn select(&self, ids: &[u32], method: Method) -> Result<Vec<usize>> {
+        let n = ids.len();
+        let c = self.runner.config();
+        Ok(match method {
+            Method::GemFilter { k, .. } | Method::Recent { k } | Method::Random { k, .. } if k == 0 => {
+                return Err(Error::input("k = 0 keeps no tokens: k must be at least 1"))
+            }
+            Method::GemFilter { k, .. } if k >= n => (0..n).collect(),
+            Method::GemFilter { k, layer } => {
+                let r = self.filter_layer(layer, k)?;
+                let (q, keys) = self.filter_pass(ids, r)?;
+                longctx::gemfilter_select(&q, &keys, c.n_heads, c.n_kv_heads, c.head_dim, k)
+            }
+            Method::Recent { k } => longctx::recent_select(n, k),
+            Method::Random { k, seed } => longctx::random_select(n, k, seed),
+            Method::Full | Method::SnapKv { .. } | Method::H2o { .. } => (0..n).collect(),
+        })
     }
 
     /// Logits at every position of `ids`, from one batched pass (chunked past
@@ -169,15 +219,186 @@ pub struct Session<'e> {
     engine: &'e Engine,
     cache: Box<dyn KvState>,
     tokens: Vec<u32>,
+    method: Method,
+    /// H2O's budget and accumulated attention (per layer, KV head, cache row).
+    h2o: Option<(usize, Vec<Vec<Vec<f32>>>)>,
+    /// The prompt indices the last prompt kept (GemFilter, recent, random).
+    pub selected: Option<Vec<usize>>,
+    /// Whether the cache holds exactly `tokens` at their positions (not after an
+    /// eviction or a selection): prefix reuse depends on it.
+    exact: bool,
 }
 
-impl Session<'_> {
+impl<'e> Session<'e> {
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
 
     pub fn capacity(&self) -> usize {
         self.cache.capacity()
+    }
+
+    /// How later prompts are handled (default: full attention).
+    pub fn set_method(&mut self, method: Method) -> Result<()> {
+        if let Some(0) = method.budget() {
+            return Err(Error::input("k = 0 keeps no tokens: k must be at least 1"));
+        }
+        self.method = method;
+        Ok(())
+    }
+
+    pub fn method(&self) -> Method {
+        self.method
+    }
+
+    /// Rows in the cache (fewer than the tokens seen after an eviction).
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// A session over a cache already holding `tokens` (the needle harness shares one
+    /// prefill between methods); `h2o`: H2O's budget and accumulated attention.
+    pub(crate) fn from_cache(
+        engine: &'e Engine,
+        cache: Box<dyn KvState>,
+        tokens: Vec<u32>,
+        h2o: Option<(usize, Vec<Vec<Vec<f32>>>)>,
+    ) -> Session<'e> {
+        let exact = cache.len() == tokens.len() && cache.position() == tokens.len();
+        Session { engine, cache, tokens, method: Method::Full, h2o, selected: None, exact }
+    }
+
+    /// Start H2O from a full prefill's cache `full` (left as it was) and the attention
+    /// mass it accumulated.
+    pub(crate) fn adopt_h2o(&mut self, full: &mut dyn KvState, k: usize, mass: Vec<Vec<Vec<f32>>>) -> Result<()> {
+        let keep: Vec<Vec<Vec<usize>>> =
+            mass.iter().map(|heads| heads.iter().map(|m| longctx::h2o_select(m, k)).collect()).collect();
+        let mass = mass
+            .iter()
+            .zip(&keep)
+            .map(|(heads, keep)| heads.iter().zip(keep).map(|(m, keep)| keep.iter().map(|&j| m[j]).collect()).collect())
+            .collect();
+        self.cache = self.engine.runner.compact(full, &keep)?;
+        self.h2o = Some((k, mass));
+        self.exact = false;
+        Ok(())
+    }
+
+    /// Start over with an empty cache.
+    fn reset(&mut self) {
+        self.cache.truncate(0);
+        if !self.cache.is_empty() || !self.exact {
+            // A compacted cache is replaced rather than emptied.
+            if let Ok(c) = self.engine.runner.new_cache(self.cache.capacity()) {
+                self.cache = c;
+            }
+        }
+        self.tokens.clear();
+        self.h2o = None;
+        self.selected = None;
+        self.exact = true;
+    }
+
+    /// Evaluate a prompt as the session's method says, leaving the cache ready to decode;
+    /// returns the logits of its last token.
+    pub fn prefill_method(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let method = self.method;
+        if method == Method::Full {
+            return self.prefill(ids);
+        }
+        self.engine.check_ids(ids)?;
+        if ids.is_empty() {
+            return Err(Error::input("empty prompt"));
+        }
+        if ids.len() > self.cache.capacity() {
+            return Err(Error::input(format!(
+                "prompt of {} tokens exceeds the context length {}",
+                ids.len(),
+                self.cache.capacity()
+            )));
+        }
+        self.reset();
+        let runner = &self.engine.runner;
+        let c = runner.config();
+        let n = ids.len();
+        match method {
+            Method::SnapKv { k } => {
+                let mut probe = Probe { queries_from: Some(n - SNAPKV_WINDOW.min(n)), ..Probe::default() };
+                let logits = self.prefill_probe(ids, &mut probe)?;
+                if k < n {
+                    let shape = (c.n_heads, c.n_kv_heads, c.head_dim);
+                    let keep = (0..c.n_layers)
+                        .map(|l| {
+                            let keys = runner.layer_keys(self.cache.as_mut(), l)?;
+                            let q = probe.queries.get(l).map_or(&[][..], |q| q.as_slice());
+                            Ok(longctx::snapkv_select(q, probe.scales.get(l).copied().unwrap_or(1.0), &keys, shape, k))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    self.cache = runner.compact(self.cache.as_mut(), &keep)?;
+                    self.exact = false;
+                }
+                Ok(logits)
+            }
+            Method::H2o { k } => {
+                let mut probe = Probe { mass: Some(Vec::new()), ..Probe::default() };
+                let logits = self.prefill_probe(ids, &mut probe)?;
+                self.h2o = Some((k, probe.mass.take().unwrap_or_default()));
+                self.h2o_evict()?;
+                Ok(logits)
+            }
+            _ => {
+                let sel = self.engine.select(ids, method)?;
+                let kept: Vec<u32> = sel.iter().map(|&i| ids[i]).collect();
+                let logits = self.prefill(&kept)?;
+                self.selected = Some(sel);
+                Ok(logits)
+            }
+        }
+    }
+
+    /// Evaluate `ids` on an empty cache with `probe` watching.
+    fn prefill_probe(&mut self, ids: &[u32], probe: &mut Probe) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            logits = self.engine.runner.forward_probe(self.cache.as_mut(), chunk, Logits::Last, probe)?;
+            self.tokens.extend_from_slice(chunk);
+        }
+        Ok(logits)
+    }
+
+    /// H2O: evict every layer's cache, per KV head, down to the budget.
+    fn h2o_evict(&mut self) -> Result<()> {
+        let Some((k, mass)) = self.h2o.as_mut() else { return Ok(()) };
+        if self.cache.len() <= *k {
+            return Ok(());
+        }
+        let keep: Vec<Vec<Vec<usize>>> =
+            mass.iter().map(|heads| heads.iter().map(|m| longctx::h2o_select(m, *k)).collect()).collect();
+        for (heads, keep) in mass.iter_mut().zip(&keep) {
+            for (m, keep) in heads.iter_mut().zip(keep) {
+                *m = keep.iter().map(|&j| m[j]).collect();
+            }
+        }
+        self.cache = self.engine.runner.compact(self.cache.as_mut(), &keep)?;
+        self.exact = false;
+        Ok(())
+    }
+
+    /// Evaluate one generated token (H2O: accumulating attention, then evicting).
+    fn step(&mut self, id: u32) -> Result<Vec<f32>> {
+        let runner = &self.engine.runner;
+        let logits = match self.h2o.take() {
+            Some((k, mass)) => {
+                let mut probe = Probe { mass: Some(mass), ..Probe::default() };
+                let logits = runner.forward_probe(self.cache.as_mut(), &[id], Logits::Last, &mut probe)?;
+                self.h2o = Some((k, probe.mass.take().unwrap_or_default()));
+                self.h2o_evict()?;
+                logits
+            }
+            None => runner.forward(self.cache.as_mut(), &[id], Logits::Last)?,
+        };
+        self.tokens.push(id);
+        Ok(logits)
     }
 
     /// Make the cache hold exactly `ids`, reusing the longest common prefix already
@@ -194,6 +415,10 @@ impl Session<'_> {
                 self.cache.capacity()
             )));
         }
+        if !self.exact {
+            self.reset();
+        }
+        self.selected = None;
         let mut keep = self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count();
         // The last token must be evaluated again to get its logits.
         keep = keep.min(ids.len() - 1);
@@ -214,10 +439,21 @@ impl Session<'_> {
         prompt: &[u32],
         max_new: usize,
         sampler: &mut Sampler,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let logits = self.prefill_method(prompt)?;
+        self.decode(logits, max_new, sampler, on_text)
+    }
+
+    /// Sample up to `max_new` tokens after a prefill that returned `logits`.
+    pub fn decode(
+        &mut self,
+        mut logits: Vec<f32>,
+        max_new: usize,
+        sampler: &mut Sampler,
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let tok = &self.engine.tokenizer;
-        let mut logits = self.prefill(prompt)?;
         let mut out = Generation::default();
         let mut decoder = StreamDecoder::skipping_special();
         for _ in 0..max_new {
@@ -230,11 +466,10 @@ impl Session<'_> {
             let piece = decoder.push(tok, id)?;
             out.text.push_str(&piece);
             let flow = if piece.is_empty() { ControlFlow::Continue(()) } else { on_text(&piece) };
-            if self.tokens.len() >= self.cache.capacity() {
+            if self.cache.len() >= self.cache.capacity() {
                 break;
             }
-            logits = self.engine.runner.forward(self.cache.as_mut(), &[id], Logits::Last)?;
-            self.tokens.push(id);
+            logits = self.step(id)?;
             if flow.is_break() {
                 break;
             }
@@ -255,6 +490,8 @@ impl Session<'_> {
 pub struct Chat<'e> {
     pub session: Session<'e>,
     pub messages: Vec<Message>,
+    /// The ids of the last turn's whole prompt (what a selection indexes).
+    pub last_prompt: Vec<u32>,
 }
 
 impl<'e> Chat<'e> {
@@ -263,7 +500,7 @@ impl<'e> Chat<'e> {
         if let Some(s) = system {
             messages.push(Message::new("system", s));
         }
-        Ok(Chat { session: engine.new_session(context)?, messages })
+        Ok(Chat { session: engine.new_session(context)?, messages, last_prompt: Vec::new() })
     }
 
     /// Whether this chat runs without a template (raw completion).
@@ -299,6 +536,7 @@ impl<'e> Chat<'e> {
                 return Err(e);
             }
         };
+        self.last_prompt = ids.clone();
         match self.session.generate(&ids, max_new, sampler, on_text) {
             Ok(g) => {
                 // Raw completion continues the text exactly; templated turns are trimmed.

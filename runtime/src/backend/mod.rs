@@ -6,7 +6,7 @@ pub mod cpu;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::HostTensor;
 
 /// Which backend runs a model (`--backend`).
@@ -132,4 +132,33 @@ pub trait Backend: Send + Sync {
         pos0: usize,
         p: AttnParams,
     ) -> Result<Self::Tensor>;
+
+    /// [`Backend::attention`], also adding to `mass[g][j]` the softmax weight key `j` of
+    /// KV group `g` received, summed over the query rows and the group's heads (H2O's
+    /// accumulated attention). The model grows each `mass[g]` to the cache's length.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_mass(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        kv: &mut Self::Kv,
+        pos0: usize,
+        p: AttnParams,
+        mass: &mut [Vec<f32>],
+    ) -> Result<Self::Tensor> {
+        let _ = (q, k, v, kv, pos0, p, mass);
+        Err(Error::model(format!("the {} backend does not report attention weights", self.name())))
+    }
+    /// The cached (post-RoPE) keys, `[row][n_kv_heads · head_dim]`, on the host.
+    fn kv_keys(&self, kv: &Self::Kv) -> Result<Vec<f32>> {
+        let _ = kv;
+        Err(Error::model(format!("the {} backend cannot read its cache back", self.name())))
+    }
+    /// A cache holding, for each KV head `g`, the rows `keep[g]` of `kv` (every head keeps
+    /// as many rows; the caller checked the indices).
+    fn kv_gather(&self, kv: &Self::Kv, keep: &[Vec<usize>]) -> Result<Self::Kv> {
+        let _ = (kv, keep);
+        Err(Error::model(format!("the {} backend cannot compact its cache", self.name())))
+    }
 }

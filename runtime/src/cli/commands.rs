@@ -9,6 +9,8 @@ use std::time::Instant;
 use super::ModelArgs;
 use crate::engine::{self, Chat, Engine, EngineOptions};
 use crate::error::{Error, Result};
+use crate::longctx::{FilterLayer, Method};
+use crate::needle::{self, NeedleOptions};
 use crate::pull::{self, PullOptions};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::weights::ModelFile;
@@ -48,15 +50,57 @@ pub fn pull(name: Option<&str>, verify: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn chat(
-    m: &ModelArgs,
-    prompt: Option<&str>,
-    system: Option<&str>,
-    max_new: usize,
-    cfg: SamplerConfig,
-) -> Result<()> {
+/// How each answer is produced.
+pub struct Turn {
+    pub max_new: usize,
+    pub cfg: SamplerConfig,
+    pub method: Method,
+    pub show_selected: bool,
+}
+
+/// The kept prompt text, runs of consecutive tokens joined by " … ".
+fn show_selected(engine: &Engine, ids: &[u32], sel: Option<&[usize]>) {
+    let Some(sel) = sel else {
+        eprintln!("[selected: the whole prompt of {} tokens was kept]", ids.len());
+        return;
+    };
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut last = None;
+    for &i in sel {
+        if last.is_none_or(|l: usize| l + 1 != i) {
+            runs.push(Vec::new());
+        }
+        if let (Some(run), Some(&id)) = (runs.last_mut(), ids.get(i)) {
+            run.push(id);
+        }
+        last = Some(i);
+    }
+    let text: Vec<String> = runs.iter().map(|r| engine.tokenizer.decode(r).unwrap_or_default()).collect();
+    eprintln!(
+        "[selected {} of {} tokens in {} runs]\n{}\n[end of selection]",
+        sel.len(),
+        ids.len(),
+        runs.len(),
+        text.join(" … ")
+    );
+}
+
+fn describe(engine: &Engine, method: Method) {
+    if let Method::GemFilter { k, layer } = method {
+        let r = match layer {
+            FilterLayer::Fixed(r) => r.to_string(),
+            FilterLayer::Auto => "auto".into(),
+        };
+        log::info!("gemfilter: k={k}, layer={r} of {}", engine.runner.config().n_layers);
+    }
+}
+
+pub fn chat(m: &ModelArgs, prompt: Option<&str>, system: Option<&str>, turn: Turn) -> Result<()> {
+    let Turn { max_new, cfg, method, show_selected: show } = turn;
     let engine = load(m)?;
+    describe(&engine, method);
     let mut chat = Chat::new(&engine, m.ctx_size, system)?;
+    chat.session.set_method(method)?;
     match &engine.template {
         Err(why) if why.contains("no chat template") => {
             eprintln!(
@@ -72,6 +116,9 @@ pub fn chat(
     if let Some(p) = prompt {
         chat.reply(p, max_new, &mut sampler, flush)?;
         println!();
+        if show {
+            show_selected(&engine, &chat.last_prompt, chat.session.selected.as_deref());
+        }
         return Ok(());
     }
     eprintln!(
@@ -93,6 +140,7 @@ pub fn chat(
             "/exit" | "/quit" => return Ok(()),
             "/reset" => {
                 chat = Chat::new(&engine, m.ctx_size, system)?;
+                chat.session.set_method(method)?;
                 continue;
             }
             _ => {}
@@ -101,6 +149,9 @@ pub fn chat(
         match chat.reply(line, max_new, &mut sampler, flush) {
             Ok(g) => {
                 println!();
+                if show {
+                    show_selected(&engine, &chat.last_prompt, chat.session.selected.as_deref());
+                }
                 let s = t.elapsed().as_secs_f64();
                 log::info!("{} tokens in {s:.2} s", g.ids.len());
             }
@@ -110,21 +161,58 @@ pub fn chat(
     }
 }
 
-pub fn generate(m: &ModelArgs, prompt: &str, max_new: usize, cfg: SamplerConfig, json: bool) -> Result<()> {
+pub fn generate(m: &ModelArgs, prompt: &str, head: Option<usize>, turn: Turn, json: bool, stats: bool) -> Result<()> {
+    let Turn { max_new, cfg, method, show_selected: show } = turn;
     let engine = load(m)?;
-    let ids = engine.tokenize(prompt)?;
+    describe(&engine, method);
+    let mut ids = engine.tokenize(prompt)?;
+    if let Some(h) = head {
+        if h == 0 {
+            return Err(Error::input("--head-tokens must be at least 1"));
+        }
+        ids.truncate(h);
+    }
     let mut session = engine.new_session(m.ctx_size)?;
+    session.set_method(method)?;
     let mut sampler = Sampler::new(cfg);
+    let (t, cpu0) = (Instant::now(), cpu_seconds());
+    let logits = session.prefill_method(&ids)?;
+    let ttft = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
+    if stats {
+        let v = serde_json::json!({
+            "method": method.name(), "k": method.budget(), "prompt_tokens": ids.len(),
+            "kept": session.selected.as_ref().map_or(session.cached(), |s| s.len()),
+            "ttft_s": ttft, "prefill_cpu_s": cpu, "peak_rss_mib": crate::bench::peak_rss().map(|b| b as f64 / 1048576.0),
+        });
+        eprintln!("{v}");
+    }
+    if show {
+        show_selected(&engine, &ids, session.selected.as_deref());
+    }
     if json {
-        let g = session.generate(&ids, max_new, &mut sampler, |_| ControlFlow::Continue(()))?;
+        let g = session.decode(logits, max_new, &mut sampler, |_| ControlFlow::Continue(()))?;
         let v = serde_json::json!({ "prompt_ids": ids, "ids": g.ids, "text": g.text });
         println!("{v}");
     } else {
-        let _ = flush(prompt);
-        session.generate(&ids, max_new, &mut sampler, flush)?;
+        if head.is_none() {
+            let _ = flush(prompt);
+        }
+        session.decode(logits, max_new, &mut sampler, flush)?;
         println!();
     }
     Ok(())
+}
+
+/// CPU time this process has used (Linux: utime + stime from /proc/self/stat, at the
+/// usual 100 ticks per second): on a shared machine it measures the work where wall
+/// time measures the neighbours.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 pub fn tokenize(m: &ModelArgs, text: &str, json: bool) -> Result<()> {
@@ -141,20 +229,73 @@ pub fn tokenize(m: &ModelArgs, text: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn eval(m: &ModelArgs, ids: &[u32], top: usize, json: bool) -> Result<()> {
+pub fn eval(m: &ModelArgs, ids: &[u32], top: usize, json: bool, method: Option<Method>) -> Result<()> {
     let engine = load(m)?;
     let vocab = engine.vocab();
-    let logits = engine.eval_all(ids)?;
+    let sel: Vec<usize> = match method {
+        Some(method) => engine.select(ids, method)?,
+        None => (0..ids.len()).collect(),
+    };
+    let kept: Vec<u32> = sel.iter().filter_map(|&i| ids.get(i).copied()).collect();
+    let logits = engine.eval_all(&kept)?;
     let tops: Vec<Vec<(u32, f32)>> = logits.chunks(vocab).map(|row| top_k(row, top)).collect();
     if json {
         let v: Vec<Vec<serde_json::Value>> =
             tops.iter().map(|t| t.iter().map(|&(id, l)| serde_json::json!([id, l])).collect()).collect();
-        println!("{}", serde_json::json!({ "top": v }));
+        let mut out = serde_json::json!({ "top": v });
+        if method.is_some() {
+            out["kept"] = serde_json::json!(sel);
+        }
+        println!("{out}");
     } else {
-        for (pos, t) in tops.iter().enumerate() {
+        for (pos, t) in sel.iter().zip(&tops) {
             let cells: Vec<String> = t.iter().map(|(id, l)| format!("{id}:{l:.3}")).collect();
             println!("{pos:4} {}", cells.join(" "));
         }
+    }
+    Ok(())
+}
+
+pub fn needle(
+    m: &ModelArgs,
+    opts: &NeedleOptions,
+    haystack: Option<&Path>,
+    output: Option<&Path>,
+    save_auto: bool,
+) -> Result<()> {
+    needle::check_methods(opts)?;
+    let engine = load(m)?;
+    let (hay, paths) = needle::haystack(haystack)?;
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    eprintln!("haystack: {} ({} bytes)", names.join(" + "), hay.len());
+    let t = Instant::now();
+    let report = needle::run(&engine, &hay, opts, |c| {
+        let answers: Vec<String> =
+            c.answers.iter().map(|a| format!("{}={}", a.method, if a.correct { "ok" } else { "miss" })).collect();
+        eprintln!(
+            "length {} depth {} seed {} ({} tokens, value {}): {} [{:.0} s]",
+            c.length,
+            c.depth,
+            c.seed,
+            c.prompt_tokens,
+            c.value,
+            answers.join(" "),
+            t.elapsed().as_secs_f64()
+        );
+    })?;
+    print!("{}", report.markdown());
+    if save_auto {
+        let r = needle::earliest_layer(&report.recall_by_layer)
+            .ok_or_else(|| Error::input("no layer kept the value in 90% of the cases: nothing saved"))?;
+        needle::save_auto(&engine, r, &report)?;
+        eprintln!("layer=auto for this model is now {r}");
+    }
+    if let Some(path) = output {
+        let mut v = serde_json::to_value(&report).map_err(|e| Error::Input(e.to_string()))?;
+        v["haystack"] = serde_json::json!(names);
+        v["model"] = serde_json::json!(engine.file.path.display().to_string());
+        let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Input(e.to_string()))?;
+        std::fs::write(path, text).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     }
     Ok(())
 }

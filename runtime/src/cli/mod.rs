@@ -41,20 +41,35 @@ enum Command {
         max_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        long: LongArgs,
     },
     /// Raw completion of a prompt, without a chat template.
     Generate {
         #[command(flatten)]
         model: ModelArgs,
-        #[arg(short, long)]
-        prompt: String,
+        #[arg(short, long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+        prompt: Option<String>,
+        /// Read the prompt from a file.
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
+        /// Keep only the first N tokens of the prompt (a documented truncation, for
+        /// benchmarks at a given length); without it a prompt longer than the context is
+        /// refused.
+        #[arg(long, value_name = "N")]
+        head_tokens: Option<usize>,
         #[arg(short = 'n', long, default_value_t = 128)]
         max_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        long: LongArgs,
         /// Print one JSON object {"prompt_ids", "ids", "text"}.
         #[arg(long)]
         json: bool,
+        /// Print time to first token and peak memory as one JSON line on stderr.
+        #[arg(long)]
+        stats: bool,
     },
     /// Print the token ids of a text (special tokens parsed).
     Tokenize {
@@ -75,6 +90,42 @@ enum Command {
         top: usize,
         #[arg(long)]
         json: bool,
+        /// Evaluate only the tokens GemFilter keeps (rows labelled by their prompt index).
+        #[arg(long, value_name = "k=N,layer=N|auto", num_args = 0..=1, default_missing_value = "")]
+        gemfilter: Option<String>,
+    },
+    /// Needle in a haystack: accuracy per method over prompt lengths and needle depths.
+    Needle {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt lengths in tokens (1k = 1024).
+        #[arg(long, value_delimiter = ',', default_value = "1k,2k,4k,8k")]
+        lengths: Vec<String>,
+        /// Needle depths, 0 (start) to 1 (end of the haystack).
+        #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1")]
+        depths: Vec<f64>,
+        /// Cases per (length, depth), each with its own key and value.
+        #[arg(long, default_value_t = 1)]
+        seeds: usize,
+        /// Methods to compare (full, gemfilter, snapkv, h2o, recent, random).
+        #[arg(long, value_delimiter = ',', default_value = "full,gemfilter,snapkv,h2o,recent,random")]
+        method: Vec<String>,
+        /// Token budget of every method but full.
+        #[arg(short, long, default_value = "1024")]
+        k: String,
+        /// GemFilter's filter layer: a number or auto.
+        #[arg(long, default_value = "auto")]
+        layer: String,
+        /// Haystack text (default: the Debian license texts in /usr/share/common-licenses).
+        #[arg(long)]
+        haystack: Option<PathBuf>,
+        /// Write the full report (every case, answer, recall by layer) as JSON here.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Store the earliest layer that keeps the value in >= 90% of these cases as this
+        /// model's `layer=auto`.
+        #[arg(long)]
+        save_auto: bool,
     },
     /// Perplexity of a text over fixed windows.
     Perplexity {
@@ -152,6 +203,44 @@ struct ModelArgs {
     backend: BackendKind,
 }
 
+/// Long prompts on a budget: GemFilter, or a baseline at the same budget.
+#[derive(Args)]
+struct LongArgs {
+    /// GemFilter: run layers 0..=r over the prompt, keep the k tokens layer r's last query
+    /// attends to most, run the whole model on those only (default k=1024, layer=auto).
+    #[arg(long, value_name = "k=N,layer=N|auto", num_args = 0..=1, default_missing_value = "")]
+    gemfilter: Option<String>,
+    /// A baseline at the same kind of budget: snapkv, h2o, recent or random, with ",k=N".
+    #[arg(long, value_name = "METHOD[,k=N]", conflicts_with = "gemfilter")]
+    baseline: Option<String>,
+    /// Print (on stderr) the prompt text the method kept: GemFilter's explanation.
+    #[arg(long)]
+    show_selected: bool,
+}
+
+impl LongArgs {
+    fn method(&self, seed: u64) -> Result<crate::longctx::Method> {
+        use crate::longctx::{parse_count, FilterLayer, Method, DEFAULT_K};
+        if let Some(spec) = &self.gemfilter {
+            return Method::parse_gemfilter(spec);
+        }
+        let Some(spec) = &self.baseline else { return Ok(Method::Full) };
+        let mut parts = spec.split(',').map(str::trim);
+        let name = parts.next().unwrap_or("");
+        let mut k = DEFAULT_K;
+        for p in parts {
+            k = match p.strip_prefix("k=").and_then(parse_count) {
+                Some(k) => k,
+                None => return Err(Error::input(format!("--baseline: {p:?} is not understood (expected k=N)"))),
+            };
+        }
+        if name == "full" || name == "gemfilter" {
+            return Err(Error::input(format!("--baseline {name}: use --gemfilter, or no flag for full attention")));
+        }
+        Method::by_name(name, k, FilterLayer::Auto, seed)
+    }
+}
+
 #[derive(Args)]
 struct SamplingArgs {
     /// Temperature; 0 is greedy.
@@ -201,14 +290,58 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Pull { name, verify } => commands::pull(name.as_deref(), verify),
-        Command::Chat { model, prompt, system, max_tokens, sampling } => {
-            commands::chat(&model, prompt.as_deref(), system.as_deref(), max_tokens, sampling.config()?)
+        Command::Chat { model, prompt, system, max_tokens, sampling, long } => {
+            let cfg = sampling.config()?;
+            let method = long.method(cfg.seed)?;
+            let turn = commands::Turn { max_new: max_tokens, cfg, method, show_selected: long.show_selected };
+            commands::chat(&model, prompt.as_deref(), system.as_deref(), turn)
         }
-        Command::Generate { model, prompt, max_tokens, sampling, json } => {
-            commands::generate(&model, &prompt, max_tokens, sampling.config()?, json)
+        Command::Generate { model, prompt, prompt_file, head_tokens, max_tokens, sampling, long, json, stats } => {
+            let prompt = match (prompt, prompt_file) {
+                (Some(p), _) => p,
+                (None, Some(f)) => {
+                    let bytes = std::fs::read(&f).map_err(|source| Error::Io { path: f.clone(), source })?;
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+                (None, None) => return Err(Error::input("give --prompt or --prompt-file")),
+            };
+            let cfg = sampling.config()?;
+            let method = long.method(cfg.seed)?;
+            let turn = commands::Turn { max_new: max_tokens, cfg, method, show_selected: long.show_selected };
+            commands::generate(&model, &prompt, head_tokens, turn, json, stats)
         }
         Command::Tokenize { model, json, text } => commands::tokenize(&model, &text, json),
-        Command::Eval { model, ids, top, json } => commands::eval(&model, &ids, top, json),
+        Command::Eval { model, ids, top, json, gemfilter } => {
+            let method = gemfilter.as_deref().map(crate::longctx::Method::parse_gemfilter).transpose()?;
+            commands::eval(&model, &ids, top, json, method)
+        }
+        Command::Needle { model, lengths, depths, seeds, method, k, layer, haystack, output, save_auto } => {
+            let lengths = lengths
+                .iter()
+                .map(|l| {
+                    crate::longctx::parse_count(l)
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| Error::input(format!("--lengths: {l:?} is not a token count")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+                return Err(Error::input(format!("--depths: {d} is not between 0 and 1")));
+            }
+            let k = crate::longctx::parse_count(&k)
+                .filter(|&k| k > 0)
+                .ok_or_else(|| Error::input(format!("-k {k:?}: the budget must be at least 1 token")))?;
+            let layer = match layer.as_str() {
+                "auto" => crate::longctx::FilterLayer::Auto,
+                n => crate::longctx::FilterLayer::Fixed(
+                    n.parse().map_err(|_| Error::input(format!("--layer {n:?} is not a number or auto")))?,
+                ),
+            };
+            if seeds == 0 {
+                return Err(Error::input("--seeds must be at least 1"));
+            }
+            let opts = crate::needle::NeedleOptions { lengths, depths, seeds, methods: method, k, layer, max_new: 12 };
+            commands::needle(&model, &opts, haystack.as_deref(), output.as_deref(), save_auto)
+        }
         Command::Perplexity { model, file, ctx, windows } => commands::perplexity(&model, &file, ctx, windows),
         Command::Bench { model, prompt, gen, reps, output } => commands::bench(&model, prompt, gen, reps, &output),
         Command::Info { devices: true, .. } => commands::devices(),

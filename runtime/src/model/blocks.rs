@@ -16,6 +16,10 @@ pub struct Cache<B: Backend> {
     pub layers: Vec<B::Kv>,
     pub len: usize,
     pub capacity: usize,
+    /// Position of cache row 0's successor minus its index: after an eviction (SnapKV,
+    /// H2O) the rows left keep their RoPE, and new tokens continue at their true
+    /// positions, `len + shift`.
+    pub shift: usize,
 }
 
 impl<B: Backend + 'static> KvState for Cache<B> {
@@ -33,16 +37,75 @@ impl<B: Backend + 'static> KvState for Cache<B> {
         self.len = keep;
         keep
     }
+    fn position(&self) -> usize {
+        self.len + self.shift
+    }
     fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn as_any(&self) -> &dyn Any {
         self
     }
 }
 
-/// A fresh cache for every layer of `c`, for up to `capacity` positions.
-pub fn new_cache<B: Backend + 'static>(be: &B, c: &ModelConfig, capacity: usize) -> Result<Box<dyn KvState>> {
+/// A fresh cache for the first `n_layers` layers of `c` (all of them for a normal
+/// pass; GemFilter's first pass needs only those up to its filter layer).
+pub fn new_cache<B: Backend + 'static>(
+    be: &B,
+    c: &ModelConfig,
+    capacity: usize,
+    n_layers: usize,
+) -> Result<Box<dyn KvState>> {
     let capacity = capacity.min(c.context);
-    let layers = (0..c.n_layers).map(|_| be.kv_new(c.n_kv_heads, c.head_dim, capacity)).collect::<Result<_>>()?;
-    Ok(Box::new(Cache::<B> { layers, len: 0, capacity }))
+    let layers =
+        (0..n_layers.min(c.n_layers)).map(|_| be.kv_new(c.n_kv_heads, c.head_dim, capacity)).collect::<Result<_>>()?;
+    Ok(Box::new(Cache::<B> { layers, len: 0, capacity, shift: 0 }))
+}
+
+fn cache_of<B: Backend + 'static>(cache: &mut dyn KvState) -> Result<&mut Cache<B>> {
+    cache.as_any_mut().downcast_mut::<Cache<B>>().ok_or_else(|| Error::input("this cache belongs to another model"))
+}
+
+/// What a pass records or changes besides computing: the hooks the long-context
+/// methods need (GemFilter stops early and reads one layer's query; SnapKV reads the
+/// last queries of every layer; H2O accumulates attention weights per key).
+#[derive(Debug, Default)]
+pub struct Probe {
+    /// Run layers `0..=stop_after` only and return no logits.
+    pub stop_after: Option<usize>,
+    /// Record the post-RoPE queries of the rows at cache index ≥ this.
+    pub queries_from: Option<usize>,
+    /// Record them only at this layer (default: every layer).
+    pub queries_layer: Option<usize>,
+    /// Per layer: recorded query rows, `n_heads · head_dim` values each, appended
+    /// across passes.
+    pub queries: Vec<Vec<f32>>,
+    /// The attention scale of each recorded layer (to redo its softmax on the host).
+    pub scales: Vec<f32>,
+    /// When set, per layer and KV head: the softmax weight each cached key has received,
+    /// summed over query rows and the heads of the group (H2O's "heavy hitter" score).
+    /// Grown to the cache's length by the pass.
+    pub mass: Option<Vec<Vec<Vec<f32>>>>,
+    /// Tokens in the current pass (set by the pass).
+    pub rows: usize,
+}
+
+impl Probe {
+    /// Whether layer `i` is past the stop.
+    pub fn stops_before(&self, i: usize) -> bool {
+        self.stop_after.is_some_and(|s| i > s)
+    }
+}
+
+/// Where an attention block runs: its layer, spec, first cache row and first position.
+#[derive(Clone, Copy)]
+pub struct At<'s> {
+    pub layer: usize,
+    pub spec: &'s AttnSpec,
+    pub pos0: usize,
+    pub rope0: usize,
+    /// Rows (tokens) in this pass.
+    pub rows: usize,
 }
 
 /// Loads tensors by name with their expected shapes (`dims[0]` innermost).
@@ -108,11 +171,12 @@ impl<B: Backend> Attention<B> {
         &self,
         be: &B,
         c: &ModelConfig,
-        s: &AttnSpec,
+        at: At<'_>,
         h: &B::Tensor,
         kv: &mut B::Kv,
-        pos0: usize,
+        probe: &mut Probe,
     ) -> Result<B::Tensor> {
+        let (s, pos0) = (at.spec, at.pos0);
         let [mut q, mut k, v]: [B::Tensor; 3] = be
             .matmul_many(h, &[&self.wq, &self.wk, &self.wv])
             .try_into()
@@ -123,8 +187,21 @@ impl<B: Backend> Attention<B> {
         if let Some(n) = &self.k_norm {
             k = be.rms_norm(&k, n, c.norm_eps);
         }
-        be.rope(&mut q, c.head_dim, pos0, s.rope_base, s.rope_style);
-        be.rope(&mut k, c.head_dim, pos0, s.rope_base, s.rope_style);
+        be.rope(&mut q, c.head_dim, at.rope0, s.rope_base, s.rope_style);
+        be.rope(&mut k, c.head_dim, at.rope0, s.rope_base, s.rope_style);
+        if let Some(from) = probe.queries_from {
+            let rows = at.rows;
+            let first = from.max(pos0);
+            if first < pos0 + rows && probe.queries_layer.is_none_or(|l| l == at.layer) {
+                if probe.queries.len() <= at.layer {
+                    probe.queries.resize(at.layer + 1, Vec::new());
+                    probe.scales.resize(at.layer + 1, 0.0);
+                }
+                let tail = be.to_host(be.rows(&q, first - pos0, pos0 + rows - first));
+                probe.queries[at.layer].extend_from_slice(&tail);
+                probe.scales[at.layer] = s.scale;
+            }
+        }
         let p = AttnParams {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
@@ -132,7 +209,17 @@ impl<B: Backend> Attention<B> {
             scale: s.scale,
             window: s.window,
         };
-        let a = be.attention(&q, &k, &v, kv, pos0, p)?;
+        let a = match probe.mass.as_mut() {
+            Some(mass) => {
+                if mass.len() <= at.layer {
+                    mass.resize(at.layer + 1, vec![Vec::new(); c.n_kv_heads]);
+                }
+                let m = &mut mass[at.layer];
+                m.resize(c.n_kv_heads, Vec::new());
+                be.attention_mass(&q, &k, &v, kv, pos0, p, m)?
+            }
+            None => be.attention(&q, &k, &v, kv, pos0, p)?,
+        };
         Ok(be.matmul(&a, &self.wo))
     }
 }
@@ -181,8 +268,8 @@ impl<B: Backend> FeedForward<B> {
 
 /// The part of a forward pass every architecture shares: find this model's cache in
 /// `cache`, check the request against it, run `body` (embedding and layers, from
-/// position `pos0`), then the final norm and output head on the rows asked for. A
-/// failed pass leaves the cache as it was.
+/// cache row `pos0`), then the final norm and output head on the rows asked for (none
+/// when the probe stops early). A failed pass leaves the cache as it was.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend + 'static>(
     be: &B,
@@ -192,12 +279,10 @@ pub fn forward<B: Backend + 'static>(
     cache: &mut dyn KvState,
     ids: &[u32],
     logits: Logits,
+    early_stop: bool,
     body: impl FnOnce(&mut Cache<B>, usize) -> Result<B::Tensor> + Send,
 ) -> Result<Vec<f32>> {
-    let cache = cache
-        .as_any_mut()
-        .downcast_mut::<Cache<B>>()
-        .ok_or_else(|| Error::input("this cache belongs to another model"))?;
+    let cache = cache_of::<B>(cache)?;
     if ids.is_empty() {
         return Err(Error::input("no tokens to evaluate"));
     }
@@ -212,6 +297,9 @@ pub fn forward<B: Backend + 'static>(
     let pos0 = cache.len;
     let out = be.scope(|| -> Result<Vec<f32>> {
         let mut x = body(cache, pos0)?;
+        if early_stop {
+            return Ok(Vec::new());
+        }
         if logits == Logits::Last {
             x = be.rows(&x, ids.len() - 1, 1);
         }
@@ -241,8 +329,22 @@ pub trait Architecture<B: Backend>: Sized + Send + Sync {
     fn embed_scale(&self, _c: &ModelConfig) -> f32 {
         1.0
     }
-    /// Run every layer over `x` (rows at positions `pos0..`), appending to `cache`.
-    fn layers(&self, be: &B, c: &ModelConfig, x: &mut B::Tensor, cache: &mut Cache<B>, pos0: usize) -> Result<()>;
+    /// Run the layers over `x` (rows at cache rows `pos0..`, positions `pos0 +
+    /// cache.shift..`), appending to `cache`, stopping and recording as `probe` says.
+    fn layers(
+        &self,
+        be: &B,
+        c: &ModelConfig,
+        x: &mut B::Tensor,
+        cache: &mut Cache<B>,
+        pos0: usize,
+        probe: &mut Probe,
+    ) -> Result<()>;
+    /// Whether every layer attends to the whole cache (no sliding window): only then
+    /// can a cache be compacted by evicting rows.
+    fn global_attention(&self) -> bool {
+        true
+    }
 }
 
 /// A decoder-only transformer: token embedding, an architecture's layers, final norm,
@@ -278,16 +380,69 @@ impl<B: Backend + 'static, A: Architecture<B>> Runner for Transformer<B, A> {
     }
 
     fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvState>> {
-        new_cache(&self.backend, &self.config, capacity)
+        new_cache(&self.backend, &self.config, capacity, self.config.n_layers)
     }
 
-    fn forward(&self, cache: &mut dyn KvState, ids: &[u32], logits: Logits) -> Result<Vec<f32>> {
+    fn new_partial_cache(&self, capacity: usize, n_layers: usize) -> Result<Box<dyn KvState>> {
+        new_cache(&self.backend, &self.config, capacity, n_layers)
+    }
+
+    fn forward_probe(
+        &self,
+        cache: &mut dyn KvState,
+        ids: &[u32],
+        logits: Logits,
+        probe: &mut Probe,
+    ) -> Result<Vec<f32>> {
         let (be, c) = (&self.backend, &self.config);
         let head = self.output.as_ref().unwrap_or(&self.embed);
-        forward(be, c, &self.out_norm, head, cache, ids, logits, |cache, pos0| {
+        if let Some(s) = probe.stop_after {
+            if s >= c.n_layers {
+                return Err(Error::input(format!("layer {s} does not exist: the model has {} layers", c.n_layers)));
+            }
+        }
+        let n_cached = cache_of::<B>(cache)?.layers.len();
+        if n_cached < probe.stop_after.map_or(c.n_layers, |s| s + 1) {
+            return Err(Error::input(format!("this cache holds only {n_cached} layers")));
+        }
+        let early = probe.stop_after.is_some_and(|s| s + 1 < c.n_layers);
+        probe.rows = ids.len();
+        forward(be, c, &self.out_norm, head, cache, ids, logits, early, |cache, pos0| {
             let mut x = be.embed(&self.embed, ids, self.arch.embed_scale(c))?;
-            self.arch.layers(be, c, &mut x, cache, pos0)?;
+            self.arch.layers(be, c, &mut x, cache, pos0, probe)?;
             Ok(x)
         })
+    }
+
+    fn layer_keys(&self, cache: &mut dyn KvState, layer: usize) -> Result<Vec<f32>> {
+        let cache = cache_of::<B>(cache)?;
+        let kv = cache.layers.get(layer).ok_or_else(|| Error::input(format!("no cached layer {layer}")))?;
+        self.backend.kv_keys(kv)
+    }
+
+    fn compact(&self, cache: &mut dyn KvState, keep: &[Vec<Vec<usize>>]) -> Result<Box<dyn KvState>> {
+        if !self.arch.global_attention() {
+            return Err(Error::input("this model has sliding-window layers: its cache cannot be compacted"));
+        }
+        let cache = cache_of::<B>(cache)?;
+        if keep.len() != cache.layers.len() {
+            return Err(Error::input("one selection per cached layer is needed"));
+        }
+        let mut rows = None;
+        for heads in keep {
+            if heads.len() != self.config.n_kv_heads {
+                return Err(Error::input("one selection per KV head is needed"));
+            }
+            for h in heads {
+                if *rows.get_or_insert(h.len()) != h.len() || h.iter().any(|&j| j >= cache.len) {
+                    return Err(Error::input("every KV head must keep as many rows, each within the cache"));
+                }
+            }
+        }
+        let kept = rows.unwrap_or(0);
+        let layers =
+            cache.layers.iter().zip(keep).map(|(kv, k)| self.backend.kv_gather(kv, k)).collect::<Result<Vec<_>>>()?;
+        let shift = cache.len + cache.shift - kept;
+        Ok(Box::new(Cache::<B> { layers, len: kept, capacity: cache.capacity, shift }))
     }
 }

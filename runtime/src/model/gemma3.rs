@@ -4,7 +4,7 @@
 //! with the model's base; norms after attention and after the feed-forward block as well
 //! as before; a GELU-gated feed-forward; tied embeddings.
 
-use super::blocks::{Architecture, Attention, AttnSpec, Cache, FeedForward, Gate, Loader, Transformer};
+use super::blocks::{Architecture, At, Attention, AttnSpec, Cache, FeedForward, Gate, Loader, Probe, Transformer};
 use super::ModelConfig;
 use crate::backend::{Backend, RopeStyle};
 use crate::error::Result;
@@ -63,14 +63,32 @@ impl<B: Backend> Architecture<B> for Gemma3Layers<B> {
         Ok(Gemma3Layers { layers, window: window.max(1) })
     }
 
+    fn global_attention(&self) -> bool {
+        false
+    }
+
     fn embed_scale(&self, c: &ModelConfig) -> f32 {
         (c.dim as f32).sqrt()
     }
 
-    fn layers(&self, be: &B, c: &ModelConfig, x: &mut B::Tensor, cache: &mut Cache<B>, pos0: usize) -> Result<()> {
+    fn layers(
+        &self,
+        be: &B,
+        c: &ModelConfig,
+        x: &mut B::Tensor,
+        cache: &mut Cache<B>,
+        pos0: usize,
+        probe: &mut Probe,
+    ) -> Result<()> {
+        let rope0 = pos0 + cache.shift;
         for (i, (layer, kv)) in self.layers.iter().zip(&mut cache.layers).enumerate() {
+            if probe.stops_before(i) {
+                break;
+            }
+            let spec = self.spec(c, i);
+            let at = At { layer: i, spec: &spec, pos0, rope0, rows: probe.rows };
             let h = be.rms_norm(x, &layer.attn_norm, c.norm_eps);
-            let a = layer.attn.forward(be, c, &self.spec(c, i), &h, kv, pos0)?;
+            let a = layer.attn.forward(be, c, at, &h, kv, probe)?;
             be.add_assign(x, &be.rms_norm(&a, &layer.post_attn_norm, c.norm_eps));
             let h = be.rms_norm(x, &layer.ffn_norm, c.norm_eps);
             let f = layer.ffn.forward(be, &h)?;

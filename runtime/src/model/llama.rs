@@ -1,7 +1,7 @@
 //! The llama architecture (SmolLM2, Llama 2/3, TinyLlama, ...): pre-norm blocks of
 //! grouped-query attention with adjacent-pair RoPE and a SwiGLU feed-forward.
 
-use super::blocks::{Architecture, Attention, AttnSpec, Cache, FeedForward, Gate, Loader, Transformer};
+use super::blocks::{Architecture, At, Attention, AttnSpec, Cache, FeedForward, Gate, Loader, Probe, Transformer};
 use super::ModelConfig;
 use crate::backend::{Backend, RopeStyle};
 use crate::error::Result;
@@ -35,16 +35,29 @@ impl<B: Backend> Architecture<B> for LlamaLayers<B> {
         Ok(LlamaLayers(layers))
     }
 
-    fn layers(&self, be: &B, c: &ModelConfig, x: &mut B::Tensor, cache: &mut Cache<B>, pos0: usize) -> Result<()> {
+    fn layers(
+        &self,
+        be: &B,
+        c: &ModelConfig,
+        x: &mut B::Tensor,
+        cache: &mut Cache<B>,
+        pos0: usize,
+        probe: &mut Probe,
+    ) -> Result<()> {
+        let rope0 = pos0 + cache.shift;
         let spec = AttnSpec {
             rope_base: c.rope_base,
             rope_style: RopeStyle::Adjacent,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             window: None,
         };
-        for (layer, kv) in self.0.iter().zip(&mut cache.layers) {
+        for (i, (layer, kv)) in self.0.iter().zip(&mut cache.layers).enumerate() {
+            if probe.stops_before(i) {
+                break;
+            }
+            let at = At { layer: i, spec: &spec, pos0, rope0, rows: probe.rows };
             let h = be.rms_norm(x, &layer.attn_norm, c.norm_eps);
-            be.add_assign(x, &layer.attn.forward(be, c, &spec, &h, kv, pos0)?);
+            be.add_assign(x, &layer.attn.forward(be, c, at, &h, kv, probe)?);
             let h = be.rms_norm(x, &layer.ffn_norm, c.norm_eps);
             be.add_assign(x, &layer.ffn.forward(be, &h)?);
         }

@@ -7,6 +7,7 @@ pub mod llama;
 
 use std::any::Any;
 
+pub use blocks::Probe;
 pub use config::ModelConfig;
 
 use crate::backend::Backend;
@@ -35,7 +36,10 @@ pub trait KvState: Send {
     /// returns how many positions remain, which is less than `len` when a
     /// sliding-window layer has already dropped some of them.
     fn truncate(&mut self, len: usize) -> usize;
+    /// The position the next token takes: `len()`, unless evicted rows moved it on.
+    fn position(&self) -> usize;
     fn as_any_mut(&mut self) -> &mut dyn Any;
+    fn as_any(&self) -> &dyn Any;
 }
 
 /// A loaded model, backend and architecture erased.
@@ -46,7 +50,25 @@ pub trait Runner: Send + Sync {
     fn new_cache(&self, capacity: usize) -> Result<Box<dyn KvState>>;
     /// Run `ids` at the positions following what `cache` holds, append them to it and
     /// return logits, `vocab` values per returned row.
-    fn forward(&self, cache: &mut dyn KvState, ids: &[u32], logits: Logits) -> Result<Vec<f32>>;
+    fn forward(&self, cache: &mut dyn KvState, ids: &[u32], logits: Logits) -> Result<Vec<f32>> {
+        self.forward_probe(cache, ids, logits, &mut Probe::default())
+    }
+    /// A cache for only the first `n_layers` layers (GemFilter's first pass).
+    fn new_partial_cache(&self, capacity: usize, n_layers: usize) -> Result<Box<dyn KvState>>;
+    /// [`Runner::forward`] with hooks: stop after a layer (then no logits), record
+    /// queries, accumulate attention weights.
+    fn forward_probe(
+        &self,
+        cache: &mut dyn KvState,
+        ids: &[u32],
+        logits: Logits,
+        probe: &mut Probe,
+    ) -> Result<Vec<f32>>;
+    /// The cached post-RoPE keys of `layer`, `[row][n_kv_heads · head_dim]`.
+    fn layer_keys(&self, cache: &mut dyn KvState, layer: usize) -> Result<Vec<f32>>;
+    /// A new cache holding, for every layer and KV head, only the rows `keep[layer][head]`
+    /// (ascending, as many for every head); new tokens continue at the old positions.
+    fn compact(&self, cache: &mut dyn KvState, keep: &[Vec<Vec<usize>>]) -> Result<Box<dyn KvState>>;
 }
 
 /// Architectures [`load`] can build.

@@ -7,6 +7,8 @@
 //! path keeps everything in f32.
 
 use half::f16;
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 use super::kernels::{self, Isa};
@@ -19,7 +21,16 @@ fn round_f16(x: f32) -> f32 {
 
 /// `q` holds rows at positions `pos0..`; the cache already contains them.
 /// `isa`: `None` is the f32 reference (no f16 roundings, scalar loops).
-pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Option<Isa>) -> CpuTensor {
+/// `mass`: where present, each key's softmax weight is added to `mass[group][key]`
+/// (the cache must start at row 0).
+pub fn attention(
+    q: &CpuTensor,
+    kv: &CpuKv,
+    pos0: usize,
+    p: &AttnParams,
+    isa: Option<Isa>,
+    mass: Option<&[Mutex<&mut Vec<f32>>]>,
+) -> CpuTensor {
     let f16_rounding = isa.is_some();
     let isa = isa.unwrap_or(Isa::Scalar);
     let round = |x: f32| if f16_rounding { round_f16(x) } else { x };
@@ -30,7 +41,7 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
     // Never before what the cache still holds (a window only drops what is invisible).
     let first_visible = p.window.map_or(0, |w| (pos0 + 1).saturating_sub(w)).max(kv.start);
     if let (1, KvData::F16(k), KvData::F16(v)) = (q.rows, &kv.k, &kv.v) {
-        return decode_f16(q, kv, (k, v), first_visible..n_ctx, p, isa);
+        return decode_f16(q, kv, (k, v), first_visible..n_ctx, p, isa, mass);
     }
     // The visible cache in f32, converted once per call rather than once per query.
     let span = (first_visible - kv.start) * width..(n_ctx - kv.start) * width;
@@ -57,6 +68,13 @@ pub fn attention(q: &CpuTensor, kv: &CpuKv, pos0: usize, p: &AttnParams, isa: Op
             sum += *s;
         }
         let inv = 1.0 / sum;
+        if let Some(m) = mass {
+            // A poisoned lock only means another task panicked; its sums are still valid.
+            let mut m = m[g].lock().unwrap_or_else(|e| e.into_inner());
+            for (j, s) in (first..=pos).zip(&scores) {
+                m[j] += s * inv;
+            }
+        }
         for (j, s) in (first..=pos).zip(&scores) {
             kernels::axpy(isa, o, round(s * inv), &values[at(j)..at(j) + hd]);
         }
@@ -78,6 +96,7 @@ fn decode_f16(
     span: std::ops::Range<usize>,
     p: &AttnParams,
     isa: Isa,
+    mass: Option<&[Mutex<&mut Vec<f32>>]>,
 ) -> CpuTensor {
     let (width, start) = (kv.width, kv.start);
     use half::slice::HalfFloatSliceExt;
@@ -103,7 +122,14 @@ fn decode_f16(
                 sum += *x;
             }
             let inv = 1.0 / sum;
-            s.iter_mut().for_each(|x| *x = round_f16(*x * inv));
+            s.iter_mut().for_each(|x| *x *= inv);
+            if let Some(m) = mass {
+                let mut m = m[g].lock().unwrap_or_else(|e| e.into_inner());
+                for (j, x) in span.clone().zip(s.iter()) {
+                    m[j] += *x;
+                }
+            }
+            s.iter_mut().for_each(|x| *x = round_f16(*x));
         }
         for (i, j) in span.clone().enumerate() {
             let at = (j - start) * width + g * hd;

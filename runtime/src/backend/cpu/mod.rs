@@ -316,10 +316,70 @@ impl Backend for CpuBackend {
         kv.k.push(&k.data);
         kv.v.push(&v.data);
         kv.len += q.rows;
-        let out = self.pool.install(|| attention::attention(q, kv, pos0, &p, self.isa));
+        let out = self.pool.install(|| attention::attention(q, kv, pos0, &p, self.isa, None));
         if let Some(w) = p.window {
             kv.slide(w);
         }
         Ok(out)
+    }
+
+    fn attention_mass(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        kv: &mut CpuKv,
+        pos0: usize,
+        p: AttnParams,
+        mass: &mut [Vec<f32>],
+    ) -> Result<CpuTensor> {
+        if p.window.is_some() || kv.start != 0 || mass.len() != p.n_kv_heads {
+            return Err(Error::input("attention weights are only reported for global attention, per KV head"));
+        }
+        if pos0 != kv.len || kv.len + q.rows > kv.capacity {
+            return self.attention(q, k, v, kv, pos0, p);
+        }
+        kv.k.push(&k.data);
+        kv.v.push(&v.data);
+        kv.len += q.rows;
+        for m in mass.iter_mut() {
+            m.resize(kv.len, 0.0);
+        }
+        let cells: Vec<std::sync::Mutex<&mut Vec<f32>>> = mass.iter_mut().map(std::sync::Mutex::new).collect();
+        Ok(self.pool.install(|| attention::attention(q, kv, pos0, &p, self.isa, Some(&cells))))
+    }
+
+    fn kv_keys(&self, kv: &CpuKv) -> Result<Vec<f32>> {
+        if kv.start != 0 {
+            return Err(Error::input("this layer's cache has dropped positions (sliding window)"));
+        }
+        Ok(kv.k.to_f32(0..kv.len * kv.width))
+    }
+
+    fn kv_gather(&self, kv: &CpuKv, keep: &[Vec<usize>]) -> Result<CpuKv> {
+        if kv.start != 0 || keep.is_empty() || !kv.width.is_multiple_of(keep.len()) {
+            return Err(Error::input("cannot compact this cache"));
+        }
+        let hd = kv.width / keep.len();
+        let rows = keep[0].len();
+        let gather = |src: &KvData| -> KvData {
+            macro_rules! go {
+                ($v:expr, $variant:ident) => {{
+                    let mut out = Vec::with_capacity(rows * kv.width);
+                    for i in 0..rows {
+                        for (g, idx) in keep.iter().enumerate() {
+                            let at = idx[i] * kv.width + g * hd;
+                            out.extend_from_slice(&$v[at..at + hd]);
+                        }
+                    }
+                    KvData::$variant(out)
+                }};
+            }
+            match src {
+                KvData::F16(v) => go!(v, F16),
+                KvData::F32(v) => go!(v, F32),
+            }
+        };
+        Ok(CpuKv { k: gather(&kv.k), v: gather(&kv.v), start: 0, len: rows, capacity: kv.capacity, width: kv.width })
     }
 }
