@@ -76,6 +76,12 @@ impl Engine {
         Ok(Session { engine: self, cache: self.runner.new_cache(context)?, tokens: Vec::new() })
     }
 
+    /// A session over a state detached from a session of this engine (see
+    /// [`Session::into_state`]).
+    pub fn resume(&self, state: SessionState) -> Session<'_> {
+        Session { engine: self, cache: state.cache, tokens: state.tokens }
+    }
+
     /// Logits at every position of `ids`, from one batched pass (chunked past
     /// [`PREFILL_CHUNK`] tokens).
     pub fn eval_all(&self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -116,7 +122,29 @@ pub struct Session<'e> {
     tokens: Vec<u32>,
 }
 
+/// A session without its borrow of the engine, for owners that cannot hold a borrow
+/// (the C ABI keeps a context's cache beside a shared engine between calls).
+pub struct SessionState {
+    cache: Box<dyn KvState>,
+    tokens: Vec<u32>,
+}
+
+impl SessionState {
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
 impl Session<'_> {
+    pub fn into_state(self) -> SessionState {
+        SessionState { cache: self.cache, tokens: self.tokens }
+    }
+
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
@@ -161,6 +189,26 @@ impl Session<'_> {
         sampler: &mut Sampler,
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
+        self.generate_tokens(prompt, max_new, sampler, |_, piece| {
+            if piece.is_empty() {
+                ControlFlow::Continue(())
+            } else {
+                on_text(piece)
+            }
+        })
+    }
+
+    /// [`Session::generate`] with a callback for every sampled token, with the text it
+    /// completes (empty while a character is still incomplete), so that callers can
+    /// stop between any two tokens. Text still held back at the end (an incomplete
+    /// character) comes last, with no token.
+    pub fn generate_tokens(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        mut on_token: impl FnMut(Option<u32>, &str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
         let tok = &self.engine.tokenizer;
         let mut logits = self.prefill(prompt)?;
         let mut out = Generation::default();
@@ -174,7 +222,7 @@ impl Session<'_> {
             out.ids.push(id);
             let piece = decoder.push(tok, id)?;
             out.text.push_str(&piece);
-            let flow = if piece.is_empty() { ControlFlow::Continue(()) } else { on_text(&piece) };
+            let flow = on_token(Some(id), &piece);
             if self.tokens.len() >= self.cache.capacity() {
                 break;
             }
@@ -187,7 +235,7 @@ impl Session<'_> {
         let rest = decoder.finish();
         if !rest.is_empty() {
             out.text.push_str(&rest);
-            let _ = on_text(&rest);
+            let _ = on_token(None, &rest);
         }
         Ok(out)
     }

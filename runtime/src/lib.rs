@@ -7,10 +7,12 @@
 pub mod backend;
 pub mod bench;
 pub mod chat;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod model;
+#[cfg(feature = "cli")]
 pub mod pull;
 pub mod sampling;
 pub mod synthetic;
