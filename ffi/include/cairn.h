@@ -276,6 +276,15 @@ cairn_status cairn_set_log_callback(cairn_log_callback callback,
 // next failed call on this thread.
 const char *cairn_last_error(void);
 
+// How many model and context handles are live (loaded or created, not yet freed): a
+// leak check for apps and tests, since the registry keeps a forgotten handle reachable
+// where a memory checker would not call it lost.
+//
+// # Safety
+// `out_n_models` and `out_n_contexts` are NULL or writable.
+cairn_status cairn_live_handles(size_t *out_n_models,
+                                size_t *out_n_contexts);
+
 // CPU backend, all cores, integer kernels, no budget, no progress callback.
 cairn_model_params cairn_model_params_default(void);
 

@@ -222,3 +222,11 @@ pub fn free_context(p: *mut cairn_context) -> R<()> {
     drop(remove(p as usize, |h| matches!(h, Handle::Context(_)), "context")?);
     Ok(())
 }
+
+/// (models, contexts) currently registered.
+pub fn live() -> (usize, usize) {
+    let guard = lock(&HANDLES);
+    let Some(map) = guard.as_ref() else { return (0, 0) };
+    let models = map.values().filter(|h| matches!(h, Handle::Model(_))).count();
+    (models, map.len() - models)
+}

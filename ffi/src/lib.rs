@@ -405,6 +405,28 @@ pub extern "C" fn cairn_last_error() -> *const c_char {
     handles::thread_error()
 }
 
+/// How many model and context handles are live (loaded or created, not yet freed): a
+/// leak check for apps and tests, since the registry keeps a forgotten handle reachable
+/// where a memory checker would not call it lost.
+///
+/// # Safety
+/// `out_n_models` and `out_n_contexts` are NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn cairn_live_handles(out_n_models: *mut usize, out_n_contexts: *mut usize) -> cairn_status {
+    run(|_| {
+        let (models, contexts) = handles::live();
+        if !out_n_models.is_null() {
+            // SAFETY: non-null, writable by the caller's contract.
+            unsafe { out_n_models.write(models) };
+        }
+        if !out_n_contexts.is_null() {
+            // SAFETY: non-null, writable by the caller's contract.
+            unsafe { out_n_contexts.write(contexts) };
+        }
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------
 // Model
 

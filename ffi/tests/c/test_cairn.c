@@ -3,6 +3,7 @@
  * Usage: test_cairn MODEL.gguf NOT_A_MODEL_FILE
  * Built by ffi/tests/c_api.rs with gcc -Wall -Wextra -Werror against both the shared
  * and the static library, and run under valgrind or AddressSanitizer there. */
+#define _POSIX_C_SOURCE 200809L
 #include "cairn.h"
 
 #include <pthread.h>
@@ -447,6 +448,9 @@ int main(int argc, char **argv) {
         CHECK_STATUS(cairn_model_free(m), CAIRN_OK);
     }
     test_lifetimes(argv[1]);
+    size_t live_models = 1, live_contexts = 1;
+    CHECK_STATUS(cairn_live_handles(&live_models, &live_contexts), CAIRN_OK);
+    CHECK(live_models == 0 && live_contexts == 0);
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
