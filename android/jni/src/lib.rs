@@ -133,9 +133,9 @@ pub extern "system" fn Java_ai_cairn_CairnNative_buildInfo<'l>(mut env: JNIEnv<'
     guard(&mut env, |env| new_string(env, &v))
 }
 
-struct JavaCallback<'a, 'l> {
-    env: &'a mut JNIEnv<'l>,
-    obj: &'a JObject<'l>,
+struct JavaCallback<'a, 'e, 'o> {
+    env: &'a mut JNIEnv<'e>,
+    obj: &'a JObject<'o>,
 }
 
 unsafe extern "C-unwind" fn on_progress(progress: f32, user_data: *mut c_void) -> bool {
@@ -171,7 +171,7 @@ pub extern "system" fn Java_ai_cairn_CairnNative_modelLoad<'l>(
         } else {
             let mut cb = JavaCallback { env: &mut *env, obj: &progress };
             params.progress_callback = Some(on_progress);
-            params.progress_user_data = (&mut cb as *mut JavaCallback).cast();
+            params.progress_user_data = std::ptr::addr_of_mut!(cb).cast();
             // SAFETY: as above; `cb` outlives the call.
             unsafe { cairn_model_load(path.as_ptr(), &params, &mut out) }
         };
@@ -415,7 +415,7 @@ pub extern "system" fn Java_ai_cairn_CairnNative_generate<'l>(
             }
         } else {
             let mut cb = JavaCallback { env: &mut *env, obj: &callback };
-            let user_data = (&mut cb as *mut JavaCallback).cast();
+            let user_data = std::ptr::addr_of_mut!(cb).cast();
             // SAFETY: as above; `cb` outlives the call.
             unsafe {
                 cairn_generate(

@@ -17,6 +17,8 @@ public class CairnException extends RuntimeException {
     public static final int CALLBACK = -13;
     public static final int INTERNAL = -14;
 
+    private static final long serialVersionUID = 1L;
+
     public final int status;
 
     public CairnException(int status, String message) {
