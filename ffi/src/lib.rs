@@ -924,7 +924,8 @@ fn sampler_config(p: &cairn_sampler_params) -> R<SamplerConfig> {
     if let Some((name, v)) = floats.iter().find(|(_, v)| !v.is_finite()) {
         return Err(invalid(format!("sampler {name} is {v}")));
     }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) || !(0.0..=1.0).contains(&p.min_p) {
+    let top_p_ok = p.top_p > 0.0 && p.top_p <= 1.0;
+    if !top_p_ok || !(0.0..=1.0).contains(&p.min_p) {
         return Err(invalid(format!("sampler top_p {} must be in (0, 1] and min_p {} in [0, 1]", p.top_p, p.min_p)));
     }
     if p.repeat_penalty <= 0.0 {

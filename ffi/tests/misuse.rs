@@ -89,7 +89,7 @@ fn a_panicking_progress_callback_fails_the_load() {
     let path = CString::new(path.to_str().expect("UTF-8 path")).expect("no NUL");
     let mut params = cairn_model_params_default();
     params.progress_callback = Some(panicking_progress);
-    let mut m = 1usize as *mut cairn_model;
+    let mut m = std::ptr::dangling_mut::<cairn_model>();
     // SAFETY: valid path, params and out pointer.
     let status = unsafe { cairn_model_load(path.as_ptr(), &params, &mut m) };
     assert_eq!(status, CAIRN_ERR_CALLBACK);
