@@ -181,6 +181,13 @@ impl Engine {
         })
     }
 
+    /// A session over a state detached from a session of this engine (see
+    /// [`Session::into_state`]).
+    pub fn resume(&self, state: SessionState) -> Session<'_> {
+        let SessionState { cache, tokens, method, h2o, selected, exact } = state;
+        Session { engine: self, cache, tokens, method, h2o, selected, exact }
+    }
+
     /// Logits at every position of `ids`, from one batched pass (chunked past
     /// [`PREFILL_CHUNK`] tokens).
     pub fn eval_all(&self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -229,7 +236,34 @@ pub struct Session<'e> {
     exact: bool,
 }
 
+/// A session without its borrow of the engine, for owners that cannot hold a borrow
+/// (the C ABI keeps a context's cache beside a shared engine between calls).
+pub struct SessionState {
+    cache: Box<dyn KvState>,
+    tokens: Vec<u32>,
+    method: Method,
+    h2o: Option<(usize, Vec<Vec<Vec<f32>>>)>,
+    selected: Option<Vec<usize>>,
+    exact: bool,
+}
+
+impl SessionState {
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
 impl<'e> Session<'e> {
+    pub fn into_state(self) -> SessionState {
+        let Session { cache, tokens, method, h2o, selected, exact, .. } = self;
+        SessionState { cache, tokens, method, h2o, selected, exact }
+    }
+
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
@@ -445,13 +479,45 @@ impl<'e> Session<'e> {
         self.decode(logits, max_new, sampler, on_text)
     }
 
+    /// [`Session::generate`] with a callback for every sampled token, with the text it
+    /// completes (empty while a character is still incomplete), so that callers can
+    /// stop between any two tokens. Text still held back at the end (an incomplete
+    /// character) comes last, with no token.
+    pub fn generate_tokens(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        on_token: impl FnMut(Option<u32>, &str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let logits = self.prefill_method(prompt)?;
+        self.decode_tokens(logits, max_new, sampler, on_token)
+    }
+
     /// Sample up to `max_new` tokens after a prefill that returned `logits`.
     pub fn decode(
+        &mut self,
+        logits: Vec<f32>,
+        max_new: usize,
+        sampler: &mut Sampler,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.decode_tokens(logits, max_new, sampler, |_, piece| {
+            if piece.is_empty() {
+                ControlFlow::Continue(())
+            } else {
+                on_text(piece)
+            }
+        })
+    }
+
+    /// [`Session::decode`] with the per-token callback of [`Session::generate_tokens`].
+    pub fn decode_tokens(
         &mut self,
         mut logits: Vec<f32>,
         max_new: usize,
         sampler: &mut Sampler,
-        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+        mut on_token: impl FnMut(Option<u32>, &str) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let tok = &self.engine.tokenizer;
         let mut out = Generation::default();
@@ -465,7 +531,7 @@ impl<'e> Session<'e> {
             out.ids.push(id);
             let piece = decoder.push(tok, id)?;
             out.text.push_str(&piece);
-            let flow = if piece.is_empty() { ControlFlow::Continue(()) } else { on_text(&piece) };
+            let flow = on_token(Some(id), &piece);
             if self.cache.len() >= self.cache.capacity() {
                 break;
             }
@@ -477,7 +543,7 @@ impl<'e> Session<'e> {
         let rest = decoder.finish();
         if !rest.is_empty() {
             out.text.push_str(&rest);
-            let _ = on_text(&rest);
+            let _ = on_token(None, &rest);
         }
         Ok(out)
     }

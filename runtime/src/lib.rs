@@ -7,13 +7,16 @@
 pub mod backend;
 pub mod bench;
 pub mod chat;
+#[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "cli")]
 pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod longctx;
 pub mod model;
 pub mod needle;
+#[cfg(feature = "cli")]
 pub mod pull;
 pub mod sampling;
 pub mod synthetic;

@@ -146,6 +146,19 @@ impl ModelFile {
         })
     }
 
+    /// Drop the resident pages of the whole mapping (memory pressure on a phone): they
+    /// are re-read from the file when next touched, so nothing is lost but time.
+    /// Copies the backend made (repacked weights, caches) are not affected.
+    pub fn release_pages(&self) {
+        let Storage::Mapped(map) = &*self.storage else { return };
+        if map.is_empty() {
+            return;
+        }
+        // SAFETY: the mapping is private and read-only, so dropping its pages loses
+        // nothing: the kernel re-reads them from the file if they are touched again.
+        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    }
+
     pub fn file_bytes(&self) -> usize {
         self.storage.bytes().len()
     }
