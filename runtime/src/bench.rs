@@ -57,7 +57,7 @@ pub struct BenchReport {
 
 pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     let t = Instant::now();
-    let engine = Engine::load(path, &EngineOptions { threads: o.threads, exact: false })?;
+    let engine = Engine::load(path, &EngineOptions { threads: o.threads, ..Default::default() })?;
     let load_seconds = t.elapsed().as_secs_f64();
     let c = engine.runner.config().clone();
     let mut rng = SplitMix(0xBE7C);

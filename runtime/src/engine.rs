@@ -5,6 +5,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use crate::backend::cpu::CpuBackend;
+use crate::bitstack::{self, MemoryPlan};
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::model::{self, KvState, Logits, Runner};
@@ -23,6 +24,10 @@ pub struct EngineOptions {
     /// Run the f32 reference path (weights dequantized, activations never quantized)
     /// instead of the integer kernels: slower, free of 8-bit activation noise.
     pub exact: bool,
+    /// Memory budget in bytes for a BitStack model (`None`: every block).
+    pub memory: Option<u64>,
+    /// Context the memory budget reserves a KV cache for (0: the model's).
+    pub context: usize,
 }
 
 pub struct Engine {
@@ -31,6 +36,8 @@ pub struct Engine {
     pub tokenizer: Tokenizer,
     /// `Err` keeps the reason a chat template is unavailable, to report when asked.
     pub template: std::result::Result<ChatTemplate, String>,
+    /// Context length that memory budgets reserve a KV cache for.
+    memory_ctx: usize,
 }
 
 impl Engine {
@@ -53,7 +60,26 @@ impl Engine {
             )));
         }
         let template = ChatTemplate::from_metadata(meta).map_err(|e| e.to_string());
-        Ok(Engine { file, runner, tokenizer, template })
+        let memory_ctx = if opts.context == 0 { runner.config().context } else { opts.context };
+        let engine = Engine { file, runner, tokenizer, template, memory_ctx };
+        match (opts.memory, &engine.file.stack) {
+            (Some(b), _) => {
+                let plan = engine.set_memory_budget(b)?;
+                eprintln!("{plan}");
+            }
+            (None, Some(s)) => {
+                s.set_prefix(s.table.entries.len())?;
+            }
+            (None, None) => {}
+        }
+        Ok(engine)
+    }
+
+    /// Fit the model into `budget` bytes ([`bitstack::apply_budget`]) while it is in
+    /// use: the next forward pass uses the new blocks, and only the blocks that change
+    /// are read or released. A budget below the minimum is refused, naming the minimum.
+    pub fn set_memory_budget(&self, budget: u64) -> Result<MemoryPlan> {
+        bitstack::apply_budget(&self.file, self.runner.config(), self.memory_ctx, budget)
     }
 
     pub fn vocab(&self) -> usize {

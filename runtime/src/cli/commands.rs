@@ -23,7 +23,8 @@ pub fn resolve_model(name: Option<&str>) -> Result<PathBuf> {
 }
 
 fn load(m: &ModelArgs) -> Result<Engine> {
-    Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads, exact: m.exact })
+    let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
+    Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads, exact: m.exact, memory, context: m.ctx_size })
 }
 
 fn flush(s: &str) -> ControlFlow<()> {
@@ -70,7 +71,7 @@ pub fn chat(
         return Ok(());
     }
     eprintln!(
-        "Chatting with {} ({}). Type /exit or Ctrl-D to quit, /reset to start over.",
+        "Chatting with {} ({}). Type /exit or Ctrl-D to quit, /reset to start over, /memory SIZE to change the budget.",
         engine.file.path.display(),
         engine.runner.backend_name()
     );
@@ -88,6 +89,16 @@ pub fn chat(
             "/exit" | "/quit" => return Ok(()),
             "/reset" => {
                 chat = Chat::new(&engine, m.ctx_size, system)?;
+                continue;
+            }
+            l if l.starts_with("/memory") => {
+                // The chat and its cache stay: the next token already uses the new blocks.
+                match crate::bitstack::parse_size(l.trim_start_matches("/memory"))
+                    .and_then(|b| engine.set_memory_budget(b))
+                {
+                    Ok(plan) => eprintln!("{plan}"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
                 continue;
             }
             _ => {}
@@ -234,4 +245,95 @@ pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str
         print!("{}", report.markdown());
     }
     Ok(())
+}
+
+/// One point of the BitStack memory curve.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CurvePoint {
+    pub blocks: usize,
+    pub stack_bytes: u64,
+    pub total_bytes: u64,
+    pub bits_per_param: f64,
+    pub ppl: f64,
+    pub tg_tokens_per_s: Option<f64>,
+    pub bytes_read: u64,
+    pub bytes_released: u64,
+}
+
+pub fn stack_eval(
+    m: &ModelArgs,
+    file: &Path,
+    points: usize,
+    window: usize,
+    windows: usize,
+    tg: usize,
+    json: Option<&Path>,
+) -> Result<()> {
+    let engine = load(m)?;
+    let Some(stack) = &engine.file.stack else {
+        return Err(Error::input(format!(
+            "{} has no BitStack (make one with `cairn stack`)",
+            engine.file.path.display()
+        )));
+    };
+    let text = std::fs::read(file).map_err(|source| Error::Io { path: file.to_path_buf(), source })?;
+    let text = String::from_utf8_lossy(&text);
+    let t = &stack.table;
+    let (lo, hi) = (t.prefix_bytes(t.min_prefix()), t.prefix_bytes(t.entries.len()));
+    let points = points.max(2);
+    let mut prefixes: Vec<usize> = (0..points)
+        .map(|p| t.prefix_for(lo + (hi - lo) * p as u64 / (points as u64 - 1)).max(t.min_prefix()))
+        .collect();
+    prefixes.dedup();
+    let params: u64 = t.matrices.iter().map(|m| m.rows * m.cols).sum();
+    let dense = engine.file.dense_bytes();
+    let mut curve = Vec::new();
+    println!("| blocks | BitStack MB | total MB | bits/param | ppl | tg t/s | read MB |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for n in prefixes {
+        let change = stack.set_prefix(n)?;
+        let (ppl, _) = engine::perplexity(&engine, &text, window, Some(windows), |_, _, _| {})?;
+        let tg_rate = if tg > 0 { Some(decode_rate(&engine, tg)?) } else { None };
+        let p = CurvePoint {
+            blocks: n,
+            stack_bytes: change.stack_bytes,
+            total_bytes: change.stack_bytes + dense,
+            bits_per_param: change.stack_bytes as f64 * 8.0 / params.max(1) as f64,
+            ppl,
+            tg_tokens_per_s: tg_rate,
+            bytes_read: change.bytes_read,
+            bytes_released: change.bytes_released,
+        };
+        println!(
+            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {:.1} |",
+            p.blocks,
+            p.stack_bytes as f64 / 1e6,
+            p.total_bytes as f64 / 1e6,
+            p.bits_per_param,
+            p.ppl,
+            p.tg_tokens_per_s.map_or("-".into(), |r| format!("{r:.2}")),
+            p.bytes_read as f64 / 1e6
+        );
+        curve.push(p);
+    }
+    if let Some(path) = json {
+        let v = serde_json::json!({ "model": engine.file.path.display().to_string(), "text": file.display().to_string(),
+            "window": window, "windows": windows, "dense_bytes": dense, "linear_params": params, "points": curve });
+        std::fs::write(path, v.to_string()).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
+/// Greedy decode of `n` tokens after a one-token prompt: tokens per second.
+fn decode_rate(engine: &Engine, n: usize) -> Result<f64> {
+    let runner = &engine.runner;
+    let mut cache = runner.new_cache(n + 1)?;
+    let vocab = engine.vocab();
+    let mut logits = runner.forward(cache.as_mut(), &[1], crate::model::Logits::Last)?;
+    let t = Instant::now();
+    for _ in 0..n {
+        let next = (0..vocab).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0) as u32;
+        logits = runner.forward(cache.as_mut(), &[next], crate::model::Logits::Last)?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
 }
