@@ -107,25 +107,39 @@ impl Stack {
     /// release the pages of those that leave, then switch the kernels over.
     pub fn set_prefix(&self, n: usize) -> Result<StackChange> {
         let n = n.min(self.table.entries.len());
+        // Held across the change, so two budget changes never interleave.
         let mut cur = self.prefix.lock().map_err(|_| Error::model("stack state poisoned"))?;
-        let (old, new) = (self.table.counts(*cur), self.table.counts(n));
-        let mut change = StackChange { before: *cur, after: n, ..Default::default() };
-        for ((w, &o), &c) in self.weights.iter().zip(&old).zip(&new) {
-            for (t, info, sum) in w.blocks.get(o..c).unwrap_or(&[]) {
+        let mut change = self.set_counts(&self.table.counts(n))?;
+        change.before = std::mem::replace(&mut *cur, n);
+        change.after = n;
+        change.stack_bytes = self.table.prefix_bytes(n);
+        Ok(change)
+    }
+
+    /// Use `counts[i]` blocks of matrix `i` (any mix, not only prefixes of the table:
+    /// for measuring what one block is worth). `before`/`after` are left at 0.
+    pub fn set_counts(&self, counts: &[usize]) -> Result<StackChange> {
+        if counts.len() != self.weights.len() {
+            return Err(Error::input("set_counts: one count per matrix"));
+        }
+        let mut change = StackChange::default();
+        for (w, &c) in self.weights.iter().zip(counts) {
+            let o = w.active();
+            for (t, info, sum) in w.blocks.get(o..c.min(w.levels())).unwrap_or(&[]) {
                 // Reading the block to check it is what brings it into memory.
                 container::verify_tensor(info, *sum, t.bytes()).map_err(|e| Error::model(e.to_string()))?;
                 change.bytes_read += info.size;
             }
         }
-        for ((w, &o), &c) in self.weights.iter().zip(&old).zip(&new) {
-            w.active.store(c, Ordering::Release);
+        for (w, &c) in self.weights.iter().zip(counts) {
+            let c = c.min(w.levels());
+            let o = w.active.swap(c, Ordering::AcqRel);
             for (t, _, _) in w.blocks.get(c..o).unwrap_or(&[]) {
                 t.release_whole_pages();
                 change.bytes_released += w.shape.page_bytes();
             }
+            change.stack_bytes += c as u64 * w.shape.page_bytes();
         }
-        change.stack_bytes = self.table.prefix_bytes(n);
-        *cur = n;
         Ok(change)
     }
 

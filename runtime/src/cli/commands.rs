@@ -258,17 +258,21 @@ pub struct CurvePoint {
     pub tg_tokens_per_s: Option<f64>,
     pub bytes_read: u64,
     pub bytes_released: u64,
+    /// Resident set after the point's evaluation.
+    pub rss_bytes: Option<u64>,
 }
 
-pub fn stack_eval(
-    m: &ModelArgs,
-    file: &Path,
-    points: usize,
-    window: usize,
-    windows: usize,
-    tg: usize,
-    json: Option<&Path>,
-) -> Result<()> {
+pub struct StackEvalOptions {
+    pub points: usize,
+    pub window: usize,
+    pub windows: usize,
+    pub tg: usize,
+    pub proxy_check: usize,
+}
+
+/// Points run from every block down to the smallest prefix, so each step is a live
+/// shrink (the RSS column shows memory given back).
+pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option<&Path>) -> Result<()> {
     let engine = load(m)?;
     let Some(stack) = &engine.file.stack else {
         return Err(Error::input(format!(
@@ -280,20 +284,21 @@ pub fn stack_eval(
     let text = String::from_utf8_lossy(&text);
     let t = &stack.table;
     let (lo, hi) = (t.prefix_bytes(t.min_prefix()), t.prefix_bytes(t.entries.len()));
-    let points = points.max(2);
+    let points = o.points.max(2);
     let mut prefixes: Vec<usize> = (0..points)
         .map(|p| t.prefix_for(lo + (hi - lo) * p as u64 / (points as u64 - 1)).max(t.min_prefix()))
         .collect();
     prefixes.dedup();
+    prefixes.reverse();
     let params: u64 = t.matrices.iter().map(|m| m.rows * m.cols).sum();
     let dense = engine.file.dense_bytes();
     let mut curve = Vec::new();
-    println!("| blocks | BitStack MB | total MB | bits/param | ppl | tg t/s | read MB |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| blocks | BitStack MB | total MB | bits/param | ppl | tg t/s | read MB | released MB | RSS MB |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for n in prefixes {
         let change = stack.set_prefix(n)?;
-        let (ppl, _) = engine::perplexity(&engine, &text, window, Some(windows), |_, _, _| {})?;
-        let tg_rate = if tg > 0 { Some(decode_rate(&engine, tg)?) } else { None };
+        let (ppl, _) = engine::perplexity(&engine, &text, o.window, Some(o.windows), |_, _, _| {})?;
+        let tg_rate = if o.tg > 0 { Some(decode_rate(&engine, o.tg)?) } else { None };
         let p = CurvePoint {
             blocks: n,
             stack_bytes: change.stack_bytes,
@@ -303,25 +308,81 @@ pub fn stack_eval(
             tg_tokens_per_s: tg_rate,
             bytes_read: change.bytes_read,
             bytes_released: change.bytes_released,
+            rss_bytes: crate::bench::current_rss(),
         };
         println!(
-            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {:.1} | {:.1} | {} |",
             p.blocks,
             p.stack_bytes as f64 / 1e6,
             p.total_bytes as f64 / 1e6,
             p.bits_per_param,
             p.ppl,
             p.tg_tokens_per_s.map_or("-".into(), |r| format!("{r:.2}")),
-            p.bytes_read as f64 / 1e6
+            p.bytes_read as f64 / 1e6,
+            p.bytes_released as f64 / 1e6,
+            p.rss_bytes.map_or("-".into(), |r| format!("{:.1}", r as f64 / 1e6))
         );
         curve.push(p);
     }
+    let proxy = if o.proxy_check > 0 { Some(proxy_check(&engine, &text, o)?) } else { None };
     if let Some(path) = json {
         let v = serde_json::json!({ "model": engine.file.path.display().to_string(), "text": file.display().to_string(),
-            "window": window, "windows": windows, "dense_bytes": dense, "linear_params": params, "points": curve });
+            "window": o.window, "windows": o.windows, "dense_bytes": dense, "linear_params": params, "points": curve,
+            "proxy_check": proxy });
         std::fs::write(path, v.to_string()).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     }
     Ok(())
+}
+
+/// Rank the level-1 blocks by measured perplexity gain per byte when each is added
+/// alone to the smallest prefix (one window), and compare with their order in the
+/// table (the proxy's order): Spearman's rank correlation.
+fn proxy_check(engine: &Engine, text: &str, o: &StackEvalOptions) -> Result<serde_json::Value> {
+    let Some(stack) = &engine.file.stack else { return Ok(serde_json::Value::Null) };
+    let t = &stack.table;
+    let base_n = t.min_prefix();
+    let base = t.counts(base_n);
+    // Level-1 blocks in table order, a spread-out subset of them.
+    let ones: Vec<usize> = t.entries.iter().filter(|e| e.level == 1).map(|e| e.matrix as usize).collect();
+    let k = o.proxy_check.min(ones.len());
+    if k < 2 {
+        return Err(Error::input("--proxy-check needs at least 2 level-1 blocks"));
+    }
+    let picked: Vec<usize> = (0..k).map(|i| ones[i * ones.len() / k]).collect();
+    let ppl = |counts: &[usize]| -> Result<f64> {
+        stack.set_counts(counts)?;
+        Ok(engine::perplexity(engine, text, o.window, Some(1), |_, _, _| {})?.0)
+    };
+    let p0 = ppl(&base)?;
+    let mut measured = Vec::new();
+    eprintln!("proxy check: base ppl {p0:.3} ({base_n} blocks)");
+    for &mi in &picked {
+        let mut c = base.clone();
+        c[mi] += 1;
+        let p = ppl(&c)?;
+        let bytes = stack.weights[mi].shape.page_bytes() as f64;
+        let gain = (p0.ln() - p.ln()) / bytes;
+        eprintln!("  {:<28} ppl {p:.3}  gain/MB {:.4}", stack.weights[mi].name, gain * 1e6);
+        measured.push(gain);
+    }
+    stack.set_prefix(t.entries.len())?;
+    // Proxy rank = position in the table; measured rank = by gain, largest first.
+    let ranks = |v: &[f64]| -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+        let mut r = vec![0f64; v.len()];
+        for (rank, &i) in idx.iter().enumerate() {
+            r[i] = rank as f64;
+        }
+        r
+    };
+    let rm = ranks(&measured);
+    let n = k as f64;
+    let d2: f64 = rm.iter().enumerate().map(|(i, r)| (r - i as f64).powi(2)).sum();
+    let rho = 1.0 - 6.0 * d2 / (n * (n * n - 1.0));
+    println!("proxy check: Spearman rank correlation between the proxy's order and measured ppl gain per byte over {k} level-1 blocks: {rho:.3}");
+    let names: Vec<&str> = picked.iter().map(|&i| stack.weights[i].name.as_str()).collect();
+    Ok(serde_json::json!({ "base_ppl": p0, "blocks": names, "measured_gain_per_byte": measured, "spearman": rho }))
 }
 
 /// Greedy decode of `n` tokens after a one-token prompt: tokens per second.

@@ -169,6 +169,10 @@ enum Command {
         /// Also write the curve as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Check the ordering proxy: the ppl gain of this many level-1 blocks, each
+        /// added alone to the smallest prefix, ranked against the table's order.
+        #[arg(long, default_value_t = 0)]
+        proxy_check: usize,
     },
     /// Architecture, hyper-parameters, tensor types and sizes.
     Info {
@@ -274,8 +278,9 @@ pub fn run() -> Result<()> {
             opts.iters.max_iters = iters.max(1);
             crate::bitstack::build::run(&input, &output, &opts)
         }
-        Command::StackEval { model, file, points, ctx, windows, tg, json } => {
-            commands::stack_eval(&model, &file, points, ctx, windows, tg, json.as_deref())
+        Command::StackEval { model, file, points, ctx, windows, tg, json, proxy_check } => {
+            let opts = commands::StackEvalOptions { points, window: ctx, windows, tg, proxy_check };
+            commands::stack_eval(&model, &file, &opts, json.as_deref())
         }
         Command::Convert { model, quant, group, output } => {
             let quant = crate::convert::Quant::parse(&quant, group)?;

@@ -35,9 +35,7 @@ pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
     match isa {
         Some(isa) if x.rows == 1 => {
             let mut y = vec![0f32; m];
-            for b in &blocks {
-                block_matvec(isa, b, &x.data, &mut y);
-            }
+            stack_matvec(isa, &blocks, &x.data, &mut y);
             CpuTensor { data: y, rows: 1, cols: m }
         }
         _ => rebuild_matmul(x, &blocks, m, isa.unwrap_or(Isa::Scalar)),
@@ -79,22 +77,29 @@ fn tables(b: &Block<'_>, x: &[f32]) -> Vec<f32> {
     tab
 }
 
-/// `y += (S ⊙ (u v)) x` for one block, rows split across threads.
+/// `y += (S ⊙ (u v)) x` for one block.
 pub fn block_matvec(isa: Isa, b: &Block<'_>, x: &[f32], y: &mut [f32]) {
-    let tab = tables(b, x);
-    let u = f16s(b.u_bytes());
-    let k = b.shape.k;
+    stack_matvec(isa, std::slice::from_ref(b), x, y)
+}
+
+/// `y += Σ_blocks (S ⊙ (u v)) x`: every block's tables first (in parallel), then one
+/// parallel pass over rows in which each run of rows visits every block, so a block's
+/// tables stay in cache for the whole run.
+pub fn stack_matvec(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32]) {
+    let prep: Vec<(Vec<f32>, Vec<f32>)> = blocks.par_iter().map(|b| (tables(b, x), f16s(b.u_bytes()))).collect();
     y.par_chunks_mut(DECODE_ROWS).enumerate().for_each(|(c, ys)| {
         let r0 = c * DECODE_ROWS;
-        match (isa, k) {
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2 | Isa::Avx512Vnni, 16) => {
-                // SAFETY: `Isa::Avx2` and above are only chosen when the CPU has AVX2 and FMA.
-                unsafe { rows_avx2_16(b, &tab, &u, r0, ys) }
+        for (b, (tab, u)) in blocks.iter().zip(&prep) {
+            match (isa, b.shape.k) {
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2 | Isa::Avx512Vnni, 16) => {
+                    // SAFETY: `Isa::Avx2` and above are only chosen when the CPU has AVX2 and FMA.
+                    unsafe { rows_avx2_16(b, tab, u, r0, ys) }
+                }
+                (_, 16) => rows_fixed::<16>(b, tab, u, r0, ys),
+                (_, 8) => rows_fixed::<8>(b, tab, u, r0, ys),
+                _ => rows_any(b, tab, u, r0, ys),
             }
-            (_, 16) => rows_fixed::<16>(b, &tab, &u, r0, ys),
-            (_, 8) => rows_fixed::<8>(b, &tab, &u, r0, ys),
-            _ => rows_any(b, &tab, &u, r0, ys),
         }
     });
 }
@@ -149,6 +154,23 @@ fn rows_any(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
 
 /// Rows `r0..r0 + out.len() / n` of the weight the blocks sum to, in f32.
 pub fn rebuild_rows(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { rebuild_rows_avx2(blocks, us, vs, r0, out) };
+    }
+    rebuild_rows_body(blocks, us, vs, r0, out)
+}
+
+/// The same loops compiled for AVX2 + FMA (8-lane axpy).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rebuild_rows_avx2(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
+    rebuild_rows_body(blocks, us, vs, r0, out)
+}
+
+#[inline(always)]
+fn rebuild_rows_body(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
     out.fill(0.0);
     let Some(first) = blocks.first() else { return };
     let (n, k) = (first.shape.n, first.shape.k);
