@@ -268,6 +268,7 @@ pub struct StackEvalOptions {
     pub windows: usize,
     pub tg: usize,
     pub proxy_check: usize,
+    pub max_bits: Option<f64>,
 }
 
 /// Points run from every block down to the smallest prefix, so each step is a live
@@ -283,14 +284,17 @@ pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option
     let text = std::fs::read(file).map_err(|source| Error::Io { path: file.to_path_buf(), source })?;
     let text = String::from_utf8_lossy(&text);
     let t = &stack.table;
-    let (lo, hi) = (t.prefix_bytes(t.min_prefix()), t.prefix_bytes(t.entries.len()));
+    let params: u64 = t.matrices.iter().map(|m| m.rows * m.cols).sum();
+    let (lo, mut hi) = (t.prefix_bytes(t.min_prefix()), t.prefix_bytes(t.entries.len()));
+    if let Some(b) = o.max_bits {
+        hi = hi.min((b * params as f64 / 8.0) as u64).max(lo);
+    }
     let points = o.points.max(2);
     let mut prefixes: Vec<usize> = (0..points)
         .map(|p| t.prefix_for(lo + (hi - lo) * p as u64 / (points as u64 - 1)).max(t.min_prefix()))
         .collect();
     prefixes.dedup();
     prefixes.reverse();
-    let params: u64 = t.matrices.iter().map(|m| m.rows * m.cols).sum();
     let dense = engine.file.dense_bytes();
     let mut curve = Vec::new();
     println!("| blocks | BitStack MB | total MB | bits/param | ppl | tg t/s | read MB | released MB | RSS MB |");

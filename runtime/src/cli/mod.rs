@@ -173,6 +173,9 @@ enum Command {
         /// added alone to the smallest prefix, ranked against the table's order.
         #[arg(long, default_value_t = 0)]
         proxy_check: usize,
+        /// Top of the curve in bits per linear parameter (default: every block).
+        #[arg(long)]
+        max_bits: Option<f64>,
     },
     /// Architecture, hyper-parameters, tensor types and sizes.
     Info {
@@ -278,8 +281,8 @@ pub fn run() -> Result<()> {
             opts.iters.max_iters = iters.max(1);
             crate::bitstack::build::run(&input, &output, &opts)
         }
-        Command::StackEval { model, file, points, ctx, windows, tg, json, proxy_check } => {
-            let opts = commands::StackEvalOptions { points, window: ctx, windows, tg, proxy_check };
+        Command::StackEval { model, file, points, ctx, windows, tg, json, proxy_check, max_bits } => {
+            let opts = commands::StackEvalOptions { points, window: ctx, windows, tg, proxy_check, max_bits };
             commands::stack_eval(&model, &file, &opts, json.as_deref())
         }
         Command::Convert { model, quant, group, output } => {
