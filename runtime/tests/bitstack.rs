@@ -175,6 +175,11 @@ fn live_budget_changes_equal_a_fresh_load() {
     assert!(shrunk.change.bytes_released > 0);
     let after = logits(runner.as_ref(), &ids);
 
+    // Prefill (rebuilt tiles, 8-bit) agrees with the f32 reference path at this budget.
+    let reference = model::load(&a, CpuBackend::reference(1).unwrap()).unwrap();
+    let exact = logits(reference.as_ref(), &ids);
+    assert!(rel_diff(&at_small, &exact) < 0.05, "integer vs f32 path: {}", rel_diff(&at_small, &exact));
+
     // A fresh load at the small budget gives the same logits, bit for bit.
     let b = stacked(&src, 4);
     let fresh = model::load(&b, CpuBackend::new(2).unwrap()).unwrap();

@@ -338,7 +338,7 @@ pub fn run(input: &Path, output: &Path, opts: &StackOptions) -> Result<()> {
     bar.finish_and_clear();
     let decompose_s = t1.elapsed().as_secs_f64();
     for s in &stacks {
-        let errs: Vec<String> = s.rel_err.iter().step_by(4.max(1)).map(|e| format!("{e:.3}")).collect();
+        let errs: Vec<String> = s.rel_err.iter().step_by(4).map(|e| format!("{e:.3}")).collect();
         log::info!("{:<28} relative error by level: {}", s.name, errs.join(" "));
     }
     let io = |path: &Path| {

@@ -265,7 +265,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let v: f64 =
         num.parse().map_err(|_| Error::input(format!("memory size {s:?} is not a number with a unit (e.g. 90MB)")))?;
     let bytes = v * mult;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e18 {
+    if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
         return Err(Error::input(format!("memory size {s:?} is out of range")));
     }
     Ok(bytes as u64)

@@ -301,7 +301,12 @@ pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for n in prefixes {
         let change = stack.set_prefix(n)?;
-        let (ppl, _) = engine::perplexity(&engine, &text, o.window, Some(o.windows), |_, _, _| {})?;
+        // --windows 0: a speed-only curve.
+        let ppl = if o.windows == 0 {
+            f64::NAN
+        } else {
+            engine::perplexity(&engine, &text, o.window, Some(o.windows), |_, _, _| {})?.0
+        };
         let tg_rate = if o.tg > 0 { Some(decode_rate(&engine, o.tg)?) } else { None };
         let p = CurvePoint {
             blocks: n,

@@ -160,7 +160,7 @@ enum Command {
         /// Window size in tokens.
         #[arg(long, default_value_t = 512)]
         ctx: usize,
-        /// Windows per point.
+        /// Windows per point (0: speed only).
         #[arg(long, default_value_t = 4)]
         windows: usize,
         /// Generated tokens timed at each point (0: skip).
