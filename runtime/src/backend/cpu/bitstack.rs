@@ -82,7 +82,8 @@ fn rebuild_matmul_q8(x: &CpuTensor, blocks: &[Block<'_>], m: usize, isa: Isa) ->
 fn tables(b: &Block<'_>, x: &[f32]) -> Vec<f32> {
     let (n, k) = (b.shape.n, b.shape.k);
     let v = f16s(b.v_bytes());
-    let p_count = n.div_ceil(4);
+    // Two runs per sign byte (the last one padded with zeros), so rows walk bytes.
+    let p_count = n.div_ceil(8) * 2;
     // t[j * k + r] = v[r, j] · x[j], zero past n.
     let mut t = vec![0f32; p_count * 4 * k];
     for r in 0..k {
@@ -141,16 +142,17 @@ pub fn stack_matvec(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32]) {
 
 #[inline(always)]
 fn rows_fixed<const K: usize>(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
-    let p_count = b.shape.n.div_ceil(4);
     for (di, y) in ys.iter_mut().enumerate() {
         let i = r0 + di;
         let signs = b.sign_row(i);
         let mut acc = [0f32; K];
-        for p in 0..p_count {
-            let e = (signs[p / 2] >> (4 * (p % 2))) & 15;
-            let entry = &tab[(p * 16 + e as usize) * K..][..K];
+        // One sign byte selects an entry from each of its two runs' tables.
+        for (&byte, t2) in signs.iter().zip(tab.chunks_exact(32 * K)) {
+            let lo = (byte & 15) as usize * K;
+            let hi = (16 + (byte >> 4) as usize) * K;
+            let (a, c) = (&t2[lo..lo + K], &t2[hi..hi + K]);
             for r in 0..K {
-                acc[r] += entry[r];
+                acc[r] += a[r] + c[r];
             }
         }
         let ur = &u[i * K..][..K];
@@ -170,8 +172,8 @@ unsafe fn rows_avx2_16(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mu
 }
 
 fn rows_any(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
-    let (n, k) = (b.shape.n, b.shape.k);
-    let p_count = n.div_ceil(4);
+    let k = b.shape.k;
+    let p_count = b.shape.n.div_ceil(8) * 2;
     let mut acc = vec![0f32; k];
     for (di, y) in ys.iter_mut().enumerate() {
         let i = r0 + di;
