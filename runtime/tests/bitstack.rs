@@ -214,3 +214,34 @@ fn bad_budgets_are_refused_with_the_minimum() {
     assert_eq!(parse_size("90MB").unwrap(), 90_000_000);
     assert_eq!(parse_size("1.5 GiB").unwrap(), 1_610_612_736);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Any budget: refused exactly when below the minimum; otherwise the plan never
+    /// exceeds it and one more block of the table would.
+    #[test]
+    fn budgets_choose_the_longest_prefix_that_fits(extra in 0u64..400_000, below in proptest::bool::ANY) {
+        let a = stacked(&small_model(), 3);
+        let runner = model::load(&a, CpuBackend::new(1).unwrap()).unwrap();
+        let cfg = runner.config().clone();
+        let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 32);
+        let t = &a.stack.as_ref().unwrap().table;
+        let min = dense + kv + scratch + t.prefix_bytes(t.min_prefix());
+        let budget = if below { min.saturating_sub(1 + extra) } else { min + extra };
+        match apply_budget(&a, &cfg, 32, budget) {
+            Err(e) => proptest::prop_assert!(budget < min, "refused {budget} ≥ minimum {min}: {e}"),
+            Ok(p) => {
+                proptest::prop_assert!(budget >= min);
+                let used = dense + kv + scratch + t.prefix_bytes(p.blocks);
+                proptest::prop_assert!(used <= budget);
+                if p.blocks < t.entries.len() {
+                    proptest::prop_assert!(dense + kv + scratch + t.prefix_bytes(p.blocks + 1) > budget);
+                }
+                let counts = t.counts(p.blocks);
+                let active: Vec<usize> = a.stack.as_ref().unwrap().weights.iter().map(|w| w.active()).collect();
+                proptest::prop_assert_eq!(counts, active);
+            }
+        }
+    }
+}
