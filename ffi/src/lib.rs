@@ -475,13 +475,6 @@ pub unsafe extern "C" fn cairn_model_load(
             }
             other => return Err(invalid(format!("backend {other} is not a CAIRN_BACKEND_* value"))),
         };
-        if params.memory_budget != 0 {
-            return Err(Failure::new(
-                CAIRN_ERR_UNSUPPORTED,
-                "a memory budget needs a BitStack model, and this build reads no BitStack models yet; \
-                 pass memory_budget = 0",
-            ));
-        }
         let progress = |p: f32| -> R<()> {
             let Some(cb) = params.progress_callback else { return Ok(()) };
             // SAFETY: the caller provided the callback and its user data together.
@@ -494,7 +487,15 @@ pub unsafe extern "C" fn cairn_model_load(
         progress(0.0)?;
         let file = ModelFile::open(Path::new(path))?;
         progress(0.1)?;
-        let opts = EngineOptions { threads: params.n_threads as usize, exact: params.exact, backend };
+        if params.memory_budget != 0 && file.stack.is_none() {
+            return Err(Failure::new(
+                CAIRN_ERR_UNSUPPORTED,
+                "a memory budget needs a BitStack model (made by `cairn stack`); pass memory_budget = 0",
+            ));
+        }
+        let memory = (params.memory_budget != 0).then_some(params.memory_budget);
+        let opts =
+            EngineOptions { threads: params.n_threads as usize, exact: params.exact, backend, memory, context: 0 };
         let engine = Engine::from_file(file, &opts)?;
         progress(1.0)?;
         log::info!("cairn: loaded {path} ({})", engine.runner.backend_name());
@@ -548,7 +549,7 @@ pub unsafe extern "C" fn cairn_model_get_info(
             token_bos: tok(e.tokenizer.bos_id()),
             token_eos: tok(e.tokenizer.eos_id()),
             has_chat_template: e.template.is_ok(),
-            supports_memory_budget: false,
+            supports_memory_budget: e.file.stack.is_some(),
         };
         // SAFETY: caller's contract.
         unsafe { put(out_info, info, "out_info") }
@@ -582,10 +583,15 @@ pub extern "C" fn cairn_model_set_memory_budget(model: *mut cairn_model, bytes: 
     run(|slot| {
         let m = handles::model(model)?;
         *slot = Some(m.errors.clone());
-        Err(Failure::new(
-            CAIRN_ERR_UNSUPPORTED,
-            format!("cannot set a memory budget of {bytes} bytes: this is not a BitStack model"),
-        ))
+        if m.engine.file.stack.is_none() {
+            return Err(Failure::new(
+                CAIRN_ERR_UNSUPPORTED,
+                format!("cannot set a memory budget of {bytes} bytes: this is not a BitStack model"),
+            ));
+        }
+        let plan = m.engine.set_memory_budget(bytes)?;
+        log::info!("cairn: {plan}");
+        Ok(())
     })
 }
 

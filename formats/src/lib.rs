@@ -9,6 +9,7 @@
 extern crate alloc;
 extern crate no_std_compat as std;
 
+pub mod bitstack;
 pub mod container;
 pub mod error;
 pub mod fine;

@@ -58,7 +58,7 @@ pub struct BenchReport {
 
 pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     let t = Instant::now();
-    let engine = Engine::load(path, &EngineOptions { threads: o.threads, exact: false, backend: o.backend })?;
+    let engine = Engine::load(path, &EngineOptions { threads: o.threads, backend: o.backend, ..Default::default() })?;
     let load_seconds = t.elapsed().as_secs_f64();
     let c = engine.runner.config().clone();
     let mut rng = SplitMix(0xBE7C);
@@ -149,8 +149,17 @@ pub fn read_bandwidth(threads: usize) -> f64 {
 
 /// Peak resident set size (Linux: VmHWM).
 pub fn peak_rss() -> Option<u64> {
+    status_kb("VmHWM:")
+}
+
+/// Current resident set size (Linux: VmRSS).
+pub fn current_rss() -> Option<u64> {
+    status_kb("VmRSS:")
+}
+
+fn status_kb(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::BackendKind;
+use crate::bitstack::{self, MemoryPlan};
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::longctx::{self, FilterLayer, Method, SNAPKV_WINDOW};
@@ -27,6 +28,10 @@ pub struct EngineOptions {
     pub exact: bool,
     /// Which backend runs the model.
     pub backend: BackendKind,
+    /// Memory budget in bytes for a BitStack model (`None`: every block).
+    pub memory: Option<u64>,
+    /// Context the memory budget reserves a KV cache for (0: the model's).
+    pub context: usize,
 }
 
 pub struct Engine {
@@ -37,6 +42,8 @@ pub struct Engine {
     pub template: std::result::Result<ChatTemplate, String>,
     /// Why the backend asked for is not the one running (`--backend auto` fell back).
     pub backend_note: Option<String>,
+    /// Context length that memory budgets reserve a KV cache for.
+    memory_ctx: usize,
 }
 
 fn load_cpu(file: &ModelFile, opts: &EngineOptions) -> Result<Box<dyn Runner>> {
@@ -110,7 +117,26 @@ impl Engine {
             )));
         }
         let template = ChatTemplate::from_metadata(meta).map_err(|e| e.to_string());
-        Ok(Engine { file, runner, tokenizer, template, backend_note })
+        let memory_ctx = if opts.context == 0 { runner.config().context } else { opts.context };
+        let engine = Engine { file, runner, tokenizer, template, backend_note, memory_ctx };
+        match (opts.memory, &engine.file.stack) {
+            (Some(b), _) => {
+                let plan = engine.set_memory_budget(b)?;
+                eprintln!("{plan}");
+            }
+            (None, Some(s)) => {
+                s.set_prefix(s.table.entries.len())?;
+            }
+            (None, None) => {}
+        }
+        Ok(engine)
+    }
+
+    /// Fit the model into `budget` bytes ([`bitstack::apply_budget`]) while it is in
+    /// use: the next forward pass uses the new blocks, and only the blocks that change
+    /// are read or released. A budget below the minimum is refused, naming the minimum.
+    pub fn set_memory_budget(&self, budget: u64) -> Result<MemoryPlan> {
+        bitstack::apply_budget(&self.file, self.runner.config(), self.memory_ctx, budget)
     }
 
     pub fn vocab(&self) -> usize {

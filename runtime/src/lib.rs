@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod bitstack;
 pub mod chat;
 #[cfg(feature = "cli")]
 pub mod cli;

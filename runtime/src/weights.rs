@@ -6,7 +6,9 @@ use std::sync::Arc;
 use cairn_formats::{container, CairnFile, GgmlType, Gguf, MetaValue, TensorInfo};
 use memmap2::Mmap;
 
+use crate::bitstack::Stack;
 use crate::error::{Error, Result};
+use cairn_formats::bitstack::StackTable;
 
 /// Bytes backing a model: a read-only mapping of the file, or an owned buffer (models
 /// built in memory by tests and converters).
@@ -43,6 +45,9 @@ pub struct ModelFile {
     /// `.cairn` only: each tensor's data checksum, checked when the tensor is first
     /// fetched (so a loader verifies exactly what it maps).
     checksums: Option<Vec<u64>>,
+    /// `.cairn` with a stack table: the BitStack matrices (none active until a budget
+    /// is set).
+    pub stack: Option<Stack>,
 }
 
 impl ModelFile {
@@ -74,14 +79,45 @@ impl ModelFile {
     fn from_storage(path: PathBuf, storage: Storage) -> Result<Self> {
         let fmt = |source| Error::Format { path: path.clone(), source };
         let bytes = storage.bytes();
-        let (kind, metadata, tensors, checksums) = if container::is_cairn(bytes) {
+        let (kind, metadata, tensors, checksums, table) = if container::is_cairn(bytes) {
             let c = CairnFile::parse(bytes).map_err(fmt)?;
-            (FileKind::Cairn, c.metadata, c.tensors, Some(c.checksums))
+            let table = match c.stack_table() {
+                Some(t) => {
+                    let table = StackTable::decode(t).map_err(fmt)?;
+                    table.validate(&c).map_err(fmt)?;
+                    Some(table)
+                }
+                None => None,
+            };
+            (FileKind::Cairn, c.metadata, c.tensors, Some(c.checksums), table)
         } else {
             let g = Gguf::parse(bytes).map_err(fmt)?;
-            (FileKind::Gguf, g.metadata, g.tensors, None)
+            (FileKind::Gguf, g.metadata, g.tensors, None, None)
         };
-        Ok(ModelFile { path, kind, storage: Arc::new(storage), metadata, tensors, checksums })
+        let storage = Arc::new(storage);
+        let stack = match table {
+            Some(table) => Some(Stack::new(table, |i| {
+                let t = &tensors[i];
+                let view = HostTensor {
+                    name: t.name.clone(),
+                    ty: t.ty,
+                    dims: t.dims.clone(),
+                    storage: storage.clone(),
+                    offset: t.offset as usize,
+                    len: t.size as usize,
+                };
+                (view, t.clone(), checksums.as_ref().map_or(0, |c| c[i]))
+            })?),
+            None => None,
+        };
+        Ok(ModelFile { path, kind, storage, metadata, tensors, checksums, stack })
+    }
+
+    /// Bytes of every tensor that is not a BitStack block (the part no budget shrinks).
+    pub fn dense_bytes(&self) -> u64 {
+        let blocks: std::collections::HashSet<u32> =
+            self.stack.iter().flat_map(|s| s.table.entries.iter().map(|e| e.tensor)).collect();
+        self.tensors.iter().enumerate().filter(|(i, _)| !blocks.contains(&(*i as u32))).map(|(_, t)| t.size).sum()
     }
 
     pub fn meta(&self, key: &str) -> Option<&MetaValue> {
@@ -176,6 +212,19 @@ pub struct HostTensor {
 }
 
 impl HostTensor {
+    /// A stand-in for a weight that has no tensor of its own (a BitStack matrix): its
+    /// name and shape, no bytes.
+    pub fn placeholder(&self, name: &str, dims: &[u64]) -> HostTensor {
+        HostTensor {
+            name: name.into(),
+            ty: cairn_formats::bitstack::BLOCK_TYPE,
+            dims: dims.to_vec(),
+            storage: self.storage.clone(),
+            offset: 0,
+            len: 0,
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         // In bounds: the GGUF parser checked every tensor's extent against the file.
         &self.storage.bytes()[self.offset..self.offset + self.len]
@@ -199,10 +248,24 @@ impl HostTensor {
     /// the tensor (after repacking it elsewhere), so they leave the resident set. The
     /// mapping stays valid: a later read faults the pages back in from the page cache.
     pub fn release_pages(&self) {
+        self.release(false)
+    }
+
+    /// As [`release_pages`](Self::release_pages), including the tensor's last partial
+    /// page: for tensors that own the padding up to the next page (BitStack blocks).
+    pub fn release_whole_pages(&self) {
+        self.release(true)
+    }
+
+    fn release(&self, last_partial: bool) {
         let Storage::Mapped(map) = &*self.storage else { return };
         let page = 4096;
         let start = self.offset.next_multiple_of(page);
-        let end = (self.offset + self.len) / page * page;
+        let end = if last_partial {
+            (self.offset + self.len).next_multiple_of(page).min(map.len())
+        } else {
+            (self.offset + self.len) / page * page
+        };
         if end > start {
             // SAFETY: the mapping is private and read-only, so dropping its pages loses
             // nothing: the kernel re-reads them from the file if they are touched again.

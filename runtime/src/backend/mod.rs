@@ -84,6 +84,12 @@ pub trait Backend: Send + Sync {
     /// Prepare a weight for use (the CPU borrows the mapped bytes; a GPU uploads them).
     fn load_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
 
+    /// Prepare a BitStack matrix (its blocks stay in the mapping; the number in use can
+    /// change between calls). Backends without BitStack kernels refuse it.
+    fn load_stack(&self, w: &std::sync::Arc<crate::bitstack::StackWeight>) -> Result<Self::Weight> {
+        Err(crate::error::Error::model(format!("{}: the {} backend cannot run BitStack weights", w.name, self.name())))
+    }
+
     /// Host f32 values → a tensor of `rows` rows.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
     /// A tensor → host f32 values, row-major (consumed: the CPU hands its buffer over).

@@ -25,8 +25,9 @@ pub fn resolve_model(name: Option<&str>) -> Result<PathBuf> {
 }
 
 fn load(m: &ModelArgs) -> Result<Engine> {
-    let engine =
-        Engine::load(&model_path(m)?, &EngineOptions { threads: m.threads, exact: m.exact, backend: m.backend })?;
+    let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
+    let opts = EngineOptions { threads: m.threads, exact: m.exact, backend: m.backend, memory, context: m.ctx_size };
+    let engine = Engine::load(&model_path(m)?, &opts)?;
     if let Some(note) = &engine.backend_note {
         eprintln!("note: {note}");
     }
@@ -122,7 +123,7 @@ pub fn chat(m: &ModelArgs, prompt: Option<&str>, system: Option<&str>, turn: Tur
         return Ok(());
     }
     eprintln!(
-        "Chatting with {} ({}). Type /exit or Ctrl-D to quit, /reset to start over.",
+        "Chatting with {} ({}). Type /exit or Ctrl-D to quit, /reset to start over, /memory SIZE to change the budget.",
         engine.file.path.display(),
         engine.runner.backend_name()
     );
@@ -141,6 +142,16 @@ pub fn chat(m: &ModelArgs, prompt: Option<&str>, system: Option<&str>, turn: Tur
             "/reset" => {
                 chat = Chat::new(&engine, m.ctx_size, system)?;
                 chat.session.set_method(method)?;
+                continue;
+            }
+            l if l.starts_with("/memory") => {
+                // The chat and its cache stay: the next token already uses the new blocks.
+                match crate::bitstack::parse_size(l.trim_start_matches("/memory"))
+                    .and_then(|b| engine.set_memory_budget(b))
+                {
+                    Ok(plan) => eprintln!("{plan}"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
                 continue;
             }
             _ => {}
@@ -408,4 +419,165 @@ pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str
         print!("{}", report.markdown());
     }
     Ok(())
+}
+
+/// One point of the BitStack memory curve.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CurvePoint {
+    pub blocks: usize,
+    pub stack_bytes: u64,
+    pub total_bytes: u64,
+    pub bits_per_param: f64,
+    pub ppl: f64,
+    pub tg_tokens_per_s: Option<f64>,
+    pub bytes_read: u64,
+    pub bytes_released: u64,
+    /// Resident set after the point's evaluation.
+    pub rss_bytes: Option<u64>,
+}
+
+pub struct StackEvalOptions {
+    pub points: usize,
+    pub window: usize,
+    pub windows: usize,
+    pub tg: usize,
+    pub proxy_check: usize,
+    pub max_bits: Option<f64>,
+}
+
+/// Points run from every block down to the smallest prefix, so each step is a live
+/// shrink (the RSS column shows memory given back).
+pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option<&Path>) -> Result<()> {
+    let engine = load(m)?;
+    let Some(stack) = &engine.file.stack else {
+        return Err(Error::input(format!(
+            "{} has no BitStack (make one with `cairn stack`)",
+            engine.file.path.display()
+        )));
+    };
+    let text = std::fs::read(file).map_err(|source| Error::Io { path: file.to_path_buf(), source })?;
+    let text = String::from_utf8_lossy(&text);
+    let t = &stack.table;
+    let params: u64 = t.matrices.iter().map(|m| m.rows * m.cols).sum();
+    let (lo, mut hi) = (t.prefix_bytes(t.min_prefix()), t.prefix_bytes(t.entries.len()));
+    if let Some(b) = o.max_bits {
+        hi = hi.min((b * params as f64 / 8.0) as u64).max(lo);
+    }
+    let points = o.points.max(2);
+    let mut prefixes: Vec<usize> = (0..points)
+        .map(|p| t.prefix_for(lo + (hi - lo) * p as u64 / (points as u64 - 1)).max(t.min_prefix()))
+        .collect();
+    prefixes.dedup();
+    prefixes.reverse();
+    let dense = engine.file.dense_bytes();
+    let mut curve = Vec::new();
+    println!("| blocks | BitStack MB | total MB | bits/param | ppl | tg t/s | read MB | released MB | RSS MB |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for n in prefixes {
+        let change = stack.set_prefix(n)?;
+        // --windows 0: a speed-only curve.
+        let ppl = if o.windows == 0 {
+            f64::NAN
+        } else {
+            engine::perplexity(&engine, &text, o.window, Some(o.windows), |_, _, _| {})?.0
+        };
+        let tg_rate = if o.tg > 0 { Some(decode_rate(&engine, o.tg)?) } else { None };
+        let p = CurvePoint {
+            blocks: n,
+            stack_bytes: change.stack_bytes,
+            total_bytes: change.stack_bytes + dense,
+            bits_per_param: change.stack_bytes as f64 * 8.0 / params.max(1) as f64,
+            ppl,
+            tg_tokens_per_s: tg_rate,
+            bytes_read: change.bytes_read,
+            bytes_released: change.bytes_released,
+            rss_bytes: crate::bench::current_rss(),
+        };
+        println!(
+            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {:.1} | {:.1} | {} |",
+            p.blocks,
+            p.stack_bytes as f64 / 1e6,
+            p.total_bytes as f64 / 1e6,
+            p.bits_per_param,
+            p.ppl,
+            p.tg_tokens_per_s.map_or("-".into(), |r| format!("{r:.2}")),
+            p.bytes_read as f64 / 1e6,
+            p.bytes_released as f64 / 1e6,
+            p.rss_bytes.map_or("-".into(), |r| format!("{:.1}", r as f64 / 1e6))
+        );
+        curve.push(p);
+    }
+    let proxy = if o.proxy_check > 0 { Some(proxy_check(&engine, &text, o)?) } else { None };
+    if let Some(path) = json {
+        let v = serde_json::json!({ "model": engine.file.path.display().to_string(), "text": file.display().to_string(),
+            "window": o.window, "windows": o.windows, "dense_bytes": dense, "linear_params": params, "points": curve,
+            "proxy_check": proxy });
+        std::fs::write(path, v.to_string()).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
+/// Rank the level-1 blocks by measured perplexity gain per byte when each is added
+/// alone to the smallest prefix (one window), and compare with their order in the
+/// table (the proxy's order): Spearman's rank correlation.
+fn proxy_check(engine: &Engine, text: &str, o: &StackEvalOptions) -> Result<serde_json::Value> {
+    let Some(stack) = &engine.file.stack else { return Ok(serde_json::Value::Null) };
+    let t = &stack.table;
+    let base_n = t.min_prefix();
+    let base = t.counts(base_n);
+    // Level-1 blocks in table order, a spread-out subset of them.
+    let ones: Vec<usize> = t.entries.iter().filter(|e| e.level == 1).map(|e| e.matrix as usize).collect();
+    let k = o.proxy_check.min(ones.len());
+    if k < 2 {
+        return Err(Error::input("--proxy-check needs at least 2 level-1 blocks"));
+    }
+    let picked: Vec<usize> = (0..k).map(|i| ones[i * ones.len() / k]).collect();
+    let ppl = |counts: &[usize]| -> Result<f64> {
+        stack.set_counts(counts)?;
+        Ok(engine::perplexity(engine, text, o.window, Some(1), |_, _, _| {})?.0)
+    };
+    let p0 = ppl(&base)?;
+    let mut measured = Vec::new();
+    eprintln!("proxy check: base ppl {p0:.3} ({base_n} blocks)");
+    for &mi in &picked {
+        let mut c = base.clone();
+        c[mi] += 1;
+        let p = ppl(&c)?;
+        let bytes = stack.weights[mi].shape.page_bytes() as f64;
+        let gain = (p0.ln() - p.ln()) / bytes;
+        eprintln!("  {:<28} ppl {p:.3}  gain/MB {:.4}", stack.weights[mi].name, gain * 1e6);
+        measured.push(gain);
+    }
+    stack.set_prefix(t.entries.len())?;
+    // Proxy rank = position in the table; measured rank = by gain, largest first.
+    let ranks = |v: &[f64]| -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+        let mut r = vec![0f64; v.len()];
+        for (rank, &i) in idx.iter().enumerate() {
+            r[i] = rank as f64;
+        }
+        r
+    };
+    let rm = ranks(&measured);
+    let n = k as f64;
+    let d2: f64 = rm.iter().enumerate().map(|(i, r)| (r - i as f64).powi(2)).sum();
+    let rho = 1.0 - 6.0 * d2 / (n * (n * n - 1.0));
+    println!("proxy check: Spearman rank correlation between the proxy's order and measured ppl gain per byte over {k} level-1 blocks: {rho:.3}");
+    let names: Vec<&str> = picked.iter().map(|&i| stack.weights[i].name.as_str()).collect();
+    Ok(serde_json::json!({ "base_ppl": p0, "blocks": names, "measured_gain_per_byte": measured, "spearman": rho }))
+}
+
+/// Greedy decode of `n` tokens after a one-token prompt: tokens per second.
+fn decode_rate(engine: &Engine, n: usize) -> Result<f64> {
+    let runner = &engine.runner;
+    let mut cache = runner.new_cache(n + 1)?;
+    let vocab = engine.vocab();
+    let mut logits = runner.forward(cache.as_mut(), &[1], crate::model::Logits::Last)?;
+    let t = Instant::now();
+    for _ in 0..n {
+        let next = (0..vocab).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0) as u32;
+        logits = runner.forward(cache.as_mut(), &[next], crate::model::Logits::Last)?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
 }

@@ -172,6 +172,63 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Decompose a model's linear weights into a BitStack .cairn (any-size model).
+    Stack {
+        /// Source model: a name (see `cairn pull`), a .gguf or a .cairn file.
+        #[arg(short, long)]
+        model: Option<String>,
+        /// Output .cairn file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Residual blocks per matrix.
+        #[arg(long, default_value_t = 16)]
+        levels: usize,
+        /// Rank of each block's factors.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Calibration text for activation-aware scaling (none: no scaling).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Calibration tokens (windows of 512).
+        #[arg(long, default_value_t = 2048)]
+        calib_tokens: usize,
+        /// Most subspace iterations per block.
+        #[arg(long, default_value_t = 12)]
+        iters: usize,
+        /// CPU threads (default: all cores).
+        #[arg(short, long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Memory → perplexity (and tg) curve of a BitStack model.
+    StackEval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text for perplexity.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Budgets from the smallest prefix to every block.
+        #[arg(long, default_value_t = 8)]
+        points: usize,
+        /// Window size in tokens.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Windows per point (0: speed only).
+        #[arg(long, default_value_t = 4)]
+        windows: usize,
+        /// Generated tokens timed at each point (0: skip).
+        #[arg(long, default_value_t = 128)]
+        tg: usize,
+        /// Also write the curve as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Check the ordering proxy: the ppl gain of this many level-1 blocks, each
+        /// added alone to the smallest prefix, ranked against the table's order.
+        #[arg(long, default_value_t = 0)]
+        proxy_check: usize,
+        /// Top of the curve in bits per linear parameter (default: every block).
+        #[arg(long)]
+        max_bits: Option<f64>,
+    },
     /// Architecture, hyper-parameters, tensor types and sizes.
     Info {
         #[command(flatten)]
@@ -201,6 +258,10 @@ struct ModelArgs {
     /// (wgpu on a real GPU, else cpu).
     #[arg(long, default_value = "cpu")]
     backend: BackendKind,
+    /// Memory budget (e.g. 90MB, 1.5GiB): a BitStack model keeps the longest prefix of
+    /// its stack that fits beside the dense tensors, KV cache and scratch.
+    #[arg(long)]
+    memory: Option<String>,
 }
 
 /// Long prompts on a budget: GemFilter, or a baseline at the same budget.
@@ -346,6 +407,26 @@ pub fn run() -> Result<()> {
         Command::Bench { model, prompt, gen, reps, output } => commands::bench(&model, prompt, gen, reps, &output),
         Command::Info { devices: true, .. } => commands::devices(),
         Command::Info { model, .. } => commands::info(&model),
+        Command::Stack { model, output, levels, rank, calib, calib_tokens, iters, threads } => {
+            if levels == 0 || rank == 0 {
+                return Err(Error::input("--levels and --rank must be at least 1"));
+            }
+            let input = commands::resolve_model(model.as_deref())?;
+            let mut opts = crate::bitstack::build::StackOptions {
+                levels,
+                rank,
+                calib,
+                calib_tokens,
+                threads,
+                ..Default::default()
+            };
+            opts.iters.max_iters = iters.max(1);
+            crate::bitstack::build::run(&input, &output, &opts)
+        }
+        Command::StackEval { model, file, points, ctx, windows, tg, json, proxy_check, max_bits } => {
+            let opts = commands::StackEvalOptions { points, window: ctx, windows, tg, proxy_check, max_bits };
+            commands::stack_eval(&model, &file, &opts, json.as_deref())
+        }
         Command::Convert { model, quant, group, output } => {
             let quant = crate::convert::Quant::parse(&quant, group)?;
             let input = commands::resolve_model(model.as_deref())?;

@@ -115,7 +115,19 @@ pub struct Loader<'a, B: Backend> {
 }
 
 impl<B: Backend> Loader<'_, B> {
+    /// A weight by name: a tensor of the file, or a BitStack matrix of its stack.
     pub fn weight(&self, name: &str, dims: &[u64]) -> Result<B::Weight> {
+        if let Some(w) = self.file.stack.as_ref().and_then(|s| s.weight(name)) {
+            if [w.shape.n as u64, w.shape.m as u64] != dims {
+                return Err(Error::model(format!(
+                    "{}: BitStack matrix {name} is {}×{}, expected shape {dims:?}",
+                    self.file.path.display(),
+                    w.shape.m,
+                    w.shape.n
+                )));
+            }
+            return self.backend.load_stack(w);
+        }
         self.backend.load_weight(&self.file.tensor(name, dims)?)
     }
 

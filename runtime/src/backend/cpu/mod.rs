@@ -5,13 +5,18 @@
 //! take 8-bit activations, the reference path dequantizes to f32.
 
 mod attention;
+pub mod bitstack;
 pub mod kernels;
 mod matmul;
 mod ops;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use rayon::prelude::*;
 
 use super::{AttnParams, Backend, KvLayer, RopeStyle};
+use crate::bitstack::StackWeight;
 use crate::error::{Error, Result};
 use crate::weights::HostTensor;
 
@@ -29,6 +34,8 @@ pub struct CpuWeight {
     pub host: HostTensor,
     vector: Option<Vec<f32>>,
     packed: Option<Vec<u8>>,
+    /// A BitStack matrix (then `host` is only its name and shape).
+    stack: Option<Arc<StackWeight>>,
 }
 
 impl CpuWeight {
@@ -138,9 +145,39 @@ pub struct CpuBackend {
     threads: usize,
     /// `None`: the f32 reference path (weights dequantized, activations exact).
     isa: Option<kernels::Isa>,
+    /// Calibration: per weight, the sum over calls of each input channel's L2 norm over
+    /// the call's tokens, and the number of calls.
+    recorder: Option<Arc<Recorder>>,
 }
 
+/// Input-channel statistics of every matmul, by weight name (BitStack calibration).
+pub type Recorder = Mutex<HashMap<String, (Vec<f64>, usize)>>;
+
 impl CpuBackend {
+    /// A backend that records, for each weight, the L2 norm over tokens of every input
+    /// channel at each call (activation-aware scaling in `cairn stack`).
+    pub fn recording(threads: usize) -> Result<(Self, Arc<Recorder>)> {
+        let mut b = Self::new(threads)?;
+        let rec = Arc::new(Mutex::new(HashMap::new()));
+        b.recorder = Some(rec.clone());
+        Ok((b, rec))
+    }
+
+    fn record(&self, x: &CpuTensor, w: &CpuWeight) {
+        let Some(rec) = &self.recorder else { return };
+        let mut norms = vec![0f64; x.cols];
+        for row in x.data.chunks_exact(x.cols) {
+            for (n, &v) in norms.iter_mut().zip(row) {
+                *n += (v as f64) * (v as f64);
+            }
+        }
+        if let Ok(mut map) = rec.lock() {
+            let e = map.entry(w.host.name.clone()).or_insert_with(|| (vec![0f64; x.cols], 0));
+            e.0.iter_mut().zip(&norms).for_each(|(s, n)| *s += n.sqrt());
+            e.1 += 1;
+        }
+    }
+
     /// A backend with `threads` workers (0: one per available core), using the best
     /// integer kernels of this CPU.
     pub fn new(threads: usize) -> Result<Self> {
@@ -160,7 +197,7 @@ impl CpuBackend {
             .thread_name(|i| format!("cairn-cpu-{i}"))
             .build()
             .map_err(|e| Error::model(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(CpuBackend { pool, threads, isa })
+        Ok(CpuBackend { pool, threads, isa, recorder: None })
     }
 
     pub fn threads(&self) -> usize {
@@ -200,7 +237,13 @@ impl Backend for CpuBackend {
             // lookups still read the mapping, a row at a time.
             t.release_pages();
         }
-        Ok(CpuWeight { host: t.clone(), vector, packed })
+        Ok(CpuWeight { host: t.clone(), vector, packed, stack: None })
+    }
+
+    fn load_stack(&self, w: &Arc<StackWeight>) -> Result<CpuWeight> {
+        let dims = [w.shape.n as u64, w.shape.m as u64];
+        let host = w.placeholder(&dims);
+        Ok(CpuWeight { host, vector: None, packed: None, stack: Some(w.clone()) })
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
@@ -240,10 +283,17 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight) -> CpuTensor {
+        self.record(x, w);
+        if let Some(s) = &w.stack {
+            return self.pool.install(|| bitstack::matmul(x, s, self.isa));
+        }
         self.pool.install(|| matmul::matmul(x, w, self.isa, self.threads))
     }
 
     fn matmul_many(&self, x: &CpuTensor, ws: &[&CpuWeight]) -> Vec<CpuTensor> {
+        if self.recorder.is_some() || ws.iter().any(|w| w.stack.is_some()) {
+            return ws.iter().map(|w| self.matmul(x, w)).collect();
+        }
         self.pool.install(|| matmul::matmul_many(x, ws, self.isa, self.threads))
     }
 

@@ -1,0 +1,256 @@
+//! BitStack matmuls: `y = Σ_blocks (S ⊙ (u v)) x` over the blocks a budget keeps.
+//!
+//! Decode (one token) never rebuilds a weight: per block, `t_r = v_r ⊙ x`, then for each
+//! run of 4 inputs a table of the 16 signed sums `Σ ±t_r[j]` for every rank `r` (16 × k
+//! floats, one cache line per entry at k = 16), so a row costs one table lookup and one
+//! k-wide add per 4 weights, then a k-wide dot with `u_i`. The tables of a 1536-wide
+//! block take 384 KiB and stay in L2. Prefill rebuilds 16-row tiles of the dense weight
+//! in f32 and runs dot products against every token: the rebuild is paid once for all
+//! tokens, where the table path would pay k sign-sums per weight per token.
+
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use super::kernels::{self, Isa, Q8Acts};
+use super::CpuTensor;
+use crate::bitstack::StackWeight;
+use cairn_formats::bitstack::Block;
+use cairn_formats::GgmlType;
+
+/// Rows per decode task.
+const DECODE_ROWS: usize = 64;
+/// Rows of a rebuilt prefill tile.
+const TILE: usize = 16;
+
+fn f16s(bytes: &[u8]) -> Vec<f32> {
+    let h: Vec<half::f16> = bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect();
+    let mut out = vec![0f32; h.len()];
+    h.convert_to_f32_slice(&mut out);
+    out
+}
+
+/// `x Wᵀ` for a BitStack weight at its current number of active blocks.
+pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
+    let blocks: Vec<Block<'_>> = (0..w.active()).map(|l| w.block(l)).collect();
+    let m = w.shape.m;
+    match isa {
+        Some(isa) if x.rows == 1 => {
+            let mut y = vec![0f32; m];
+            stack_matvec(isa, &blocks, &x.data, &mut y);
+            CpuTensor { data: y, rows: 1, cols: m }
+        }
+        Some(isa) if x.cols.is_multiple_of(32) && isa != Isa::Scalar => rebuild_matmul_q8(x, &blocks, m, isa),
+        _ => rebuild_matmul(x, &blocks, m, isa.unwrap_or(Isa::Scalar)),
+    }
+}
+
+/// Prefill on the integer path: each rebuilt tile is rounded to Q8_0 and multiplied
+/// with the 8-bit activations by the same kernels as a Q8_0 weight (about 3× the f32
+/// dot products; the extra rounding is 8 bits on top of the BitStack approximation).
+fn rebuild_matmul_q8(x: &CpuTensor, blocks: &[Block<'_>], m: usize, isa: Isa) -> CpuTensor {
+    let (ntok, n) = (x.rows, x.cols);
+    let us: Vec<Vec<f32>> = blocks.iter().map(|b| f16s(b.u_bytes())).collect();
+    let vs: Vec<Vec<f32>> = blocks.iter().map(|b| f16s(b.v_bytes())).collect();
+    let mut q = Q8Acts::default();
+    q.quantize(&x.data, ntok, n);
+    let rb = n / 32 * 34;
+    let mut out_tiles = vec![0f32; m * ntok];
+    // Tile c holds out[t * rows + r] for its rows: scattered into place below.
+    out_tiles.par_chunks_mut(TILE * ntok).enumerate().for_each(|(c, o)| {
+        let rows = o.len() / ntok;
+        let mut tile = vec![0f32; rows * n];
+        rebuild_rows(blocks, &us, &vs, c * TILE, &mut tile);
+        let mut bytes = vec![0u8; rows * rb];
+        for (src, dst) in tile.chunks_exact(n).zip(bytes.chunks_exact_mut(rb)) {
+            // Lengths match by construction: Q8_0 rows of n values are rb bytes.
+            let _ = cairn_formats::quant::quantize(GgmlType::Q8_0, src, dst);
+        }
+        kernels::matmul(isa, GgmlType::Q8_0, &bytes, rb, &q, o);
+    });
+    let mut out = vec![0f32; ntok * m];
+    for (c, o) in out_tiles.chunks(TILE * ntok).enumerate() {
+        let rows = o.len() / ntok;
+        for t in 0..ntok {
+            out[t * m + c * TILE..t * m + c * TILE + rows].copy_from_slice(&o[t * rows..(t + 1) * rows]);
+        }
+    }
+    CpuTensor { data: out, rows: ntok, cols: m }
+}
+
+/// The 16-entry signed-sum tables of one block for input `x`: `tab[(p * 16 + e) * k + r]`
+/// is `Σ_{q<4} (bit q of e ? −1 : 1) · v[r, 4p + q] · x[4p + q]`.
+fn tables(b: &Block<'_>, x: &[f32]) -> Vec<f32> {
+    let (n, k) = (b.shape.n, b.shape.k);
+    let v = f16s(b.v_bytes());
+    // Two runs per sign byte (the last one padded with zeros), so rows walk bytes.
+    let p_count = n.div_ceil(8) * 2;
+    // t[j * k + r] = v[r, j] · x[j], zero past n.
+    let mut t = vec![0f32; p_count * 4 * k];
+    for r in 0..k {
+        for j in 0..n {
+            t[j * k + r] = v[r * n + j] * x[j];
+        }
+    }
+    let mut tab = vec![0f32; p_count * 16 * k];
+    for (p, tp) in tab.chunks_exact_mut(16 * k).enumerate() {
+        let ts = &t[p * 4 * k..(p + 1) * 4 * k];
+        for tq in ts.chunks_exact(k) {
+            for (o, &v) in tp[..k].iter_mut().zip(tq) {
+                *o += v;
+            }
+        }
+        for e in 1..16usize {
+            let low = e.trailing_zeros() as usize;
+            let prev = e & (e - 1);
+            let (done, cur) = tp.split_at_mut(e * k);
+            let src = &done[prev * k..(prev + 1) * k];
+            let tq = &ts[low * k..(low + 1) * k];
+            for ((o, &s), &t) in cur[..k].iter_mut().zip(src).zip(tq) {
+                *o = s - 2.0 * t;
+            }
+        }
+    }
+    tab
+}
+
+/// `y += (S ⊙ (u v)) x` for one block.
+pub fn block_matvec(isa: Isa, b: &Block<'_>, x: &[f32], y: &mut [f32]) {
+    stack_matvec(isa, std::slice::from_ref(b), x, y)
+}
+
+/// `y += Σ_blocks (S ⊙ (u v)) x`: every block's tables first (in parallel), then one
+/// parallel pass over rows in which each run of rows visits every block, so a block's
+/// tables stay in cache for the whole run.
+pub fn stack_matvec(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32]) {
+    let prep: Vec<(Vec<f32>, Vec<f32>)> = blocks.par_iter().map(|b| (tables(b, x), f16s(b.u_bytes()))).collect();
+    y.par_chunks_mut(DECODE_ROWS).enumerate().for_each(|(c, ys)| {
+        let r0 = c * DECODE_ROWS;
+        for (b, (tab, u)) in blocks.iter().zip(&prep) {
+            match (isa, b.shape.k) {
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2 | Isa::Avx512Vnni, 16) => {
+                    // SAFETY: `Isa::Avx2` and above are only chosen when the CPU has AVX2 and FMA.
+                    unsafe { rows_avx2_16(b, tab, u, r0, ys) }
+                }
+                (_, 16) => rows_fixed::<16>(b, tab, u, r0, ys),
+                (_, 8) => rows_fixed::<8>(b, tab, u, r0, ys),
+                _ => rows_any(b, tab, u, r0, ys),
+            }
+        }
+    });
+}
+
+#[inline(always)]
+fn rows_fixed<const K: usize>(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
+    for (di, y) in ys.iter_mut().enumerate() {
+        let i = r0 + di;
+        let signs = b.sign_row(i);
+        let mut acc = [0f32; K];
+        // One sign byte selects an entry from each of its two runs' tables.
+        for (&byte, t2) in signs.iter().zip(tab.chunks_exact(32 * K)) {
+            let lo = (byte & 15) as usize * K;
+            let hi = (16 + (byte >> 4) as usize) * K;
+            let (a, c) = (&t2[lo..lo + K], &t2[hi..hi + K]);
+            for r in 0..K {
+                acc[r] += a[r] + c[r];
+            }
+        }
+        let ur = &u[i * K..][..K];
+        let mut s = 0f32;
+        for r in 0..K {
+            s += ur[r] * acc[r];
+        }
+        *y += s;
+    }
+}
+
+/// The same body compiled for AVX2, so the k-wide adds become two 8-lane adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2_16(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
+    rows_fixed::<16>(b, tab, u, r0, ys)
+}
+
+fn rows_any(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
+    let k = b.shape.k;
+    let p_count = b.shape.n.div_ceil(8) * 2;
+    let mut acc = vec![0f32; k];
+    for (di, y) in ys.iter_mut().enumerate() {
+        let i = r0 + di;
+        let signs = b.sign_row(i);
+        acc.fill(0.0);
+        for p in 0..p_count {
+            let e = ((signs[p / 2] >> (4 * (p % 2))) & 15) as usize;
+            for (a, &t) in acc.iter_mut().zip(&tab[(p * 16 + e) * k..(p * 16 + e + 1) * k]) {
+                *a += t;
+            }
+        }
+        *y += acc.iter().zip(&u[i * k..(i + 1) * k]).map(|(a, u)| a * u).sum::<f32>();
+    }
+}
+
+/// Rows `r0..r0 + out.len() / n` of the weight the blocks sum to, in f32.
+pub fn rebuild_rows(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { rebuild_rows_avx2(blocks, us, vs, r0, out) };
+    }
+    rebuild_rows_body(blocks, us, vs, r0, out)
+}
+
+/// The same loops compiled for AVX2 + FMA (8-lane axpy).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rebuild_rows_avx2(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
+    rebuild_rows_body(blocks, us, vs, r0, out)
+}
+
+#[inline(always)]
+fn rebuild_rows_body(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    let Some(first) = blocks.first() else { return };
+    let (n, k) = (first.shape.n, first.shape.k);
+    let mut tmp = vec![0f32; n];
+    for ((b, u), v) in blocks.iter().zip(us).zip(vs) {
+        for (di, row) in out.chunks_exact_mut(n).enumerate() {
+            let i = r0 + di;
+            tmp.fill(0.0);
+            for r in 0..k {
+                let a = u[i * k + r];
+                for (t, &v) in tmp.iter_mut().zip(&v[r * n..(r + 1) * n]) {
+                    *t += a * v;
+                }
+            }
+            let signs = b.sign_row(i);
+            for (j, (o, &t)) in row.iter_mut().zip(&tmp).enumerate() {
+                let neg = (signs[j / 8] >> (j % 8)) & 1 != 0;
+                *o += if neg { -t } else { t };
+            }
+        }
+    }
+}
+
+fn rebuild_matmul(x: &CpuTensor, blocks: &[Block<'_>], m: usize, isa: Isa) -> CpuTensor {
+    let (ntok, n) = (x.rows, x.cols);
+    let us: Vec<Vec<f32>> = blocks.iter().map(|b| f16s(b.u_bytes())).collect();
+    let vs: Vec<Vec<f32>> = blocks.iter().map(|b| f16s(b.v_bytes())).collect();
+    let mut out_t = vec![0f32; m * ntok];
+    out_t.par_chunks_mut(TILE * ntok).enumerate().for_each(|(c, o)| {
+        let rows = o.len() / ntok;
+        let mut tile = vec![0f32; rows * n];
+        rebuild_rows(blocks, &us, &vs, c * TILE, &mut tile);
+        for (wr, orow) in tile.chunks_exact(n).zip(o.chunks_exact_mut(ntok)) {
+            for (t, o) in orow.iter_mut().enumerate() {
+                *o = kernels::dot_f32(isa, wr, &x.data[t * n..(t + 1) * n]);
+            }
+        }
+    });
+    let mut out = vec![0f32; ntok * m];
+    for r in 0..m {
+        for t in 0..ntok {
+            out[t * m + r] = out_t[r * ntok + t];
+        }
+    }
+    CpuTensor { data: out, rows: ntok, cols: m }
+}

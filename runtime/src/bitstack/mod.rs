@@ -1,0 +1,277 @@
+//! BitStack at run time: the blocks of a `.cairn` stack table as weights whose number
+//! of active blocks a memory budget sets, and can change while the model runs.
+//!
+//! Every block is a page-aligned tensor inside the mapping. Growing verifies (and so
+//! reads) exactly the blocks that join; shrinking tells the kernel to drop the pages of
+//! the blocks that leave (`madvise(DONTNEED)`), so the resident set follows the budget.
+//! Kernels read `active` at every matmul, so a change needs no reload.
+
+pub mod build;
+pub mod linalg;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cairn_formats::bitstack::{Block, BlockShape, StackTable};
+use cairn_formats::{container, TensorInfo};
+
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+use crate::weights::{HostTensor, ModelFile};
+
+/// One matrix of the stack: its blocks by level, and how many of them are in use.
+pub struct StackWeight {
+    pub name: String,
+    pub shape: BlockShape,
+    blocks: Vec<(HostTensor, TensorInfo, u64)>,
+    active: AtomicUsize,
+}
+
+impl StackWeight {
+    /// Blocks the kernels use now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn levels(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// A stand-in host tensor carrying the matrix's name and shape (no bytes).
+    pub fn placeholder(&self, dims: &[u64]) -> HostTensor {
+        self.blocks[0].0.placeholder(&self.name, dims)
+    }
+
+    /// Block `level` (the shape was checked against the tensor when the file opened).
+    pub fn block(&self, level: usize) -> Block<'_> {
+        Block { shape: self.shape, bytes: self.blocks[level].0.bytes() }
+    }
+}
+
+/// What a budget change did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StackChange {
+    /// Blocks in use before and after.
+    pub before: usize,
+    pub after: usize,
+    /// Bytes of the blocks read (verified) because they joined.
+    pub bytes_read: u64,
+    /// Page bytes given back because blocks left.
+    pub bytes_released: u64,
+    /// Page bytes of all blocks in use now.
+    pub stack_bytes: u64,
+}
+
+/// The stack of a `.cairn` file.
+pub struct Stack {
+    pub table: StackTable,
+    pub weights: Vec<Arc<StackWeight>>,
+    /// Blocks in use (a prefix of the table).
+    prefix: Mutex<usize>,
+}
+
+impl Stack {
+    /// Build from a validated table; `tensor(i)` gives directory entry `i` with its
+    /// view and checksum.
+    pub(crate) fn new(table: StackTable, tensor: impl Fn(usize) -> (HostTensor, TensorInfo, u64)) -> Result<Self> {
+        let mut per: Vec<Vec<(HostTensor, TensorInfo, u64)>> = vec![Vec::new(); table.matrices.len()];
+        for e in &table.entries {
+            per[e.matrix as usize].push(tensor(e.tensor as usize));
+        }
+        let weights = table
+            .matrices
+            .iter()
+            .enumerate()
+            .zip(per)
+            .map(|((i, m), blocks)| {
+                Ok(Arc::new(StackWeight {
+                    name: m.name.clone(),
+                    shape: table.shape(i).map_err(|e| Error::model(e.to_string()))?,
+                    blocks,
+                    active: AtomicUsize::new(0),
+                }))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Stack { table, weights, prefix: Mutex::new(0) })
+    }
+
+    pub fn weight(&self, name: &str) -> Option<&Arc<StackWeight>> {
+        self.weights.iter().find(|w| w.name == name)
+    }
+
+    pub fn prefix(&self) -> usize {
+        self.prefix.lock().map_or(0, |p| *p)
+    }
+
+    /// Use the first `n` blocks of the table: verify and read the blocks that join,
+    /// release the pages of those that leave, then switch the kernels over.
+    pub fn set_prefix(&self, n: usize) -> Result<StackChange> {
+        let n = n.min(self.table.entries.len());
+        // Held across the change, so two budget changes never interleave.
+        let mut cur = self.prefix.lock().map_err(|_| Error::model("stack state poisoned"))?;
+        let mut change = self.set_counts(&self.table.counts(n))?;
+        change.before = std::mem::replace(&mut *cur, n);
+        change.after = n;
+        change.stack_bytes = self.table.prefix_bytes(n);
+        Ok(change)
+    }
+
+    /// Use `counts[i]` blocks of matrix `i` (any mix, not only prefixes of the table:
+    /// for measuring what one block is worth). `before`/`after` are left at 0.
+    pub fn set_counts(&self, counts: &[usize]) -> Result<StackChange> {
+        if counts.len() != self.weights.len() {
+            return Err(Error::input("set_counts: one count per matrix"));
+        }
+        let mut change = StackChange::default();
+        for (w, &c) in self.weights.iter().zip(counts) {
+            let o = w.active();
+            for (t, info, sum) in w.blocks.get(o..c.min(w.levels())).unwrap_or(&[]) {
+                // Reading the block to check it is what brings it into memory.
+                container::verify_tensor(info, *sum, t.bytes()).map_err(|e| Error::model(e.to_string()))?;
+                change.bytes_read += info.size;
+            }
+        }
+        for (w, &c) in self.weights.iter().zip(counts) {
+            let c = c.min(w.levels());
+            let o = w.active.swap(c, Ordering::AcqRel);
+            for (t, _, _) in w.blocks.get(c..o).unwrap_or(&[]) {
+                t.release_whole_pages();
+                change.bytes_released += w.shape.page_bytes();
+            }
+            change.stack_bytes += c as u64 * w.shape.page_bytes();
+        }
+        Ok(change)
+    }
+
+    /// Blocks per matrix now, summarised as "min..max levels".
+    pub fn levels_summary(&self) -> String {
+        let counts = self.table.counts(self.prefix());
+        let (lo, hi) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
+        let at_hi = counts.iter().filter(|&&c| c == hi).count();
+        format!("{lo}..{hi} blocks per matrix ({at_hi} of {} at {hi})", counts.len())
+    }
+}
+
+/// How a memory budget is spent.
+#[derive(Debug, Clone)]
+pub struct MemoryPlan {
+    pub budget: u64,
+    /// Tensors no budget shrinks (embeddings, norms; all of a model without a stack).
+    pub dense: u64,
+    pub kv: u64,
+    pub scratch: u64,
+    /// Blocks in use, of how many.
+    pub blocks: usize,
+    pub total_blocks: usize,
+    pub change: StackChange,
+    /// Blocks per matrix, summarised.
+    pub levels: String,
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "memory {}: dense {} + KV cache {} + scratch {} + BitStack {} ({} of {} blocks, {}); read {}, released {}",
+            show_bytes(self.budget),
+            show_bytes(self.dense),
+            show_bytes(self.kv),
+            show_bytes(self.scratch),
+            show_bytes(self.change.stack_bytes),
+            self.blocks,
+            self.total_blocks,
+            self.levels,
+            show_bytes(self.change.bytes_read),
+            show_bytes(self.change.bytes_released)
+        )
+    }
+}
+
+/// Bytes a budget must hold besides BitStack blocks: dense tensors, a KV cache for
+/// the budget's context (f16), and scratch (activations of a 512-token prefill chunk,
+/// one row of logits, BitStack kernel tables and rebuilt tiles).
+pub fn fixed_bytes(file: &ModelFile, c: &ModelConfig, ctx: usize) -> (u64, u64, u64) {
+    let kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * ctx * 2;
+    let scratch = crate::engine::PREFILL_CHUNK * (6 * c.dim + 3 * c.ffn_dim) * 4 + 2 * c.vocab * 4 + (4 << 20);
+    (file.dense_bytes(), kv as u64, scratch as u64)
+}
+
+/// Fit a model into `budget` bytes: the longest prefix of its BitStack that fits beside
+/// [`fixed_bytes`]. A budget below the minimum is refused, naming the minimum.
+pub fn apply_budget(file: &ModelFile, c: &ModelConfig, ctx: usize, budget: u64) -> Result<MemoryPlan> {
+    let (dense, kv, scratch) = fixed_bytes(file, c, ctx);
+    let fixed = dense + kv + scratch;
+    let Some(stack) = &file.stack else {
+        if budget < fixed {
+            return Err(Error::input(format!(
+                "memory budget {} is below this model's minimum {} (weights {} + KV cache {} + scratch {}); it has no BitStack to shrink",
+                show_bytes(budget), show_bytes(fixed), show_bytes(dense), show_bytes(kv), show_bytes(scratch)
+            )));
+        }
+        return Ok(MemoryPlan {
+            budget,
+            dense,
+            kv,
+            scratch,
+            blocks: 0,
+            total_blocks: 0,
+            change: StackChange::default(),
+            levels: "no BitStack".into(),
+        });
+    };
+    let t = &stack.table;
+    let min = fixed + t.prefix_bytes(t.min_prefix());
+    if budget < min {
+        return Err(Error::input(format!(
+            "memory budget {} is below the minimum {} for this model (dense {} + KV cache {} for {} tokens + scratch {} + one block of every matrix {})",
+            show_bytes(budget), show_bytes(min), show_bytes(dense), show_bytes(kv), ctx, show_bytes(scratch),
+            show_bytes(t.prefix_bytes(t.min_prefix()))
+        )));
+    }
+    let n = t.prefix_for(budget - fixed);
+    let change = stack.set_prefix(n)?;
+    Ok(MemoryPlan {
+        budget,
+        dense,
+        kv,
+        scratch,
+        blocks: n,
+        total_blocks: t.entries.len(),
+        change,
+        levels: stack.levels_summary(),
+    })
+}
+
+/// Parse a memory size: `90MB`, `1.5GiB`, `4096` (bytes). Decimal units (kB, MB, GB)
+/// are powers of 1000, binary ones (KiB, MiB, GiB) of 1024.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(Error::input(format!(
+                "memory size {s:?}: unknown unit {other:?} (use B, kB, MB, GB, KiB, MiB, GiB)"
+            )))
+        }
+    };
+    let v: f64 =
+        num.parse().map_err(|_| Error::input(format!("memory size {s:?} is not a number with a unit (e.g. 90MB)")))?;
+    let bytes = v * mult;
+    if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
+        return Err(Error::input(format!("memory size {s:?} is out of range")));
+    }
+    Ok(bytes as u64)
+}
+
+/// `123.4 MB`.
+pub fn show_bytes(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}

@@ -1,0 +1,247 @@
+//! BitStack: the top-k solver against a dense SVD, blocks summing to what was fitted,
+//! the decode and prefill kernels against the scalar reference, and a synthetic model
+//! whose memory budget grows and shrinks in place.
+
+use std::collections::HashMap;
+
+use cairn::backend::cpu::bitstack::{block_matvec, rebuild_rows};
+use cairn::backend::cpu::kernels::Isa;
+use cairn::backend::cpu::CpuBackend;
+use cairn::bitstack::build::{self, decompose, global_order, StackOptions};
+use cairn::bitstack::linalg::{dense_svd, top_k, IterOptions};
+use cairn::bitstack::{apply_budget, parse_size};
+use cairn::model::{self, Logits};
+use cairn::synthetic::{llama_gguf, SplitMix, SyntheticConfig};
+use cairn::weights::ModelFile;
+use cairn_formats::bitstack::{Block, BlockShape};
+
+fn random(m: usize, n: usize, seed: u64) -> Vec<f32> {
+    let mut r = SplitMix(seed);
+    (0..m * n).map(|_| r.next_f32()).collect()
+}
+
+/// `U diag(s) Vᵀ` of the first `k` triplets.
+fn rebuild(u: &[f32], s: &[f32], vt: &[f32], m: usize, n: usize, k: usize, ku: usize) -> Vec<f32> {
+    let mut a = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            a[i * n + j] = (0..k).map(|r| u[i * ku + r] * s[r] * vt[r * n + j]).sum();
+        }
+    }
+    a
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let d: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let n: f32 = b.iter().map(|y| y * y).sum();
+    (d / n.max(1e-30)).sqrt()
+}
+
+#[test]
+fn dense_svd_reconstructs_its_matrix() {
+    let (m, n) = (23, 17);
+    let a = random(m, n, 1);
+    let svd = dense_svd(&a, m, n);
+    assert!(svd.s.windows(2).all(|w| w[0] >= w[1]), "descending");
+    assert!(rel_diff(&rebuild(&svd.u, &svd.s, &svd.vt, m, n, n, n), &a) < 1e-4);
+}
+
+#[test]
+fn top_k_matches_a_dense_svd() {
+    for (m, n, k, seed) in [(40, 30, 5, 2), (30, 52, 4, 3), (64, 64, 16, 4), (20, 12, 12, 5)] {
+        // |A| as BitStack sees it: one dominant triplet, then a random-looking tail.
+        let a: Vec<f32> = random(m, n, seed).iter().map(|x| x.abs()).collect();
+        let want = dense_svd(&a, m, n);
+        let got = top_k(&a, m, n, k, IterOptions { tol: 1e-9, max_iters: 2000, seed: 9 });
+        for r in 0..k {
+            assert!((got.s[r] - want.s[r]).abs() <= 1e-4 * want.s[0], "{m}x{n} σ{r}: {} vs {}", got.s[r], want.s[r]);
+        }
+        let ak = rebuild(&want.u, &want.s, &want.vt, m, n, k, m.min(n));
+        let bk = rebuild(&got.u, &got.s, &got.vt, m, n, k, k);
+        assert!(rel_diff(&bk, &ak) < 2e-3, "{m}x{n} k{k}: rank-k approximations differ by {}", rel_diff(&bk, &ak));
+    }
+}
+
+#[test]
+fn weight_after_n_blocks_is_the_sum_of_the_blocks() {
+    let (m, n, k, levels) = (24, 40, 3, 5);
+    let w = random(m, n, 11);
+    let shape = BlockShape::new(m, n, k).unwrap();
+    let st = decompose("w", w.clone(), shape, levels, IterOptions::default(), &|| {}).unwrap();
+    let energy: f32 = w.iter().map(|x| x * x).sum();
+    let mut sum = vec![0f32; m * n];
+    let mut last = f64::INFINITY;
+    for l in 0..levels {
+        Block::new(shape, &st.blocks[l]).unwrap().add_rows(0, &mut sum);
+        let err: f32 = w.iter().zip(&sum).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / energy;
+        // The residual the decomposition tracked is exactly W minus the stored blocks.
+        assert!((err as f64 - st.rel_err[l]).abs() < 1e-4, "level {l}: {err} vs {}", st.rel_err[l]);
+        assert!(st.rel_err[l] < last, "error must fall with every block");
+        last = st.rel_err[l];
+    }
+    assert!(last < 0.5, "five blocks remove most of the energy: {last}");
+}
+
+#[test]
+fn kernels_match_the_scalar_reference() {
+    for (m, n, k) in [(70, 64, 16), (16, 36, 8), (33, 20, 5)] {
+        let shape = BlockShape::new(m, n, k).unwrap();
+        let st = decompose("w", random(m, n, 21), shape, 2, IterOptions::default(), &|| {}).unwrap();
+        let blocks: Vec<Block<'_>> = st.blocks.iter().map(|b| Block::new(shape, b).unwrap()).collect();
+        let mut dense = vec![0f32; m * n];
+        for b in &blocks {
+            b.add_rows(0, &mut dense);
+        }
+        let x = random(1, n, 5);
+        let want: Vec<f32> = dense.chunks(n).map(|r| r.iter().zip(&x).map(|(a, b)| a * b).sum()).collect();
+        for isa in [Isa::Scalar, Isa::detect()] {
+            let mut y = vec![0f32; m];
+            for b in &blocks {
+                block_matvec(isa, b, &x, &mut y);
+            }
+            assert!(rel_diff(&y, &want) < 1e-5, "{m}x{n} k{k} {isa:?}: {}", rel_diff(&y, &want));
+        }
+        let f =
+            |b: &[u8]| -> Vec<f32> { b.chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect() };
+        let us: Vec<Vec<f32>> = blocks.iter().map(|b| f(b.u_bytes())).collect();
+        let vs: Vec<Vec<f32>> = blocks.iter().map(|b| f(b.v_bytes())).collect();
+        let mut tile = vec![0f32; 7 * n];
+        rebuild_rows(&blocks, &us, &vs, 3, &mut tile);
+        assert!(rel_diff(&tile, &dense[3 * n..10 * n]) < 1e-6);
+    }
+}
+
+#[test]
+fn global_order_keeps_the_level_rule_and_prefers_gain() {
+    let gains = vec![vec![5.0, 4.0, 3.0, 2.9], vec![1.0, 0.5, 0.4, 0.3], vec![9.0, 0.1, 0.05, 0.01]];
+    let order = global_order(&gains);
+    assert_eq!(order.len(), 12);
+    assert_eq!(&order[..3], &[(2, 0), (0, 0), (1, 0)], "level 0 of every matrix first, by gain");
+    assert_eq!(order[3], (0, 1));
+    let mut have = [0usize; 3];
+    for &(m, l) in &order {
+        assert_eq!(l, have[m]);
+        assert!(l <= have.iter().min().unwrap() + 1, "level {l} of {m} before every matrix has {}", l - 1);
+        have[m] += 1;
+    }
+}
+
+fn small_model() -> ModelFile {
+    let cfg = SyntheticConfig { dim: 64, ffn_dim: 128, ..Default::default() };
+    ModelFile::from_bytes("synthetic.gguf", llama_gguf(&cfg, 3).unwrap()).unwrap()
+}
+
+fn stacked(src: &ModelFile, levels: usize) -> ModelFile {
+    let opts = StackOptions { levels, rank: 4, ..Default::default() };
+    let bar = indicatif::ProgressBar::hidden();
+    let (bytes, _) = build::build(src, &HashMap::new(), &opts, &[], &bar).unwrap();
+    ModelFile::from_bytes("stacked.cairn", bytes).unwrap()
+}
+
+fn logits(runner: &dyn model::Runner, ids: &[u32]) -> Vec<f32> {
+    let mut cache = runner.new_cache(ids.len()).unwrap();
+    let mut out = runner.forward(cache.as_mut(), &ids[..ids.len() - 3], Logits::All).unwrap();
+    for &id in &ids[ids.len() - 3..] {
+        out.extend(runner.forward(cache.as_mut(), &[id], Logits::Last).unwrap());
+    }
+    out
+}
+
+#[test]
+fn live_budget_changes_equal_a_fresh_load() {
+    let src = small_model();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 5 % 90) as u32).collect();
+    let a = stacked(&src, 4);
+    let stack = a.stack.as_ref().unwrap();
+    let runner = model::load(&a, CpuBackend::new(2).unwrap()).unwrap();
+    let cfg = runner.config().clone();
+    let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 64);
+    let t = &stack.table;
+    let small = dense + kv + scratch + t.prefix_bytes(t.min_prefix() + 5);
+    let big = dense + kv + scratch + t.prefix_bytes(t.entries.len());
+
+    let p = apply_budget(&a, &cfg, 64, small).unwrap();
+    assert_eq!(p.blocks, t.min_prefix() + 5);
+    let at_small = logits(runner.as_ref(), &ids);
+    let grown = apply_budget(&a, &cfg, 64, big).unwrap();
+    // Only the blocks that joined were read.
+    let joined: u64 = t.entries[p.blocks..].iter().map(|e| a.tensors[e.tensor as usize].size).sum();
+    assert_eq!(grown.change.bytes_read, joined);
+    assert_eq!(grown.blocks, t.entries.len());
+    let at_big = logits(runner.as_ref(), &ids);
+    assert_ne!(at_small, at_big, "more blocks change the model");
+    let shrunk = apply_budget(&a, &cfg, 64, small).unwrap();
+    assert_eq!(shrunk.change.bytes_read, 0);
+    assert!(shrunk.change.bytes_released > 0);
+    let after = logits(runner.as_ref(), &ids);
+
+    // Prefill (rebuilt tiles, 8-bit) agrees with the f32 reference path at this budget.
+    let reference = model::load(&a, CpuBackend::reference(1).unwrap()).unwrap();
+    let exact = logits(reference.as_ref(), &ids);
+    assert!(rel_diff(&at_small, &exact) < 0.05, "integer vs f32 path: {}", rel_diff(&at_small, &exact));
+
+    // A fresh load at the small budget gives the same logits, bit for bit.
+    let b = stacked(&src, 4);
+    let fresh = model::load(&b, CpuBackend::new(2).unwrap()).unwrap();
+    apply_budget(&b, &cfg, 64, small).unwrap();
+    assert_eq!(after, logits(fresh.as_ref(), &ids));
+    assert_eq!(after, at_small);
+
+    // More blocks bring the logits closer to the source model's.
+    let full = logits(model::load(&src, CpuBackend::reference(1).unwrap()).unwrap().as_ref(), &ids);
+    assert!(
+        rel_diff(&at_big, &full) < rel_diff(&at_small, &full),
+        "{} vs {}",
+        rel_diff(&at_big, &full),
+        rel_diff(&at_small, &full)
+    );
+}
+
+#[test]
+fn bad_budgets_are_refused_with_the_minimum() {
+    let a = stacked(&small_model(), 2);
+    let runner = model::load(&a, CpuBackend::new(1).unwrap()).unwrap();
+    let cfg = runner.config().clone();
+    let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 64);
+    let t = &a.stack.as_ref().unwrap().table;
+    let min = dense + kv + scratch + t.prefix_bytes(t.min_prefix());
+    let err = apply_budget(&a, &cfg, 64, min - 1).unwrap_err().to_string();
+    assert!(err.contains("below the minimum") && err.contains(&format!("{:.1} MB", min as f64 / 1e6)), "{err}");
+    assert_eq!(apply_budget(&a, &cfg, 64, min).unwrap().blocks, t.min_prefix());
+    for bad in ["", "MB", "12 parsecs", "-5MB", "0"] {
+        assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+    }
+    assert_eq!(parse_size("90MB").unwrap(), 90_000_000);
+    assert_eq!(parse_size("1.5 GiB").unwrap(), 1_610_612_736);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Any budget: refused exactly when below the minimum; otherwise the plan never
+    /// exceeds it and one more block of the table would.
+    #[test]
+    fn budgets_choose_the_longest_prefix_that_fits(extra in 0u64..400_000, below in proptest::bool::ANY) {
+        let a = stacked(&small_model(), 3);
+        let runner = model::load(&a, CpuBackend::new(1).unwrap()).unwrap();
+        let cfg = runner.config().clone();
+        let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 32);
+        let t = &a.stack.as_ref().unwrap().table;
+        let min = dense + kv + scratch + t.prefix_bytes(t.min_prefix());
+        let budget = if below { min.saturating_sub(1 + extra) } else { min + extra };
+        match apply_budget(&a, &cfg, 32, budget) {
+            Err(e) => proptest::prop_assert!(budget < min, "refused {budget} ≥ minimum {min}: {e}"),
+            Ok(p) => {
+                proptest::prop_assert!(budget >= min);
+                let used = dense + kv + scratch + t.prefix_bytes(p.blocks);
+                proptest::prop_assert!(used <= budget);
+                if p.blocks < t.entries.len() {
+                    proptest::prop_assert!(dense + kv + scratch + t.prefix_bytes(p.blocks + 1) > budget);
+                }
+                let counts = t.counts(p.blocks);
+                let active: Vec<usize> = a.stack.as_ref().unwrap().weights.iter().map(|w| w.active()).collect();
+                proptest::prop_assert_eq!(counts, active);
+            }
+        }
+    }
+}
