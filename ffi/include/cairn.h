@@ -222,12 +222,13 @@ typedef struct {
 // context loses its cached tokens.
 #define CAIRN_ERR_INTERNAL -14
 
-// The best available backend (today: the CPU).
+// The GPU on a real adapter when the build has one, else the CPU.
 #define CAIRN_BACKEND_AUTO 0
 
 #define CAIRN_BACKEND_CPU 1
 
-// Reserved for the wgpu backend (Vulkan/Metal): `CAIRN_ERR_UNSUPPORTED` until it lands.
+// The wgpu backend (Vulkan/Metal); `CAIRN_ERR_UNSUPPORTED` in builds without the
+// `wgpu` feature.
 #define CAIRN_BACKEND_GPU 2
 
 // The model produced an end-of-generation token.
