@@ -18,6 +18,8 @@ pub struct BenchOptions {
     pub threads: usize,
     pub backend: crate::backend::BackendKind,
     pub reps: usize,
+    /// Memory budget for a BitStack model (`None`: every block).
+    pub memory: Option<u64>,
 }
 
 /// Mean and sample standard deviation of a set of measurements.
@@ -58,7 +60,10 @@ pub struct BenchReport {
 
 pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     let t = Instant::now();
-    let engine = Engine::load(path, &EngineOptions { threads: o.threads, backend: o.backend, ..Default::default() })?;
+    let engine = Engine::load(
+        path,
+        &EngineOptions { threads: o.threads, backend: o.backend, memory: o.memory, ..Default::default() },
+    )?;
     let load_seconds = t.elapsed().as_secs_f64();
     let c = engine.runner.config().clone();
     let mut rng = SplitMix(0xBE7C);

@@ -411,7 +411,9 @@ pub fn info(m: &ModelArgs) -> Result<()> {
 
 pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str) -> Result<()> {
     let path = model_path(m)?;
-    let opts = crate::bench::BenchOptions { prompt, gen, threads: m.threads, reps: reps.max(1), backend: m.backend };
+    let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
+    let opts =
+        crate::bench::BenchOptions { prompt, gen, threads: m.threads, reps: reps.max(1), backend: m.backend, memory };
     let report = crate::bench::run(&path, &opts)?;
     if output == "json" {
         println!("{}", serde_json::to_string(&report).map_err(|e| Error::Input(e.to_string()))?);
