@@ -464,7 +464,9 @@ pub unsafe extern "C" fn cairn_model_load(
         // SAFETY: NULL or a valid struct by the caller's contract.
         let params = unsafe { params.as_ref() }.copied().unwrap_or_else(|| cairn_model_params_default());
         let backend = match params.backend {
-            CAIRN_BACKEND_AUTO => BackendKind::Auto,
+            // Probing for a GPU loads the Vulkan/Metal driver: only in builds that can use it.
+            CAIRN_BACKEND_AUTO if cfg!(feature = "wgpu") => BackendKind::Auto,
+            CAIRN_BACKEND_AUTO => BackendKind::Cpu,
             CAIRN_BACKEND_CPU => BackendKind::Cpu,
             CAIRN_BACKEND_GPU if cfg!(feature = "wgpu") => BackendKind::Wgpu,
             CAIRN_BACKEND_GPU => {
