@@ -107,7 +107,7 @@ typedef struct {
   cairn_token token_eos;
   // Whether the model carries a chat template Cairn can render.
   bool has_chat_template;
-  // Whether the memory budget can change (BitStack models); false for all models today.
+  // Whether the memory budget can change (true for BitStack models, made by `cairn stack`).
   bool supports_memory_budget;
 } cairn_model_info;
 
@@ -321,8 +321,9 @@ cairn_status cairn_model_describe(const cairn_model *model,
                                   size_t size,
                                   size_t *out_len);
 
-// Change the memory budget of a BitStack model while it runs. Every other model (all
-// models, until BitStack lands) returns `CAIRN_ERR_UNSUPPORTED` and is unchanged.
+// Change the memory budget of a BitStack model while it runs: only the blocks that
+// join are read, and the pages of those that leave are released. Every other model
+// returns `CAIRN_ERR_UNSUPPORTED` and is unchanged.
 cairn_status cairn_model_set_memory_budget(cairn_model *model,
                                            uint64_t bytes);
 

@@ -233,7 +233,7 @@ pub struct cairn_model_info {
     pub token_eos: cairn_token,
     /// Whether the model carries a chat template Cairn can render.
     pub has_chat_template: bool,
-    /// Whether the memory budget can change (BitStack models); false for all models today.
+    /// Whether the memory budget can change (true for BitStack models, made by `cairn stack`).
     pub supports_memory_budget: bool,
 }
 
@@ -578,8 +578,9 @@ pub unsafe extern "C" fn cairn_model_describe(
     })
 }
 
-/// Change the memory budget of a BitStack model while it runs. Every other model (all
-/// models, until BitStack lands) returns `CAIRN_ERR_UNSUPPORTED` and is unchanged.
+/// Change the memory budget of a BitStack model while it runs: only the blocks that
+/// join are read, and the pages of those that leave are released. Every other model
+/// returns `CAIRN_ERR_UNSUPPORTED` and is unchanged.
 #[no_mangle]
 pub extern "C" fn cairn_model_set_memory_budget(model: *mut cairn_model, bytes: u64) -> cairn_status {
     run(|slot| {
