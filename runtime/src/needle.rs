@@ -471,7 +471,7 @@ pub fn auto_layer(engine: &Engine, _k: usize) -> Result<usize> {
 
 fn auto_cache_path(engine: &Engine) -> PathBuf {
     let name = engine.file.path.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned());
-    crate::pull::cairn_home().join("gemfilter").join(format!("{name}-{}.json", engine.file.file_bytes()))
+    crate::weights::cairn_home().join("gemfilter").join(format!("{name}-{}.json", engine.file.file_bytes()))
 }
 
 /// Cache `layer` as this model's automatic filter layer, with the recall that chose it.

@@ -120,19 +120,7 @@ pub fn find_model(name: &str) -> Option<&'static ModelSpec> {
     REGISTRY.iter().find(|m| m.name == name)
 }
 
-/// Cairn's cache root: `$CAIRN_HOME`, else `~/.cache/cairn`.
-///
-/// Falls back to the temp dir when no home directory is known, so callers
-/// never have to handle "no home" (models are re-downloadable anyway).
-pub fn cairn_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("CAIRN_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
-    }
-    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".cache").join("cairn"),
-        None => std::env::temp_dir().join("cairn"),
-    }
-}
+pub use crate::weights::cairn_home;
 
 /// Package index base URL: `$CAIRN_INDEX_URL`, else [`DEFAULT_INDEX_URL`].
 pub fn index_url() -> String {

@@ -285,3 +285,17 @@ impl HostTensor {
         Ok(out)
     }
 }
+
+/// Cairn's cache root: `$CAIRN_HOME`, else `~/.cache/cairn`.
+///
+/// Falls back to the temp dir when no home directory is known, so callers
+/// never have to handle "no home" (models are re-downloadable anyway).
+pub fn cairn_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("CAIRN_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache").join("cairn"),
+        None => std::env::temp_dir().join("cairn"),
+    }
+}

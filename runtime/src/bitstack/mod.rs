@@ -6,6 +6,7 @@
 //! the blocks that leave (`madvise(DONTNEED)`), so the resident set follows the budget.
 //! Kernels read `active` at every matmul, so a change needs no reload.
 
+#[cfg(feature = "cli")]
 pub mod build;
 pub mod linalg;
 
