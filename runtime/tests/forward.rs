@@ -163,7 +163,7 @@ fn real_model_matches_f32_reference() {
 
 /// On the fast path too, evaluating a sequence in one batch and one token at a time
 /// must agree: the decode kernels (repacked matvec, single-query attention over the f16
-/// cache) against the prefill ones.
+/// cache) against the prefill ones (tiled attention).
 #[test]
 fn fast_path_decode_equals_prefill() {
     for (mt, et) in
@@ -179,7 +179,9 @@ fn fast_path_decode_equals_prefill() {
         for (pos, &id) in ids.iter().enumerate() {
             let last = runner.forward(cache.as_mut(), &[id], Logits::Last).unwrap();
             let d = max_rel_diff(&last, &all[pos * vocab..(pos + 1) * vocab]);
-            assert!(d < 1e-4, "{mt}: position {pos} differs by {d} between decode and prefill");
+            // Prefill sums q·k in tiles, decode one key at a time: the orders differ, and
+            // now and then a softmax weight rounds to the neighbouring f16.
+            assert!(d < 2e-3, "{mt}: position {pos} differs by {d} between decode and prefill");
         }
     }
 }
