@@ -80,7 +80,11 @@ impl KvData {
             KvData::F16(v) => {
                 use half::slice::HalfFloatSliceExt;
                 let mut out = vec![0f32; range.len()];
-                v[range].convert_to_f32_slice(&mut out);
+                // Long prompts convert megabytes per layer: on every thread of the pool.
+                const CHUNK: usize = 1 << 16;
+                out.par_chunks_mut(CHUNK)
+                    .zip(v[range].par_chunks(CHUNK))
+                    .for_each(|(o, h)| h.convert_to_f32_slice(o));
                 out
             }
             KvData::F32(v) => v[range].to_vec(),
