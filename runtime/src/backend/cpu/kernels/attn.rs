@@ -33,6 +33,17 @@ impl Madd for Plain {
     }
 }
 
+/// `acc[t][l] += a(t) · b[l]`: the register tile both products are made of.
+#[inline(always)]
+fn rank1<M: Madd>(acc: &mut [[f32; TK]; TQ], a: impl Fn(usize) -> f32, b: &[f32; TK]) {
+    for (t, row) in acc.iter_mut().enumerate() {
+        let x = a(t);
+        for l in 0..TK {
+            row[l] = M::madd(x, b[l], row[l]);
+        }
+    }
+}
+
 /// `s[t][j] = scale · q[t] · kt[·][j]` for `TQ` query rows `q` (`hd` each, contiguous)
 /// and keys `j` in `0..nk` of the transposed keys `kt` (`hd` rows `kstride` apart, each
 /// valid up to `nk` rounded up to `TK`). `s` rows are `sstride` apart.
@@ -54,12 +65,7 @@ fn scores_body<M: Madd>(
         let mut acc = [[0f32; TK]; TQ];
         for d in 0..hd {
             let k: &[f32; TK] = kt[d * kstride + j..d * kstride + j + TK].try_into().expect("padded keys");
-            for (t, a) in acc.iter_mut().enumerate() {
-                let qd = q[t * hd + d];
-                for l in 0..TK {
-                    a[l] = M::madd(qd, k[l], a[l]);
-                }
-            }
+            rank1::<M>(&mut acc, |t| q[t * hd + d], k);
         }
         for (t, a) in acc.iter().enumerate() {
             let out: &mut [f32; TK] =
@@ -86,12 +92,7 @@ fn values_body<M: Madd>(p: &[f32], stride: usize, v: &[f32], vstride: usize, hd:
         }
         for j in 0..nk {
             let vj: &[f32; TK] = v[j * vstride + d0..j * vstride + d0 + TK].try_into().expect("value row");
-            for (t, a) in acc.iter_mut().enumerate() {
-                let w = p[t * stride + j];
-                for l in 0..TK {
-                    a[l] = M::madd(w, vj[l], a[l]);
-                }
-            }
+            rank1::<M>(&mut acc, |t| p[t * stride + j], vj);
         }
         for (t, a) in acc.iter().enumerate() {
             o[t * hd + d0..t * hd + d0 + TK].copy_from_slice(a);
