@@ -164,3 +164,38 @@ fn windowed_cache_drops_old_positions_without_changing_results() {
     let again = runner.forward(cache.as_mut(), &ids, Logits::Last).unwrap();
     assert!(max_rel_diff(&again, &last) < 1e-5, "re-evaluation after the rewind differs");
 }
+
+/// Truncating a sliding-window cache back past a slide must not keep positions whose
+/// next query would miss dropped keys: either it keeps them and recomputes exactly what
+/// the first pass did, or it keeps nothing (the caller starts over).
+#[test]
+fn truncation_never_hides_dropped_keys() {
+    use cairn::backend::{AttnParams, Backend, KvLayer};
+    use cairn::synthetic::SplitMix;
+    let be = CpuBackend::new(1).unwrap();
+    let p = AttnParams { n_heads: 2, n_kv_heads: 1, head_dim: 8, scale: 0.3, window: Some(5) };
+    let n = 20;
+    let mut rng = SplitMix(11);
+    let mut random = |len: usize| (0..len).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+    let (q, k, v) = (random(n * 16), random(n * 8), random(n * 8));
+    let step = |kv: &mut _, t: usize| {
+        let row = |x: &[f32], w: usize| be.upload(&x[t * w..(t + 1) * w], 1, w);
+        be.attention(&row(&q, 16), &row(&k, 8), &row(&v, 8), kv, t, p).unwrap().data
+    };
+    let mut kv = be.kv_new(1, 8, 64).unwrap();
+    let first: Vec<Vec<f32>> = (0..n).map(|t| step(&mut kv, t)).collect();
+    let mut started_over = 0;
+    for len in 0..n {
+        let mut kv = be.kv_new(1, 8, 64).unwrap();
+        (0..n).for_each(|t| drop(step(&mut kv, t)));
+        let kept = kv.keepable(len);
+        assert!(kept == len || kept == 0, "keepable({len}) = {kept}");
+        assert_eq!(kv.truncate(len.min(kept)), kept);
+        started_over += usize::from(kept == 0 && len > 0);
+        for t in kept..n {
+            assert_eq!(step(&mut kv, t), first[t], "position {t} after truncating to {len} (kept {kept})");
+        }
+    }
+    // The slides dropped early positions, so some truncations had to start over.
+    assert!(started_over > 0);
+}

@@ -82,9 +82,7 @@ impl KvData {
                 let mut out = vec![0f32; range.len()];
                 // Long prompts convert megabytes per layer: on every thread of the pool.
                 const CHUNK: usize = 1 << 16;
-                out.par_chunks_mut(CHUNK)
-                    .zip(v[range].par_chunks(CHUNK))
-                    .for_each(|(o, h)| h.convert_to_f32_slice(o));
+                out.par_chunks_mut(CHUNK).zip(v[range].par_chunks(CHUNK)).for_each(|(o, h)| h.convert_to_f32_slice(o));
                 out
             }
             KvData::F32(v) => v[range].to_vec(),
@@ -104,12 +102,21 @@ pub struct CpuKv {
     len: usize,
     capacity: usize,
     width: usize,
+    /// The window of the slides so far (a layer that never slid holds everything).
+    window: Option<usize>,
 }
 
 impl CpuKv {
+    /// Whether a query at position `len` would find every key its window shows: a
+    /// truncation back past a slide would silently attend without the dropped keys.
+    fn holds_window_of(&self, len: usize) -> bool {
+        self.start == 0 || self.window.is_some_and(|w| (len + 1).saturating_sub(w) >= self.start)
+    }
+
     /// After positions up to `len` are cached, forget those a window of `w` hides from
     /// every later query; in batches of at least a window, so the shift is amortised.
     fn slide(&mut self, w: usize) {
+        self.window = Some(w);
         let invisible = (self.len + 1).saturating_sub(w);
         if invisible >= self.start + w {
             let n = (invisible - self.start) * self.width;
@@ -122,8 +129,8 @@ impl CpuKv {
 
 impl KvLayer for CpuKv {
     fn truncate(&mut self, len: usize) -> usize {
-        if len < self.start {
-            // Positions before `start` are gone: nothing earlier can be kept.
+        if !self.holds_window_of(len) {
+            // Keys the next query needs are gone: nothing earlier can be kept.
             self.k.truncate(0);
             self.v.truncate(0);
             (self.start, self.len) = (0, 0);
@@ -136,7 +143,7 @@ impl KvLayer for CpuKv {
     }
 
     fn keepable(&self, len: usize) -> usize {
-        if len < self.start {
+        if !self.holds_window_of(len) {
             0
         } else {
             len.min(self.len)
@@ -346,7 +353,7 @@ impl Backend for CpuBackend {
 
     fn kv_new(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<CpuKv> {
         let data = || if self.isa.is_some() { KvData::F16(Vec::new()) } else { KvData::F32(Vec::new()) };
-        Ok(CpuKv { k: data(), v: data(), start: 0, len: 0, capacity, width: n_kv_heads * head_dim })
+        Ok(CpuKv { k: data(), v: data(), start: 0, len: 0, capacity, width: n_kv_heads * head_dim, window: None })
     }
 
     fn attention(
@@ -434,6 +441,14 @@ impl Backend for CpuBackend {
                 KvData::F32(v) => go!(v, F32),
             }
         };
-        Ok(CpuKv { k: gather(&kv.k), v: gather(&kv.v), start: 0, len: rows, capacity: kv.capacity, width: kv.width })
+        Ok(CpuKv {
+            k: gather(&kv.k),
+            v: gather(&kv.v),
+            start: 0,
+            len: rows,
+            capacity: kv.capacity,
+            width: kv.width,
+            window: kv.window,
+        })
     }
 }
