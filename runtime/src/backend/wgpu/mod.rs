@@ -21,6 +21,7 @@ use std::time::Duration;
 use cairn_formats::GgmlType;
 
 use super::{AttnParams, Backend, KvLayer, RopeStyle};
+use crate::bitstack::StackWeight;
 use crate::error::{Error, Result};
 use crate::weights::HostTensor;
 
@@ -41,6 +42,8 @@ fn matmul_tile(n: usize) -> (usize, usize) {
 const WG: usize = 64;
 /// Largest head dimension `attend` holds in workgroup memory.
 const MAX_HEAD_DIM: usize = 256;
+/// Largest BitStack rank `bitstack.wgsl` holds in workgroup memory (`MAX_RANK`).
+const MAX_RANK: usize = 64;
 /// How long a submission may run before the device counts as hung.
 const GPU_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -150,6 +153,9 @@ enum Kernel {
     Add,
     KvStore,
     Attend,
+    /// One BitStack block (batch and decode variants).
+    Stack,
+    StackVec,
 }
 
 impl Kernel {
@@ -158,6 +164,7 @@ impl Kernel {
         const IO3: &[(u32, bool)] = &[(1, true), (2, true), (3, false)];
         match self {
             Kernel::Matmul(_) | Kernel::Matvec(_) => ("matmul", "main", IO3),
+            Kernel::Stack | Kernel::StackVec => ("bitstack", "main", IO3),
             Kernel::Embed(_) => ("embed", "main", IO3),
             Kernel::RmsNorm => ("norm", "main", IO3),
             Kernel::Rope => ("rope", "main", &[(1, true), (2, false)]),
@@ -239,14 +246,24 @@ pub struct GpuTensor {
     pub cols: usize,
 }
 
-/// A weight in its GGUF storage type, split by rows into buffers that each fit one
-/// storage binding (and one dispatch dimension).
+/// A weight in its storage type (GGUF or FineQuant), split by rows into buffers that
+/// each fit one storage binding (and one dispatch dimension); or a BitStack matrix.
 pub struct GpuWeight {
     ty: GgmlType,
     rows: usize,
     cols: usize,
     row_bytes: usize,
     chunks: Vec<(usize, usize, Buf)>,
+    stack: Option<GpuStack>,
+}
+
+/// A BitStack matrix on the device: its active blocks uploaded as stored (signs, U, V;
+/// never a dense weight), one buffer per level. Every matmul first compares them with
+/// the matrix's active count, uploading blocks that joined and freeing those that left,
+/// so a budget change applies at the next call without a reload.
+struct GpuStack {
+    src: Arc<StackWeight>,
+    levels: Mutex<Vec<Buf>>,
 }
 
 /// One layer's cache: f16 keys and values for `capacity` positions, on the device.
@@ -399,9 +416,20 @@ impl WgpuBackend {
         if self.subgroups {
             defs.push("SUBGROUP");
         }
-        if matches!(k, Kernel::Matvec(_)) {
+        if matches!(k, Kernel::Matvec(_) | Kernel::StackVec) {
             defs.push("MATVEC");
         }
+        // FineQuant's width, symmetry and group size: override constants of fine.wgsl.
+        let constants: Vec<(&str, f64)> = match k {
+            Kernel::Matmul(GgmlType::Fine(ft)) | Kernel::Matvec(GgmlType::Fine(ft)) | Kernel::Embed(GgmlType::Fine(ft)) => {
+                vec![
+                    ("FQ_BITS", f64::from(ft.bits())),
+                    ("FQ_SYM", if ft.sym() { 1.0 } else { 0.0 }),
+                    ("FQ_GROUP", ft.group() as f64),
+                ]
+            }
+            _ => vec![],
+        };
         let src = shaders::assemble(file, quant, &defs).map_err(Error::model)?;
         let dev = &self.sh.device;
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -442,7 +470,7 @@ impl WgpuBackend {
             layout: Some(&pl),
             module: &module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
@@ -617,6 +645,84 @@ impl WgpuBackend {
         out
     }
 
+    /// Token groups `(t0, tokens)` of an `[n, k] → [n, m]` product whose input and output
+    /// slices each fit one binding (offsets stay aligned: groups are multiples of 64 rows
+    /// of 4-byte values). A group too wide even so is reported and ends the list.
+    fn token_groups(&self, n: usize, k: usize, m: usize) -> Vec<(usize, usize)> {
+        let widest = (k.max(m) * 4) as u64;
+        let step = if (n as u64) * widest <= self.max_binding {
+            n
+        } else {
+            ((self.max_binding / widest) as usize / 64 * 64).max(64)
+        };
+        let mut groups = Vec::new();
+        for t0 in (0..n).step_by(step.max(1)) {
+            let nt = step.min(n - t0);
+            if !self.check_binding("a matmul operand", nt * k.max(m) * 4) {
+                break;
+            }
+            groups.push((t0, nt));
+        }
+        groups
+    }
+
+    /// The device copies of a BitStack matrix's active blocks, brought in line with its
+    /// active count now: blocks that joined are uploaded (and their mapped pages
+    /// released), blocks that left are freed.
+    fn sync_stack<'a>(&self, s: &'a GpuStack) -> Result<MutexGuard<'a, Vec<Buf>>> {
+        let active = s.src.active();
+        let mut levels = lock(&s.levels);
+        levels.truncate(active);
+        while levels.len() < active {
+            let l = levels.len();
+            let name = format!("{} (BitStack block {l})", s.src.name);
+            levels.push(self.upload_weight(&name, s.src.block(l).bytes)?);
+            s.src.release_block(l);
+        }
+        Ok(levels)
+    }
+
+    /// `x Wᵀ` for a BitStack matrix: one dispatch per active block, each rebuilding its
+    /// weights in registers; the first writes `out`, the others add to it.
+    fn stack_matmul(&self, x: &GpuTensor, s: &GpuStack, out: &GpuTensor) {
+        let levels = match self.sync_stack(s) {
+            Ok(l) => l,
+            Err(e) => return self.note_error(e.to_string()),
+        };
+        let sh = s.src.shape;
+        let (n, k, m) = (x.rows, sh.n, sh.m);
+        if levels.is_empty() {
+            // No block in use: the matrix is zero.
+            let mut st = lock(&self.sh.st);
+            self.record(&mut st).clear_buffer(&out.buf.buf, 0, None);
+            return;
+        }
+        for (t0, nt) in self.token_groups(n, k, m) {
+            let xs = (&x.buf, (t0 * k * 4) as u64, (nt * k * 4) as u64);
+            let ys = (&out.buf, (t0 * m * 4) as u64, (nt * m * 4) as u64);
+            let (tr, tt) = matmul_tile(nt);
+            let kernel = if nt == 1 { Kernel::StackVec } else { Kernel::Stack };
+            let groups = (m.div_ceil(tr) as u32, nt.div_ceil(tt) as u32);
+            for (l, buf) in levels.iter().enumerate() {
+                let p = [
+                    nt as u32,
+                    k as u32,
+                    m as u32,
+                    m as u32,
+                    sh.k as u32,
+                    sh.u_offset() as u32,
+                    sh.v_offset() as u32,
+                    sh.sign_row_bytes() as u32,
+                    u32::from(l > 0),
+                    0,
+                    0,
+                    0,
+                ];
+                self.dispatch(kernel, &p, &[(buf, 0, buf.size), xs, ys], groups);
+            }
+        }
+    }
+
     /// The (cos, sin) table of RoPE for `n` rows from `pos0`, angles in f64 as the CPU.
     fn rope_table(&self, pos0: usize, n: usize, hd: usize, base: f32) -> Arc<Buf> {
         let key = (pos0, n, hd, base.to_bits());
@@ -752,6 +858,7 @@ impl Backend for WgpuBackend {
                 cols: v.len(),
                 row_bytes: v.len() * 4,
                 chunks: vec![(0, 1, buf)],
+                stack: None,
             });
         }
         let (rows, cols, rb) = (t.rows(), t.cols(), t.row_bytes());
@@ -775,7 +882,42 @@ impl Backend for WgpuBackend {
         // The device copy replaces the mapping's pages.
         t.release_pages();
         self.take_error()?;
-        Ok(GpuWeight { ty, rows, cols, row_bytes: rb, chunks })
+        Ok(GpuWeight { ty, rows, cols, row_bytes: rb, chunks, stack: None })
+    }
+
+    fn load_stack(&self, w: &Arc<StackWeight>) -> Result<GpuWeight> {
+        let s = w.shape;
+        let refuse = |why: String| Err(Error::model(format!("wgpu: BitStack matrix {}: {why}", w.name)));
+        if s.k > MAX_RANK {
+            return refuse(format!("rank {} exceeds the kernel's {MAX_RANK} (use --backend cpu)", s.k));
+        }
+        if !s.n.is_multiple_of(4) {
+            return refuse(format!("rows of {} values are not a multiple of 4", s.n));
+        }
+        if s.bytes() as u64 > self.max_binding {
+            return refuse(format!(
+                "a block of {} MiB exceeds the adapter's storage binding ({} MiB)",
+                s.bytes() >> 20,
+                self.max_binding >> 20
+            ));
+        }
+        if s.m.div_ceil(matmul_tile(1).0) > 65535 {
+            return refuse(format!("{} rows exceed one dispatch", s.m));
+        }
+        self.pipe(Kernel::Stack)?;
+        self.pipe(Kernel::StackVec)?;
+        let stack = GpuStack { src: w.clone(), levels: Mutex::default() };
+        // The blocks active now go up at load, so a device out of memory shows here.
+        drop(self.sync_stack(&stack)?);
+        self.take_error()?;
+        Ok(GpuWeight {
+            ty: cairn_formats::bitstack::BLOCK_TYPE,
+            rows: s.m,
+            cols: s.n,
+            row_bytes: 0,
+            chunks: Vec::new(),
+            stack: Some(stack),
+        })
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> GpuTensor {
@@ -810,6 +952,9 @@ impl Backend for WgpuBackend {
     }
 
     fn embed(&self, table: &GpuWeight, ids: &[u32], scale: f32) -> Result<GpuTensor> {
+        if table.stack.is_some() {
+            return Err(Error::model("wgpu: an embedding table cannot be a BitStack matrix"));
+        }
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= table.rows) {
             return Err(Error::input(format!("token id {id} is outside the vocabulary of {}", table.rows)));
         }
@@ -835,19 +980,11 @@ impl Backend for WgpuBackend {
             self.note_error(format!("wgpu: matmul of {n}x{k} by a weight of {m}x{}", w.cols));
             return out;
         }
-        // Token groups whose input and output each fit one binding (offsets stay aligned:
-        // groups are multiples of 64 rows of 4-byte values).
-        let widest = (k.max(m) * 4) as u64;
-        let step = if (n as u64) * widest <= self.max_binding {
-            n
-        } else {
-            ((self.max_binding / widest) as usize / 64 * 64).max(64)
-        };
-        for t0 in (0..n).step_by(step.max(1)) {
-            let nt = step.min(n - t0);
-            if !self.check_binding("a matmul operand", nt * k.max(m) * 4) {
-                break;
-            }
+        if let Some(s) = &w.stack {
+            self.stack_matmul(x, s, &out);
+            return out;
+        }
+        for (t0, nt) in self.token_groups(n, k, m) {
             let xs = (&x.buf, (t0 * k * 4) as u64, (nt * k * 4) as u64);
             let ys = (&out.buf, (t0 * m * 4) as u64, (nt * m * 4) as u64);
             let (tr, tt) = matmul_tile(nt);
