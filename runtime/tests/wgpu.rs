@@ -32,10 +32,10 @@ const ATTN_TOL: f32 = 2e-3;
 /// Whole model: largest |logit difference| against the CPU backend's f32 reference path
 /// (the GPU adds only f16 roundings in attention, which the reference path skips).
 const MODEL_TOL: f32 = 0.25;
-/// Small synthetic models (FineQuant, BitStack): largest logit difference relative to
-/// the largest logit, against the CPU's f32 path (the GPU's cache and attention weights
-/// are f16).
-const FINE_MODEL_TOL: f32 = 1e-2;
+/// Small synthetic models (FineQuant, BitStack, gemma3's window): largest logit
+/// difference relative to the largest logit, against the CPU's f32 path (the GPU's
+/// cache and attention weights are f16; measured about 1e-4 on lavapipe).
+const SMALL_MODEL_TOL: f32 = 2e-3;
 /// Positions where the CPU's top-1 leads its top-2 by more than this must agree.
 const MARGIN: f32 = 0.25;
 
@@ -173,7 +173,7 @@ fn fine_model_matches_the_cpu() {
         let got = logits(model::load(&file, gpu_with(&WgpuOptions::default()).unwrap()).unwrap().as_ref(), &ids);
         let d = max_rel_diff(&got, &want);
         eprintln!("{}: GPU vs CPU logits, largest relative difference {d:.2e}", q.label());
-        assert!(d < FINE_MODEL_TOL, "{}: relative difference {d}", q.label());
+        assert!(d < SMALL_MODEL_TOL, "{}: relative difference {d}", q.label());
     }
 }
 
@@ -220,7 +220,8 @@ fn bitstack_matches_the_cpu() {
         apply_budget(&a, &cfg, 64, budget).unwrap();
         let (got, want) = (logits(gpu.as_ref(), &ids), logits(cpu.as_ref(), &ids));
         let d = max_rel_diff(&got, &want);
-        assert!(d < FINE_MODEL_TOL, "budget {budget}: GPU vs CPU logits differ by {d}");
+        eprintln!("BitStack at {budget} bytes: GPU vs CPU logits, largest relative difference {d:.2e}");
+        assert!(d < SMALL_MODEL_TOL, "budget {budget}: GPU vs CPU logits differ by {d}");
         seen.push(got);
     }
     assert_ne!(seen[0], seen[1], "more blocks change the model");
@@ -351,6 +352,57 @@ fn attention_matches_the_cpu() {
         );
         assert!(full.is_err(), "a position that is not the cache's length is refused");
     }
+}
+
+/// A sliding-window layer's cache is a ring of window + chunk − 1 positions: a prefill
+/// longer than the ring (dispatched a chunk of queries at a time) and decode steps past
+/// its wrap equal the CPU; truncating keeps exactly the positions whose window survives.
+#[test]
+fn sliding_window_ring_matches_the_cpu() {
+    let Some(g) = gpu_with(&WgpuOptions { kv_chunk: Some(64), ..Default::default() }) else { return };
+    let c = CpuBackend::new(2).unwrap();
+    let (window, head_dim) = (5, 64);
+    let p = AttnParams { n_heads: 6, n_kv_heads: 2, head_dim, scale: 0.125, window: Some(window) };
+    let (qw, kw) = (p.n_heads * head_dim, p.n_kv_heads * head_dim);
+    let mut kg = g.kv_new(p.n_kv_heads, head_dim, 256).unwrap();
+    let mut kc = c.kv_new(p.n_kv_heads, head_dim, 256).unwrap();
+    let (mut pos, mut last) = (0, None);
+    // 150 > 68 slots: three query groups; then decode steps.
+    for (step, n) in [150usize, 1, 1, 1].into_iter().enumerate() {
+        let (q, k, v) =
+            (random(n * qw, 50 + step as u64), random(n * kw, 60 + step as u64), random(n * kw, 70 + step as u64));
+        let got = g.to_host(
+            g.attention(&g.upload(&q, n, qw), &g.upload(&k, n, kw), &g.upload(&v, n, kw), &mut kg, pos, p).unwrap(),
+        );
+        let want = c.attention(&c.upload(&q, n, qw), &c.upload(&k, n, kw), &c.upload(&v, n, kw), &mut kc, pos, p).unwrap();
+        let d = max_rel_diff(&got, &want.data);
+        assert!(d < ATTN_TOL, "ring attention step {step}: relative difference {d}");
+        pos += n;
+        last = Some((q, k, v, got));
+    }
+    // 153 cached in 68 slots: positions 85.. remain. A query at 150 reaches back to 146.
+    use cairn::backend::KvLayer;
+    assert_eq!(kg.keepable(150), 150);
+    assert_eq!(kg.keepable(80), 0, "position 80's window (76..) was overwritten");
+    assert_eq!(kg.truncate(152), 152);
+    let (q, k, v, want) = last.unwrap();
+    let again = g.attention(&g.upload(&q, 1, qw), &g.upload(&k, 1, kw), &g.upload(&v, 1, kw), &mut kg, 152, p).unwrap();
+    assert_eq!(g.to_host(again), want, "the last step again after truncating to it");
+}
+
+/// A small gemma3 model (local layers with a window of 8) over 140 positions on the
+/// GPU, with rings of 8 + 63 slots, against the CPU's f32 reference path.
+#[test]
+fn gemma_window_model_matches_the_cpu() {
+    let Some(g) = gpu_with(&WgpuOptions { kv_chunk: Some(64), ..Default::default() }) else { return };
+    let cfg = SyntheticConfig { n_layers: 3, context: 256, ..Default::default() };
+    let file = ModelFile::from_bytes("g.gguf", cairn::synthetic::gemma3_gguf(&cfg, 8, 9).unwrap()).unwrap();
+    let ids: Vec<u32> = (0..140).map(|i| (i * 11 % 90) as u32).collect();
+    let got = logits(model::load(&file, g).unwrap().as_ref(), &ids);
+    let want = logits(model::load(&file, cpu_ref()).unwrap().as_ref(), &ids);
+    let d = max_rel_diff(&got, &want);
+    eprintln!("gemma3 window 8, 140 positions: GPU vs CPU logits, largest relative difference {d:.2e}");
+    assert!(d < SMALL_MODEL_TOL, "relative difference {d}");
 }
 
 #[test]

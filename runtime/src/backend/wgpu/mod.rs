@@ -44,6 +44,10 @@ const WG: usize = 64;
 const MAX_HEAD_DIM: usize = 256;
 /// Largest BitStack rank `bitstack.wgsl` holds in workgroup memory (`MAX_RANK`).
 const MAX_RANK: usize = 64;
+/// Tokens per attention dispatch on a sliding-window layer: its cache keeps window +
+/// this − 1 positions in a ring, enough for one such group of queries (a multiple of 64,
+/// so group offsets stay aligned).
+const KV_CHUNK: usize = 256;
 /// How long a submission may run before the device counts as hung.
 const GPU_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -55,6 +59,9 @@ pub struct WgpuOptions {
     pub adapter: Option<String>,
     /// Cap on the bytes one storage binding may cover (default: the adapter's limit).
     pub max_binding: Option<u64>,
+    /// Tokens per attention dispatch on sliding-window layers (a multiple of 64; default
+    /// 256; tests shrink it to make the ring wrap).
+    pub kv_chunk: Option<usize>,
 }
 
 /// One adapter as `cairn info --devices` shows it.
@@ -266,21 +273,34 @@ struct GpuStack {
     levels: Mutex<Vec<Buf>>,
 }
 
-/// One layer's cache: f16 keys and values for `capacity` positions, on the device.
+/// One layer's cache: f16 keys and values on the device, position `p` in slot
+/// `p mod slots`. Allocated at the first attention call, when the layer's window is
+/// known: a global layer gets `capacity` slots, a sliding-window layer of window `w`
+/// only `w + KV_CHUNK − 1` (a ring: positions no later query can see are overwritten),
+/// so its memory stays bounded however long the context, as on the CPU.
 pub struct GpuKv {
-    k: Buf,
-    v: Buf,
+    bufs: Option<(Buf, Buf)>,
     len: usize,
     capacity: usize,
     width: usize,
+    slots: usize,
+    window: Option<usize>,
 }
 
 impl KvLayer for GpuKv {
     fn keepable(&self, len: usize) -> usize {
-        len.min(self.len)
+        let len = len.min(self.len);
+        // The next query (at `len`) must still find the keys its window reaches back to.
+        let oldest = self.len.saturating_sub(self.slots);
+        let needed = self.window.map_or(0, |w| (len + 1).saturating_sub(w));
+        if needed < oldest {
+            0
+        } else {
+            len
+        }
     }
     fn truncate(&mut self, len: usize) -> usize {
-        self.len = self.len.min(len);
+        self.len = self.keepable(len);
         self.len
     }
 }
@@ -292,6 +312,7 @@ pub struct WgpuBackend {
     subgroups: bool,
     max_binding: u64,
     max_buffer: u64,
+    kv_chunk: usize,
 }
 
 impl WgpuBackend {
@@ -376,7 +397,8 @@ impl WgpuBackend {
             if flags.is_empty() { "" } else { ", " },
             flags.join(", ")
         );
-        let be = WgpuBackend { sh, name, f16, subgroups, max_binding, max_buffer: limits.max_buffer_size };
+        let kv_chunk = opts.kv_chunk.unwrap_or(KV_CHUNK).next_multiple_of(64);
+        let be = WgpuBackend { sh, name, f16, subgroups, max_binding, max_buffer: limits.max_buffer_size, kv_chunk };
         for k in
             [Kernel::RmsNorm, Kernel::Rope, Kernel::Swiglu, Kernel::Geglu, Kernel::Add, Kernel::KvStore, Kernel::Attend]
         {
@@ -643,6 +665,33 @@ impl WgpuBackend {
             );
         }
         out
+    }
+
+    /// The first attention call of a layer allocates its cache: the whole capacity, or
+    /// for a sliding-window layer a ring of window + `KV_CHUNK` − 1 slots.
+    fn kv_alloc(&self, kv: &mut GpuKv, window: Option<usize>) -> Result<()> {
+        if kv.bufs.is_some() {
+            if kv.slots < kv.capacity && window != kv.window {
+                return Err(Error::model("wgpu: a sliding-window cache used with another window"));
+            }
+            return Ok(());
+        }
+        kv.window = window;
+        kv.slots = match window {
+            Some(w) if w > 0 && w + self.kv_chunk - 1 < kv.capacity => w + self.kv_chunk - 1,
+            _ => kv.capacity.max(1),
+        };
+        let bytes = kv.slots * kv.width * 2;
+        use wgpu::BufferUsages as U;
+        let scope = self.sh.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let size = (bytes.div_ceil(4) * 4).max(4) as u64;
+        let k = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
+        let v = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::model(format!("wgpu: no device memory for the KV cache: {}", describe(&e))));
+        }
+        kv.bufs = Some((k, v));
+        Ok(())
     }
 
     /// Token groups `(t0, tokens)` of an `[n, k] → [n, m]` product whose input and output
@@ -1044,6 +1093,7 @@ impl Backend for WgpuBackend {
             )));
         }
         let width = n_kv_heads * head_dim;
+        // Global layers hold the whole context, so the limit is checked here, once.
         let bytes = capacity.max(1) * width * 2;
         if bytes as u64 > self.max_binding {
             return Err(Error::input(format!(
@@ -1052,15 +1102,7 @@ impl Backend for WgpuBackend {
                 self.max_binding >> 20
             )));
         }
-        use wgpu::BufferUsages as U;
-        let scope = self.sh.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let size = (bytes.div_ceil(4) * 4) as u64;
-        let k = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
-        let v = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::model(format!("wgpu: no device memory for the KV cache: {}", describe(&e))));
-        }
-        Ok(GpuKv { k, v, len: 0, capacity, width })
+        Ok(GpuKv { bufs: None, len: 0, capacity, width, slots: capacity.max(1), window: None })
     }
 
     fn attention(
@@ -1075,6 +1117,7 @@ impl Backend for WgpuBackend {
         if pos0 != kv.len {
             return Err(Error::input(format!("attention at position {pos0} but the cache holds {}", kv.len)));
         }
+        self.kv_alloc(kv, p.window)?;
         if kv.len + q.rows > kv.capacity {
             return Err(Error::input(format!(
                 "context is full: {} cached + {} new positions exceed the context length {}",
@@ -1089,32 +1132,45 @@ impl Backend for WgpuBackend {
         if n > 65535 {
             return Err(Error::input("wgpu: at most 65535 tokens per batch"));
         }
-        let params = [
-            n as u32,
-            p.n_heads as u32,
-            (p.n_heads / p.n_kv_heads) as u32,
-            p.head_dim as u32,
-            pos0 as u32,
-            kv.width as u32,
-            p.window.unwrap_or(0) as u32,
-            p.scale.to_bits(),
-        ];
-        fn cache(b: &Buf) -> (&Buf, u64, u64) {
-            (b, 0, b.size)
+        let Some((kc, vc)) = &kv.bufs else { return Err(Error::model("wgpu: KV cache not allocated")) };
+        // A ring holds the window plus one group of queries: larger batches go a group at
+        // a time (each query still sees exactly its window).
+        let group = if kv.slots < kv.capacity { kv.slots + 1 - p.window.unwrap_or(1) } else { n.max(1) };
+        let qw = p.n_heads * p.head_dim;
+        let out = self.tensor(n, qw);
+        fn rows(t: &GpuTensor, t0: usize, nt: usize) -> (&Buf, u64, u64) {
+            (&t.buf, (t0 * t.cols * 4) as u64, (nt * t.cols * 4).max(4) as u64)
         }
-        self.dispatch(
-            Kernel::KvStore,
-            &params,
-            &[Self::whole(k), Self::whole(v), cache(&kv.k), cache(&kv.v)],
-            Self::grid(n * kv.width / 2),
-        );
-        let out = self.tensor(n, p.n_heads * p.head_dim);
-        self.dispatch(
-            Kernel::Attend,
-            &params,
-            &[Self::whole(q), cache(&kv.k), cache(&kv.v), Self::whole(&out)],
-            (p.n_heads as u32, n as u32),
-        );
+        for t0 in (0..n).step_by(group) {
+            let nt = group.min(n - t0);
+            let params = [
+                nt as u32,
+                p.n_heads as u32,
+                (p.n_heads / p.n_kv_heads) as u32,
+                p.head_dim as u32,
+                (pos0 + t0) as u32,
+                kv.width as u32,
+                p.window.unwrap_or(0) as u32,
+                p.scale.to_bits(),
+                kv.slots as u32,
+                0,
+                0,
+                0,
+            ];
+            let (kb, vb) = ((kc, 0, kc.size), (vc, 0, vc.size));
+            self.dispatch(
+                Kernel::KvStore,
+                &params,
+                &[rows(k, t0, nt), rows(v, t0, nt), kb, vb],
+                Self::grid(nt * kv.width / 2),
+            );
+            self.dispatch(
+                Kernel::Attend,
+                &params,
+                &[rows(q, t0, nt), kb, vb, rows(&out, t0, nt)],
+                (p.n_heads as u32, nt as u32),
+            );
+        }
         kv.len += n;
         self.take_error()?;
         Ok(out)
