@@ -163,7 +163,8 @@ fn fine_model_matches_the_cpu() {
     let cfg = SyntheticConfig { dim: 96, n_heads: 4, n_kv_heads: 2, ffn_dim: 160, ..Default::default() };
     let src = ModelFile::from_bytes("s.gguf", llama_gguf(&cfg, 5).unwrap()).unwrap();
     let ids: Vec<u32> = (0..11).map(|i| (i * 7 % 90) as u32).collect();
-    for q in [Quant::Fine { bits: 4, group: 64 }, Quant::Fine { bits: 8, group: 128 }, Quant::Rtn { bits: 3, group: 32 }]
+    for q in
+        [Quant::Fine { bits: 4, group: 64 }, Quant::Fine { bits: 8, group: 128 }, Quant::Rtn { bits: 3, group: 32 }]
     {
         let bytes = convert::convert(&src, q, &[], |_, _| {}, |_| {}).unwrap();
         let file = ModelFile::from_bytes("s.cairn", bytes).unwrap();
@@ -374,7 +375,8 @@ fn sliding_window_ring_matches_the_cpu() {
         let got = g.to_host(
             g.attention(&g.upload(&q, n, qw), &g.upload(&k, n, kw), &g.upload(&v, n, kw), &mut kg, pos, p).unwrap(),
         );
-        let want = c.attention(&c.upload(&q, n, qw), &c.upload(&k, n, kw), &c.upload(&v, n, kw), &mut kc, pos, p).unwrap();
+        let want =
+            c.attention(&c.upload(&q, n, qw), &c.upload(&k, n, kw), &c.upload(&v, n, kw), &mut kc, pos, p).unwrap();
         let d = max_rel_diff(&got, &want.data);
         assert!(d < ATTN_TOL, "ring attention step {step}: relative difference {d}");
         pos += n;
@@ -435,12 +437,13 @@ fn argmax_margin(row: &[f32]) -> (usize, f32) {
 /// Every reference sequence (prompt and the start of llama.cpp's greedy continuation) through both
 /// backends: on the GPU the prompt as one batch, four decode steps (the matvec kernels
 /// and the cache across calls), then the rest as a second batch after the cached
-/// positions; on the CPU all at once. Returns the largest |logit difference| and the
-/// positions where the CPU's top-1 leads by more than `MARGIN` (all of which must agree).
-fn compare_on_reference(cpu: &Engine, gpu: &Engine) -> (f32, usize) {
+/// positions; on the CPU all at once. Returns the largest |logit difference|, the
+/// positions where the CPU's top-1 leads by more than `MARGIN` (all of which must agree),
+/// and the top-1 agreement over all positions (near-ties included) as (agree, of).
+fn compare_on_reference(cpu: &Engine, gpu: &Engine) -> (f32, usize, (usize, usize)) {
     let r = common::reference();
     let vocab = cpu.vocab();
-    let (mut worst, mut firm) = (0f32, 0);
+    let (mut worst, mut firm, mut same, mut all_pos) = (0f32, 0, 0, 0);
     for s in r["sequences"].as_array().unwrap() {
         let prompt = ids(&s["prompt_ids"]);
         let greedy = ids(&s["greedy_ids"]);
@@ -460,22 +463,24 @@ fn compare_on_reference(cpu: &Engine, gpu: &Engine) -> (f32, usize) {
             let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             worst = worst.max(d);
             let (top_w, margin) = argmax_margin(w);
+            let (top_g, _) = argmax_margin(g);
+            all_pos += 1;
+            same += usize::from(top_g == top_w);
             if margin > MARGIN {
                 firm += 1;
-                let (top_g, _) = argmax_margin(g);
                 assert_eq!(top_g, top_w, "{}: top-1 at position {pos} (CPU margin {margin})", s["name"]);
             }
         }
     }
-    (worst, firm)
+    (worst, firm, (same, all_pos))
 }
 
 #[test]
 fn smollm2_forward_matches_the_cpu() {
     let Some((cpu, gpu)) = engines() else { return };
-    let (worst, firm) = compare_on_reference(cpu, gpu);
+    let (worst, firm, (same, all)) = compare_on_reference(cpu, gpu);
     eprintln!(
-        "wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {firm}/{firm} firm positions"
+        "wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {firm}/{firm} firm positions, {same}/{all} in all"
     );
     assert!(worst < MODEL_TOL, "largest logit difference {worst}");
     assert!(firm > 60, "too few firm positions to mean anything: {firm}");
@@ -499,8 +504,10 @@ fn smollm2_fine_forward_matches_the_cpu() {
     let gpu = Engine::load(&path, &EngineOptions { backend: cairn::backend::BackendKind::Wgpu, ..Default::default() })
         .expect("wgpu engine");
     let _ = std::fs::remove_file(&path);
-    let (worst, firm) = compare_on_reference(&cpu, &gpu);
-    eprintln!("fq4/g64 wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {firm}/{firm} firm positions");
+    let (worst, firm, (same, all)) = compare_on_reference(&cpu, &gpu);
+    eprintln!(
+        "fq4/g64 wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {firm}/{firm} firm positions, {same}/{all} in all"
+    );
     assert!(worst < MODEL_TOL, "largest logit difference {worst}");
     assert!(firm > 60, "too few firm positions to mean anything: {firm}");
 }

@@ -443,7 +443,9 @@ impl WgpuBackend {
         }
         // FineQuant's width, symmetry and group size: override constants of fine.wgsl.
         let constants: Vec<(&str, f64)> = match k {
-            Kernel::Matmul(GgmlType::Fine(ft)) | Kernel::Matvec(GgmlType::Fine(ft)) | Kernel::Embed(GgmlType::Fine(ft)) => {
+            Kernel::Matmul(GgmlType::Fine(ft))
+            | Kernel::Matvec(GgmlType::Fine(ft))
+            | Kernel::Embed(GgmlType::Fine(ft)) => {
                 vec![
                     ("FQ_BITS", f64::from(ft.bits())),
                     ("FQ_SYM", if ft.sym() { 1.0 } else { 0.0 }),
