@@ -1119,7 +1119,6 @@ impl Backend for WgpuBackend {
         if pos0 != kv.len {
             return Err(Error::input(format!("attention at position {pos0} but the cache holds {}", kv.len)));
         }
-        self.kv_alloc(kv, p.window)?;
         if kv.len + q.rows > kv.capacity {
             return Err(Error::input(format!(
                 "context is full: {} cached + {} new positions exceed the context length {}",
@@ -1134,6 +1133,7 @@ impl Backend for WgpuBackend {
         if n > 65535 {
             return Err(Error::input("wgpu: at most 65535 tokens per batch"));
         }
+        self.kv_alloc(kv, p.window)?;
         let Some((kc, vc)) = &kv.bufs else { return Err(Error::model("wgpu: KV cache not allocated")) };
         // A ring holds the window plus one group of queries: larger batches go a group at
         // a time (each query still sees exactly its window).
