@@ -2,7 +2,9 @@
 // runs causal grouped-query attention with the CPU backend's roundings (f16 cache, the
 // query rounded to f16 before q·k, softmax weights rounded to f16 before they weigh the
 // values). One workgroup per (token, head); two passes over the keys: the max and sum
-// of the scores, then the weighted values, 64 keys at a time.
+// of the scores, then the weighted values, 64 keys at a time. Position j lives in slot
+// j mod `slots`: the whole context, or a ring for a sliding-window layer (the host
+// dispatches at most slots − window + 1 queries at once, so none is overwritten early).
 #include "common"
 #include "kv"
 
@@ -15,6 +17,10 @@ struct Params {
     width: u32,  // KV heads × head_dim
     window: u32, // 0: none
     scale: f32,
+    slots: u32,  // positions the cache holds
+    _a: u32,
+    _b: u32,
+    _c: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -36,11 +42,13 @@ fn store(
     if (i >= p.n * p.width) {
         return;
     }
-    kv_put(p.pos0 * p.width + i, vec2<f32>(IN0[i], IN0[i + 1u]), vec2<f32>(IN1[i], IN1[i + 1u]));
+    // `i` and `width` are even, so a pair never straddles two positions.
+    let at = ((p.pos0 + i / p.width) % p.slots) * p.width + i % p.width;
+    kv_put(at, vec2<f32>(IN0[i], IN0[i + 1u]), vec2<f32>(IN1[i], IN1[i + 1u]));
 }
 
 fn score(j: u32, kb: u32) -> f32 {
-    let base = j * p.width + kb;
+    let base = (j % p.slots) * p.width + kb;
     var s = 0.0;
     for (var d = 0u; d < p.hd; d++) {
         s += qs[d] * k_at(base + d);
@@ -105,7 +113,7 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
         workgroupBarrier();
         let cnt = min(WG, pos + 1u - c0);
         for (var i = 0u; i < cnt; i++) {
-            let vb = (c0 + i) * p.width + kb;
+            let vb = ((c0 + i) % p.slots) * p.width + kb;
             let wi = ps[i];
             for (var e = 0u; e < 4u; e++) {
                 let d = lid + e * WG;

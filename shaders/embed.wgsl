@@ -36,6 +36,5 @@ fn main(
         return;
     }
     let g = i % dim4;
-    let gpb = QK / 4u;
-    Y[i] = dq4((id - p.row0) * p.row_bytes + (g / gpb) * BB, g % gpb) * p.scale;
+    Y[i] = dq4((id - p.row0) * p.row_bytes, g) * p.scale;
 }

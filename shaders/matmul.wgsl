@@ -1,8 +1,9 @@
-// y = x W^T straight from the GGUF blocks of W (no dequantized copy). One workgroup per
-// tile of TR weight rows × TT tokens: 8 rows of one token for a decode step (MATVEC),
-// 4 rows × 8 tokens for a batch, so each decoded weight group serves 8 products. The
-// tile is a compile-time constant so loops unroll and accumulators stay in registers;
-// rows and tokens past the edge are clamped and their sums dropped.
+// y = x W^T straight from the stored bytes of W (GGUF blocks or FineQuant groups; no
+// dequantized copy). One workgroup per tile of TR weight rows × TT tokens: 8 rows of
+// one token for a decode step (MATVEC), 4 rows × 8 tokens for a batch, so each decoded
+// weight group serves 8 products. The tile is a compile-time constant so loops unroll
+// and accumulators stay in registers; rows and tokens past the edge are clamped and
+// their sums dropped.
 #include "common"
 #include "bytes"
 #include "quant"
@@ -46,17 +47,14 @@ fn main(
     let nr = min(TR, p.rows - r0);
     let nt = min(TT, p.n - t0);
     let k4 = p.k / 4u;
-    let gpb = QK / 4u;
     var acc: array<f32, NACC>;
     var xs: array<vec4<f32>, TT>;
     for (var g = lid; g < k4; g += WG) {
-        let blk = (g / gpb) * BB;
-        let j = g % gpb;
         for (var t = 0u; t < TT; t++) {
             xs[t] = X[min(t0 + t, p.n - 1u) * k4 + g];
         }
         for (var r = 0u; r < TR; r++) {
-            let w = dq4(min(r0 + r, p.rows - 1u) * p.row_bytes + blk, j);
+            let w = dq4(min(r0 + r, p.rows - 1u) * p.row_bytes, g);
             for (var t = 0u; t < TT; t++) {
                 acc[r * TT + t] += dot(w, xs[t]);
             }

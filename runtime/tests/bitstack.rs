@@ -2,18 +2,18 @@
 //! the decode and prefill kernels against the scalar reference, and a synthetic model
 //! whose memory budget grows and shrinks in place.
 
-use std::collections::HashMap;
+mod common;
 
 use cairn::backend::cpu::bitstack::{block_matvec, rebuild_rows};
 use cairn::backend::cpu::kernels::Isa;
 use cairn::backend::cpu::CpuBackend;
-use cairn::bitstack::build::{self, decompose, global_order, StackOptions};
+use cairn::bitstack::build::{decompose, global_order};
 use cairn::bitstack::linalg::{dense_svd, top_k, IterOptions};
 use cairn::bitstack::{apply_budget, parse_size};
-use cairn::model::{self, Logits};
-use cairn::synthetic::{llama_gguf, SplitMix, SyntheticConfig};
-use cairn::weights::ModelFile;
+use cairn::model;
+use cairn::synthetic::SplitMix;
 use cairn_formats::bitstack::{Block, BlockShape};
+use common::stack::{logits, small_model, stacked};
 
 fn random(m: usize, n: usize, seed: u64) -> Vec<f32> {
     let mut r = SplitMix(seed);
@@ -124,27 +124,6 @@ fn global_order_keeps_the_level_rule_and_prefers_gain() {
         assert!(l <= have.iter().min().unwrap() + 1, "level {l} of {m} before every matrix has {}", l - 1);
         have[m] += 1;
     }
-}
-
-fn small_model() -> ModelFile {
-    let cfg = SyntheticConfig { dim: 64, ffn_dim: 128, ..Default::default() };
-    ModelFile::from_bytes("synthetic.gguf", llama_gguf(&cfg, 3).unwrap()).unwrap()
-}
-
-fn stacked(src: &ModelFile, levels: usize) -> ModelFile {
-    let opts = StackOptions { levels, rank: 4, ..Default::default() };
-    let bar = indicatif::ProgressBar::hidden();
-    let (bytes, _) = build::build(src, &HashMap::new(), &opts, &[], &bar).unwrap();
-    ModelFile::from_bytes("stacked.cairn", bytes).unwrap()
-}
-
-fn logits(runner: &dyn model::Runner, ids: &[u32]) -> Vec<f32> {
-    let mut cache = runner.new_cache(ids.len()).unwrap();
-    let mut out = runner.forward(cache.as_mut(), &ids[..ids.len() - 3], Logits::All).unwrap();
-    for &id in &ids[ids.len() - 3..] {
-        out.extend(runner.forward(cache.as_mut(), &[id], Logits::Last).unwrap());
-    }
-    out
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! The wgpu backend against the CPU backend: every op on random inputs, weights of every
-//! storage type with a kernel (also split across bindings), and whole SmolLM2 forward
-//! passes on the reference sequences. In CI these run on Mesa's lavapipe ("llvmpipe",
+//! storage type with a kernel (also split across bindings), FineQuant weights of every
+//! width and group (ragged too), BitStack matrices under live budget changes, a small
+//! FineQuant model end to end, and whole SmolLM2 forward passes on the reference
+//! sequences. In CI these run on Mesa's lavapipe ("llvmpipe",
 //! a CPU Vulkan driver); a machine without any adapter skips them with a message.
 #![cfg(feature = "wgpu")]
 
@@ -13,11 +15,14 @@ use common::{ids, max_rel_diff};
 use cairn::backend::cpu::CpuBackend;
 use cairn::backend::wgpu::{list_adapters, WgpuBackend, WgpuOptions};
 use cairn::backend::{AttnParams, Backend, RopeStyle};
+use cairn::bitstack::apply_budget;
+use cairn::convert::{self, Quant};
 use cairn::engine::{Engine, EngineOptions};
-use cairn::model::Logits;
-use cairn::synthetic::SplitMix;
+use cairn::model::{self, Logits};
+use cairn::synthetic::{llama_gguf, SplitMix, SyntheticConfig};
 use cairn::weights::ModelFile;
-use cairn_formats::{quant, GgmlType, GgufBuilder};
+use cairn_formats::{quant, CairnBuilder, FineType, GgmlType, GgufBuilder};
+use common::stack::{logits, small_model, stacked};
 
 /// Matmul and element-wise results: f32 on both sides, only the summation order differs.
 const OP_TOL: f32 = 1e-4;
@@ -27,6 +32,10 @@ const ATTN_TOL: f32 = 2e-3;
 /// Whole model: largest |logit difference| against the CPU backend's f32 reference path
 /// (the GPU adds only f16 roundings in attention, which the reference path skips).
 const MODEL_TOL: f32 = 0.25;
+/// Small synthetic models (FineQuant, BitStack, gemma3's window): largest logit
+/// difference relative to the largest logit, against the CPU's f32 path (the GPU's
+/// cache and attention weights are f16; measured about 1e-4 on lavapipe).
+const SMALL_MODEL_TOL: f32 = 2e-3;
 /// Positions where the CPU's top-1 leads its top-2 by more than this must agree.
 const MARGIN: f32 = 0.25;
 
@@ -58,12 +67,22 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| r.next_f32()).collect()
 }
 
-/// A GGUF holding `w` (`[k, m]`: m rows of k values) as `ty`, and its file.
+/// A file holding `w` (`[k, m]`: m rows of k values) as `ty`: a GGUF, or a `.cairn` for
+/// the FineQuant types (which GGUF cannot store).
 fn weight_file(ty: GgmlType, k: usize, m: usize, seed: u64) -> ModelFile {
     let x = random(k * m, seed);
-    let mut bytes = vec![0u8; ty.row_bytes(k as u64).unwrap() as usize * m];
-    quant::quantize(ty, &x, &mut bytes).unwrap();
-    let g = GgufBuilder::new().tensor("w", &[k as u64, m as u64], ty, bytes).unwrap().build();
+    let rb = ty.row_bytes(k as u64).unwrap() as usize;
+    let mut bytes = vec![0u8; rb * m];
+    // Row by row: a FineQuant row's last group may be short, so rows encode one at a time.
+    for (src, dst) in x.chunks(k).zip(bytes.chunks_mut(rb)) {
+        quant::quantize(ty, src, dst).unwrap();
+    }
+    let dims = [k as u64, m as u64];
+    if let GgmlType::Fine(_) = ty {
+        let c = CairnBuilder::new().tensor("w", &dims, ty, bytes).unwrap().build();
+        return ModelFile::from_bytes("w.cairn", c).unwrap();
+    }
+    let g = GgufBuilder::new().tensor("w", &dims, ty, bytes).unwrap().build();
     ModelFile::from_bytes("w.gguf", g).unwrap()
 }
 
@@ -81,7 +100,7 @@ const TYPES: [GgmlType; 9] = [
 
 fn check_matmul(g: &WgpuBackend, ty: GgmlType, k: usize, m: usize, ns: &[usize]) {
     let c = cpu_ref();
-    let file = weight_file(ty, k, m, 7 + ty.id() as u64);
+    let file = weight_file(ty, k, m, 7 + ty.id() as u64 + k as u64);
     let t = file.tensor("w", &[k as u64, m as u64]).unwrap();
     let (wg, wc) = (g.load_weight(&t).unwrap(), c.load_weight(&t).unwrap());
     for &n in ns {
@@ -101,6 +120,124 @@ fn matmul_every_type() {
         // 1: the decode matvec; 5, 19: partial and several token tiles.
         check_matmul(g, ty, 512, 40, &[1, 5, 19]);
     }
+}
+
+/// Every FineQuant width and symmetry with groups of 32, 64 and 128 (rows of 512 values),
+/// and groups of 128 over rows of 576 (a short last group of 64). The int4 and int8
+/// groups of 32 are Q4_1 and Q8_0 blocks and load as those types.
+fn fine_types() -> Vec<(GgmlType, usize)> {
+    let mut v = Vec::new();
+    for (bits, sym) in [(2u8, false), (3, false), (4, false), (4, true), (8, true)] {
+        for (group, k) in [(32, 512), (64, 512), (128, 512), (128, 576)] {
+            v.push((GgmlType::Fine(FineType::new(bits, sym, group).unwrap()), k));
+        }
+    }
+    v
+}
+
+#[test]
+fn fine_weights_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu_ref();
+    for (ty, k) in fine_types() {
+        check_matmul(g, ty, k, 40, &[1, 5, 19]);
+        // Embedding rows decode exactly as on the CPU (every product is exact in f32).
+        let file = weight_file(ty, k, 30, 11);
+        let t = file.tensor("w", &[k as u64, 30]).unwrap();
+        let (wg, wc) = (g.load_weight(&t).unwrap(), c.load_weight(&t).unwrap());
+        let ids = [3u32, 0, 29, 3, 17];
+        let want = c.to_host(c.embed(&wc, &ids, 0.5).unwrap());
+        let got = g.to_host(g.embed(&wg, &ids, 0.5).unwrap());
+        assert_eq!(got, want, "{ty} embedding");
+    }
+}
+
+/// A small llama model (rows of 96 and 160 values: short last groups) converted to
+/// FineQuant int4/g64, int8/g128 and RTN int3/g32, on the GPU against the CPU's f32
+/// reference path.
+#[test]
+fn fine_model_matches_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let cfg = SyntheticConfig { dim: 96, n_heads: 4, n_kv_heads: 2, ffn_dim: 160, ..Default::default() };
+    let src = ModelFile::from_bytes("s.gguf", llama_gguf(&cfg, 5).unwrap()).unwrap();
+    let ids: Vec<u32> = (0..11).map(|i| (i * 7 % 90) as u32).collect();
+    for q in
+        [Quant::Fine { bits: 4, group: 64 }, Quant::Fine { bits: 8, group: 128 }, Quant::Rtn { bits: 3, group: 32 }]
+    {
+        let bytes = convert::convert(&src, q, &[], |_, _| {}, |_| {}).unwrap();
+        let file = ModelFile::from_bytes("s.cairn", bytes).unwrap();
+        let t = &file.tensors.iter().find(|t| t.name == "blk.0.ffn_down.weight").unwrap();
+        assert!(matches!(t.ty, GgmlType::Fine(_)), "{}: {}", q.label(), t.ty);
+        let want = logits(model::load(&file, cpu_ref()).unwrap().as_ref(), &ids);
+        let got = logits(model::load(&file, gpu_with(&WgpuOptions::default()).unwrap()).unwrap().as_ref(), &ids);
+        let d = max_rel_diff(&got, &want);
+        eprintln!("{}: GPU vs CPU logits, largest relative difference {d:.2e}", q.label());
+        assert!(d < SMALL_MODEL_TOL, "{}: relative difference {d}", q.label());
+    }
+}
+
+/// BitStack matrices of a synthetic stack against the CPU's f32 kernel, at several
+/// active counts, decode and batches; then a whole model while its memory budget grows
+/// and shrinks (the GPU uploads joining blocks and frees leaving ones, no reload).
+#[test]
+fn bitstack_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu_ref();
+    let a = stacked(&small_model(), 3);
+    let stack = a.stack.as_ref().unwrap();
+    let levels: Vec<usize> = stack.weights.iter().map(|w| w.levels()).collect();
+    for name in ["blk.0.attn_q.weight", "blk.1.ffn_down.weight", "blk.1.ffn_up.weight"] {
+        let i = stack.weights.iter().position(|w| w.name == name).unwrap();
+        let w = &stack.weights[i];
+        let (wg, wc) = (g.load_stack(w).unwrap(), c.load_stack(w).unwrap());
+        let (m, k) = (w.shape.m, w.shape.n);
+        for active in [1, 3, 2] {
+            let mut counts = levels.clone();
+            counts[i] = active;
+            stack.set_counts(&counts).unwrap();
+            for n in [1, 5, 19] {
+                let x = random(n * k, 40 + n as u64);
+                let want = c.matmul(&c.upload(&x, n, k), &wc).data;
+                let got = g.to_host(g.matmul(&g.upload(&x, n, k), &wg));
+                g.status().unwrap();
+                let d = max_rel_diff(&got, &want);
+                assert!(d < OP_TOL, "{name} ({m}x{k}) with {active} blocks, {n} tokens: relative difference {d}");
+            }
+        }
+    }
+
+    let gpu = model::load(&a, gpu_with(&WgpuOptions::default()).unwrap()).unwrap();
+    let cpu = model::load(&a, CpuBackend::reference(1).unwrap()).unwrap();
+    let cfg = gpu.config().clone();
+    let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 64);
+    let t = &stack.table;
+    let small = dense + kv + scratch + t.prefix_bytes(t.min_prefix() + 5);
+    let big = dense + kv + scratch + t.prefix_bytes(t.entries.len());
+    let ids: Vec<u32> = (0..12).map(|i| (i * 5 % 90) as u32).collect();
+    let mut seen = Vec::new();
+    for budget in [small, big, small] {
+        apply_budget(&a, &cfg, 64, budget).unwrap();
+        let (got, want) = (logits(gpu.as_ref(), &ids), logits(cpu.as_ref(), &ids));
+        let d = max_rel_diff(&got, &want);
+        eprintln!("BitStack at {budget} bytes: GPU vs CPU logits, largest relative difference {d:.2e}");
+        assert!(d < SMALL_MODEL_TOL, "budget {budget}: GPU vs CPU logits differ by {d}");
+        seen.push(got);
+    }
+    assert_ne!(seen[0], seen[1], "more blocks change the model");
+    assert_eq!(seen[0], seen[2], "shrinking back gives the first budget's logits");
+}
+
+/// Limits hold for the new weight kinds: a BitStack block past the storage binding is
+/// refused at load with the reason.
+#[test]
+fn bitstack_block_too_large_is_an_error() {
+    let Some(g) = gpu_with(&WgpuOptions { max_binding: Some(1024), ..Default::default() }) else { return };
+    let a = stacked(&small_model(), 1);
+    let w = &a.stack.as_ref().unwrap().weights[0];
+    let err = g.load_stack(w).err().expect("a block past the binding limit");
+    assert!(err.to_string().contains("exceeds the adapter's storage binding"), "{err}");
 }
 
 #[test]
@@ -218,6 +355,58 @@ fn attention_matches_the_cpu() {
     }
 }
 
+/// A sliding-window layer's cache is a ring of window + chunk − 1 positions: a prefill
+/// longer than the ring (dispatched a chunk of queries at a time) and decode steps past
+/// its wrap equal the CPU; truncating keeps exactly the positions whose window survives.
+#[test]
+fn sliding_window_ring_matches_the_cpu() {
+    let Some(g) = gpu_with(&WgpuOptions { kv_chunk: Some(64), ..Default::default() }) else { return };
+    let c = CpuBackend::new(2).unwrap();
+    let (window, head_dim) = (5, 64);
+    let p = AttnParams { n_heads: 6, n_kv_heads: 2, head_dim, scale: 0.125, window: Some(window) };
+    let (qw, kw) = (p.n_heads * head_dim, p.n_kv_heads * head_dim);
+    let mut kg = g.kv_new(p.n_kv_heads, head_dim, 256).unwrap();
+    let mut kc = c.kv_new(p.n_kv_heads, head_dim, 256).unwrap();
+    let (mut pos, mut last) = (0, None);
+    // 150 > 68 slots: three query groups; then decode steps.
+    for (step, n) in [150usize, 1, 1, 1].into_iter().enumerate() {
+        let (q, k, v) =
+            (random(n * qw, 50 + step as u64), random(n * kw, 60 + step as u64), random(n * kw, 70 + step as u64));
+        let got = g.to_host(
+            g.attention(&g.upload(&q, n, qw), &g.upload(&k, n, kw), &g.upload(&v, n, kw), &mut kg, pos, p).unwrap(),
+        );
+        let want =
+            c.attention(&c.upload(&q, n, qw), &c.upload(&k, n, kw), &c.upload(&v, n, kw), &mut kc, pos, p).unwrap();
+        let d = max_rel_diff(&got, &want.data);
+        assert!(d < ATTN_TOL, "ring attention step {step}: relative difference {d}");
+        pos += n;
+        last = Some((q, k, v, got));
+    }
+    // 153 cached in 68 slots: positions 85.. remain. A query at 150 reaches back to 146.
+    use cairn::backend::KvLayer;
+    assert_eq!(kg.keepable(150), 150);
+    assert_eq!(kg.keepable(80), 0, "position 80's window (76..) was overwritten");
+    assert_eq!(kg.truncate(152), 152);
+    let (q, k, v, want) = last.unwrap();
+    let again = g.attention(&g.upload(&q, 1, qw), &g.upload(&k, 1, kw), &g.upload(&v, 1, kw), &mut kg, 152, p).unwrap();
+    assert_eq!(g.to_host(again), want, "the last step again after truncating to it");
+}
+
+/// A small gemma3 model (local layers with a window of 8) over 140 positions on the
+/// GPU, with rings of 8 + 63 slots, against the CPU's f32 reference path.
+#[test]
+fn gemma_window_model_matches_the_cpu() {
+    let Some(g) = gpu_with(&WgpuOptions { kv_chunk: Some(64), ..Default::default() }) else { return };
+    let cfg = SyntheticConfig { n_layers: 3, context: 256, ..Default::default() };
+    let file = ModelFile::from_bytes("g.gguf", cairn::synthetic::gemma3_gguf(&cfg, 8, 9).unwrap()).unwrap();
+    let ids: Vec<u32> = (0..140).map(|i| (i * 11 % 90) as u32).collect();
+    let got = logits(model::load(&file, g).unwrap().as_ref(), &ids);
+    let want = logits(model::load(&file, cpu_ref()).unwrap().as_ref(), &ids);
+    let d = max_rel_diff(&got, &want);
+    eprintln!("gemma3 window 8, 140 positions: GPU vs CPU logits, largest relative difference {d:.2e}");
+    assert!(d < SMALL_MODEL_TOL, "relative difference {d}");
+}
+
 #[test]
 fn kv_cache_too_large_is_an_error() {
     let Some(g) = gpu_with(&WgpuOptions { max_binding: Some(1 << 20), ..Default::default() }) else { return };
@@ -248,13 +437,13 @@ fn argmax_margin(row: &[f32]) -> (usize, f32) {
 /// Every reference sequence (prompt and the start of llama.cpp's greedy continuation) through both
 /// backends: on the GPU the prompt as one batch, four decode steps (the matvec kernels
 /// and the cache across calls), then the rest as a second batch after the cached
-/// positions; on the CPU all at once.
-#[test]
-fn smollm2_forward_matches_the_cpu() {
-    let Some((cpu, gpu)) = engines() else { return };
+/// positions; on the CPU all at once. Returns the largest |logit difference|, the
+/// positions where the CPU's top-1 leads by more than `MARGIN` (all of which must agree),
+/// and the top-1 agreement over all positions (near-ties included) as (agree, of).
+fn compare_on_reference(cpu: &Engine, gpu: &Engine) -> (f32, usize, (usize, usize)) {
     let r = common::reference();
     let vocab = cpu.vocab();
-    let (mut worst, mut firm, mut agree) = (0f32, 0, 0);
+    let (mut worst, mut firm, mut same, mut all_pos) = (0f32, 0, 0, 0);
     for s in r["sequences"].as_array().unwrap() {
         let prompt = ids(&s["prompt_ids"]);
         let greedy = ids(&s["greedy_ids"]);
@@ -274,16 +463,50 @@ fn smollm2_forward_matches_the_cpu() {
             let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             worst = worst.max(d);
             let (top_w, margin) = argmax_margin(w);
+            let (top_g, _) = argmax_margin(g);
+            all_pos += 1;
+            same += usize::from(top_g == top_w);
             if margin > MARGIN {
                 firm += 1;
-                let (top_g, _) = argmax_margin(g);
                 assert_eq!(top_g, top_w, "{}: top-1 at position {pos} (CPU margin {margin})", s["name"]);
-                agree += 1;
             }
         }
     }
+    (worst, firm, (same, all_pos))
+}
+
+#[test]
+fn smollm2_forward_matches_the_cpu() {
+    let Some((cpu, gpu)) = engines() else { return };
+    let (worst, firm, (same, all)) = compare_on_reference(cpu, gpu);
     eprintln!(
-        "wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {agree}/{firm} firm positions"
+        "wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {firm}/{firm} firm positions, {same}/{all} in all"
+    );
+    assert!(worst < MODEL_TOL, "largest logit difference {worst}");
+    assert!(firm > 60, "too few firm positions to mean anything: {firm}");
+}
+
+/// The default model converted to FineQuant int4/g64 (`cairn convert -q fq4 -g 64`), on
+/// the GPU against the CPU's f32 path, as `smollm2_forward_matches_the_cpu`. Several
+/// minutes on lavapipe, so not part of the default run:
+/// `cargo test -p cairn --test wgpu -- --ignored smollm2_fine`.
+#[test]
+#[ignore]
+fn smollm2_fine_forward_matches_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let src = ModelFile::open(&common::model_path()).unwrap();
+    let bytes = convert::convert(&src, Quant::Fine { bits: 4, group: 64 }, &[], |_, _| {}, |_| {}).unwrap();
+    let path = std::env::temp_dir().join(format!("cairn-wgpu-fq4g64-{}.cairn", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let cpu = Engine::load(&path, &EngineOptions { exact: true, ..Default::default() }).expect("cpu");
+    let gpu = Engine::load(&path, &EngineOptions { backend: cairn::backend::BackendKind::Wgpu, ..Default::default() })
+        .expect("wgpu engine");
+    let _ = std::fs::remove_file(&path);
+    let (worst, firm, (same, all)) = compare_on_reference(&cpu, &gpu);
+    eprintln!(
+        "fq4/g64 wgpu vs CPU reference: largest |logit difference| {worst:.4}, top-1 agrees at {firm}/{firm} firm positions, {same}/{all} in all"
     );
     assert!(worst < MODEL_TOL, "largest logit difference {worst}");
     assert!(firm > 60, "too few firm positions to mean anything: {firm}");

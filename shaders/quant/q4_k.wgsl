@@ -3,6 +3,7 @@
 // for sub-block 2c, high for 2c+1; y = d·scale·q − dmin·min.
 const QK: u32 = 256u;
 const BB: u32 = 144u;
+#include "blocks"
 
 // (scale, min) of sub-block `s`, unpacked as ggml's get_scale_min_k4.
 fn scale_min_k4(b: u32, s: u32) -> vec2<f32> {
@@ -15,7 +16,7 @@ fn scale_min_k4(b: u32, s: u32) -> vec2<f32> {
     return vec2<f32>(f32(sc), f32(mn));
 }
 
-fn dq4(b: u32, j: u32) -> vec4<f32> {
+fn dq4_block(b: u32, j: u32) -> vec4<f32> {
     let c = j >> 4u;
     let hi = (j >> 3u) & 1u;
     let l = 4u * (j & 7u);

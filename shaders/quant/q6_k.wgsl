@@ -4,8 +4,9 @@
 // qh[l]; every 16 values share a scale; y = d·scale·(q − 32).
 const QK: u32 = 256u;
 const BB: u32 = 210u;
+#include "blocks"
 
-fn dq4(b: u32, j: u32) -> vec4<f32> {
+fn dq4_block(b: u32, j: u32) -> vec4<f32> {
     let h = j >> 5u;
     let k = (j >> 3u) & 3u;
     let l = 4u * (j & 7u);

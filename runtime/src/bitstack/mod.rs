@@ -43,6 +43,14 @@ impl StackWeight {
         self.blocks[0].0.placeholder(&self.name, dims)
     }
 
+    /// Drop the mapped pages of block `level`: for a backend that copied it to a device.
+    /// (Read again from the file if anything touches it later.)
+    pub fn release_block(&self, level: usize) {
+        if let Some((t, _, _)) = self.blocks.get(level) {
+            t.release_whole_pages();
+        }
+    }
+
     /// Block `level` (the shape was checked against the tensor when the file opened).
     pub fn block(&self, level: usize) -> Block<'_> {
         Block { shape: self.shape, bytes: self.blocks[level].0.bytes() }

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+#[cfg(feature = "cli")]
+pub mod stack;
+
 /// The default model, fetched through the project's own pull code (cached under
 /// `$CAIRN_HOME`, so reruns find it).
 /// Resolved once per test binary, so that parallel tests never race one download.

@@ -21,6 +21,7 @@ use std::time::Duration;
 use cairn_formats::GgmlType;
 
 use super::{AttnParams, Backend, KvLayer, RopeStyle};
+use crate::bitstack::StackWeight;
 use crate::error::{Error, Result};
 use crate::weights::HostTensor;
 
@@ -41,6 +42,12 @@ fn matmul_tile(n: usize) -> (usize, usize) {
 const WG: usize = 64;
 /// Largest head dimension `attend` holds in workgroup memory.
 const MAX_HEAD_DIM: usize = 256;
+/// Largest BitStack rank `bitstack.wgsl` holds in workgroup memory (`MAX_RANK`).
+const MAX_RANK: usize = 64;
+/// Tokens per attention dispatch on a sliding-window layer: its cache keeps window +
+/// this − 1 positions in a ring, enough for one such group of queries (a multiple of 64,
+/// so group offsets stay aligned).
+const KV_CHUNK: usize = 256;
 /// How long a submission may run before the device counts as hung.
 const GPU_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -52,6 +59,9 @@ pub struct WgpuOptions {
     pub adapter: Option<String>,
     /// Cap on the bytes one storage binding may cover (default: the adapter's limit).
     pub max_binding: Option<u64>,
+    /// Tokens per attention dispatch on sliding-window layers (a multiple of 64; default
+    /// 256; tests shrink it to make the ring wrap).
+    pub kv_chunk: Option<usize>,
 }
 
 /// One adapter as `cairn info --devices` shows it.
@@ -150,6 +160,9 @@ enum Kernel {
     Add,
     KvStore,
     Attend,
+    /// One BitStack block (batch and decode variants).
+    Stack,
+    StackVec,
 }
 
 impl Kernel {
@@ -158,6 +171,7 @@ impl Kernel {
         const IO3: &[(u32, bool)] = &[(1, true), (2, true), (3, false)];
         match self {
             Kernel::Matmul(_) | Kernel::Matvec(_) => ("matmul", "main", IO3),
+            Kernel::Stack | Kernel::StackVec => ("bitstack", "main", IO3),
             Kernel::Embed(_) => ("embed", "main", IO3),
             Kernel::RmsNorm => ("norm", "main", IO3),
             Kernel::Rope => ("rope", "main", &[(1, true), (2, false)]),
@@ -239,31 +253,54 @@ pub struct GpuTensor {
     pub cols: usize,
 }
 
-/// A weight in its GGUF storage type, split by rows into buffers that each fit one
-/// storage binding (and one dispatch dimension).
+/// A weight in its storage type (GGUF or FineQuant), split by rows into buffers that
+/// each fit one storage binding (and one dispatch dimension); or a BitStack matrix.
 pub struct GpuWeight {
     ty: GgmlType,
     rows: usize,
     cols: usize,
     row_bytes: usize,
     chunks: Vec<(usize, usize, Buf)>,
+    stack: Option<GpuStack>,
 }
 
-/// One layer's cache: f16 keys and values for `capacity` positions, on the device.
+/// A BitStack matrix on the device: its active blocks uploaded as stored (signs, U, V;
+/// never a dense weight), one buffer per level. Every matmul first compares them with
+/// the matrix's active count, uploading blocks that joined and freeing those that left,
+/// so a budget change applies at the next call without a reload.
+struct GpuStack {
+    src: Arc<StackWeight>,
+    levels: Mutex<Vec<Buf>>,
+}
+
+/// One layer's cache: f16 keys and values on the device, position `p` in slot
+/// `p mod slots`. Allocated at the first attention call, when the layer's window is
+/// known: a global layer gets `capacity` slots, a sliding-window layer of window `w`
+/// only `w + KV_CHUNK − 1` (a ring: positions no later query can see are overwritten),
+/// so its memory stays bounded however long the context, as on the CPU.
 pub struct GpuKv {
-    k: Buf,
-    v: Buf,
+    bufs: Option<(Buf, Buf)>,
     len: usize,
     capacity: usize,
     width: usize,
+    slots: usize,
+    window: Option<usize>,
 }
 
 impl KvLayer for GpuKv {
     fn keepable(&self, len: usize) -> usize {
-        len.min(self.len)
+        let len = len.min(self.len);
+        // The next query (at `len`) must still find the keys its window reaches back to.
+        let oldest = self.len.saturating_sub(self.slots);
+        let needed = self.window.map_or(0, |w| (len + 1).saturating_sub(w));
+        if needed < oldest {
+            0
+        } else {
+            len
+        }
     }
     fn truncate(&mut self, len: usize) -> usize {
-        self.len = self.len.min(len);
+        self.len = self.keepable(len);
         self.len
     }
 }
@@ -275,6 +312,7 @@ pub struct WgpuBackend {
     subgroups: bool,
     max_binding: u64,
     max_buffer: u64,
+    kv_chunk: usize,
 }
 
 impl WgpuBackend {
@@ -359,7 +397,8 @@ impl WgpuBackend {
             if flags.is_empty() { "" } else { ", " },
             flags.join(", ")
         );
-        let be = WgpuBackend { sh, name, f16, subgroups, max_binding, max_buffer: limits.max_buffer_size };
+        let kv_chunk = opts.kv_chunk.unwrap_or(KV_CHUNK).next_multiple_of(64);
+        let be = WgpuBackend { sh, name, f16, subgroups, max_binding, max_buffer: limits.max_buffer_size, kv_chunk };
         for k in
             [Kernel::RmsNorm, Kernel::Rope, Kernel::Swiglu, Kernel::Geglu, Kernel::Add, Kernel::KvStore, Kernel::Attend]
         {
@@ -399,9 +438,22 @@ impl WgpuBackend {
         if self.subgroups {
             defs.push("SUBGROUP");
         }
-        if matches!(k, Kernel::Matvec(_)) {
+        if matches!(k, Kernel::Matvec(_) | Kernel::StackVec) {
             defs.push("MATVEC");
         }
+        // FineQuant's width, symmetry and group size: override constants of fine.wgsl.
+        let constants: Vec<(&str, f64)> = match k {
+            Kernel::Matmul(GgmlType::Fine(ft))
+            | Kernel::Matvec(GgmlType::Fine(ft))
+            | Kernel::Embed(GgmlType::Fine(ft)) => {
+                vec![
+                    ("FQ_BITS", f64::from(ft.bits())),
+                    ("FQ_SYM", if ft.sym() { 1.0 } else { 0.0 }),
+                    ("FQ_GROUP", ft.group() as f64),
+                ]
+            }
+            _ => vec![],
+        };
         let src = shaders::assemble(file, quant, &defs).map_err(Error::model)?;
         let dev = &self.sh.device;
         let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -442,7 +494,7 @@ impl WgpuBackend {
             layout: Some(&pl),
             module: &module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
@@ -617,6 +669,111 @@ impl WgpuBackend {
         out
     }
 
+    /// The first attention call of a layer allocates its cache: the whole capacity, or
+    /// for a sliding-window layer a ring of window + `KV_CHUNK` − 1 slots.
+    fn kv_alloc(&self, kv: &mut GpuKv, window: Option<usize>) -> Result<()> {
+        if kv.bufs.is_some() {
+            if kv.slots < kv.capacity && window != kv.window {
+                return Err(Error::model("wgpu: a sliding-window cache used with another window"));
+            }
+            return Ok(());
+        }
+        kv.window = window;
+        kv.slots = match window {
+            Some(w) if w > 0 && w + self.kv_chunk - 1 < kv.capacity => w + self.kv_chunk - 1,
+            _ => kv.capacity.max(1),
+        };
+        let bytes = kv.slots * kv.width * 2;
+        use wgpu::BufferUsages as U;
+        let scope = self.sh.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let size = (bytes.div_ceil(4) * 4).max(4) as u64;
+        let k = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
+        let v = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::model(format!("wgpu: no device memory for the KV cache: {}", describe(&e))));
+        }
+        kv.bufs = Some((k, v));
+        Ok(())
+    }
+
+    /// Token groups `(t0, tokens)` of an `[n, k] → [n, m]` product whose input and output
+    /// slices each fit one binding (offsets stay aligned: groups are multiples of 64 rows
+    /// of 4-byte values). A group too wide even so is reported and ends the list.
+    fn token_groups(&self, n: usize, k: usize, m: usize) -> Vec<(usize, usize)> {
+        let widest = (k.max(m) * 4) as u64;
+        let step = if (n as u64) * widest <= self.max_binding {
+            n
+        } else {
+            ((self.max_binding / widest) as usize / 64 * 64).max(64)
+        };
+        let mut groups = Vec::new();
+        for t0 in (0..n).step_by(step.max(1)) {
+            let nt = step.min(n - t0);
+            if !self.check_binding("a matmul operand", nt * k.max(m) * 4) {
+                break;
+            }
+            groups.push((t0, nt));
+        }
+        groups
+    }
+
+    /// The device copies of a BitStack matrix's active blocks, brought in line with its
+    /// active count now: blocks that joined are uploaded (and their mapped pages
+    /// released), blocks that left are freed.
+    fn sync_stack<'a>(&self, s: &'a GpuStack) -> Result<MutexGuard<'a, Vec<Buf>>> {
+        let active = s.src.active();
+        let mut levels = lock(&s.levels);
+        levels.truncate(active);
+        while levels.len() < active {
+            let l = levels.len();
+            let name = format!("{} (BitStack block {l})", s.src.name);
+            levels.push(self.upload_weight(&name, s.src.block(l).bytes)?);
+            s.src.release_block(l);
+        }
+        Ok(levels)
+    }
+
+    /// `x Wᵀ` for a BitStack matrix: one dispatch per active block, each rebuilding its
+    /// weights in registers; the first writes `out`, the others add to it.
+    fn stack_matmul(&self, x: &GpuTensor, s: &GpuStack, out: &GpuTensor) {
+        let levels = match self.sync_stack(s) {
+            Ok(l) => l,
+            Err(e) => return self.note_error(e.to_string()),
+        };
+        let sh = s.src.shape;
+        let (n, k, m) = (x.rows, sh.n, sh.m);
+        if levels.is_empty() {
+            // No block in use: the matrix is zero.
+            let mut st = lock(&self.sh.st);
+            self.record(&mut st).clear_buffer(&out.buf.buf, 0, None);
+            return;
+        }
+        for (t0, nt) in self.token_groups(n, k, m) {
+            let xs = (&x.buf, (t0 * k * 4) as u64, (nt * k * 4) as u64);
+            let ys = (&out.buf, (t0 * m * 4) as u64, (nt * m * 4) as u64);
+            let (tr, tt) = matmul_tile(nt);
+            let kernel = if nt == 1 { Kernel::StackVec } else { Kernel::Stack };
+            let groups = (m.div_ceil(tr) as u32, nt.div_ceil(tt) as u32);
+            for (l, buf) in levels.iter().enumerate() {
+                let p = [
+                    nt as u32,
+                    k as u32,
+                    m as u32,
+                    m as u32,
+                    sh.k as u32,
+                    sh.u_offset() as u32,
+                    sh.v_offset() as u32,
+                    sh.sign_row_bytes() as u32,
+                    u32::from(l > 0),
+                    0,
+                    0,
+                    0,
+                ];
+                self.dispatch(kernel, &p, &[(buf, 0, buf.size), xs, ys], groups);
+            }
+        }
+    }
+
     /// The (cos, sin) table of RoPE for `n` rows from `pos0`, angles in f64 as the CPU.
     fn rope_table(&self, pos0: usize, n: usize, hd: usize, base: f32) -> Arc<Buf> {
         let key = (pos0, n, hd, base.to_bits());
@@ -752,6 +909,7 @@ impl Backend for WgpuBackend {
                 cols: v.len(),
                 row_bytes: v.len() * 4,
                 chunks: vec![(0, 1, buf)],
+                stack: None,
             });
         }
         let (rows, cols, rb) = (t.rows(), t.cols(), t.row_bytes());
@@ -775,7 +933,42 @@ impl Backend for WgpuBackend {
         // The device copy replaces the mapping's pages.
         t.release_pages();
         self.take_error()?;
-        Ok(GpuWeight { ty, rows, cols, row_bytes: rb, chunks })
+        Ok(GpuWeight { ty, rows, cols, row_bytes: rb, chunks, stack: None })
+    }
+
+    fn load_stack(&self, w: &Arc<StackWeight>) -> Result<GpuWeight> {
+        let s = w.shape;
+        let refuse = |why: String| Err(Error::model(format!("wgpu: BitStack matrix {}: {why}", w.name)));
+        if s.k > MAX_RANK {
+            return refuse(format!("rank {} exceeds the kernel's {MAX_RANK} (use --backend cpu)", s.k));
+        }
+        if !s.n.is_multiple_of(4) {
+            return refuse(format!("rows of {} values are not a multiple of 4", s.n));
+        }
+        if s.bytes() as u64 > self.max_binding {
+            return refuse(format!(
+                "a block of {} MiB exceeds the adapter's storage binding ({} MiB)",
+                s.bytes() >> 20,
+                self.max_binding >> 20
+            ));
+        }
+        if s.m.div_ceil(matmul_tile(1).0) > 65535 {
+            return refuse(format!("{} rows exceed one dispatch", s.m));
+        }
+        self.pipe(Kernel::Stack)?;
+        self.pipe(Kernel::StackVec)?;
+        let stack = GpuStack { src: w.clone(), levels: Mutex::default() };
+        // The blocks active now go up at load, so a device out of memory shows here.
+        drop(self.sync_stack(&stack)?);
+        self.take_error()?;
+        Ok(GpuWeight {
+            ty: cairn_formats::bitstack::BLOCK_TYPE,
+            rows: s.m,
+            cols: s.n,
+            row_bytes: 0,
+            chunks: Vec::new(),
+            stack: Some(stack),
+        })
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> GpuTensor {
@@ -810,6 +1003,9 @@ impl Backend for WgpuBackend {
     }
 
     fn embed(&self, table: &GpuWeight, ids: &[u32], scale: f32) -> Result<GpuTensor> {
+        if table.stack.is_some() {
+            return Err(Error::model("wgpu: an embedding table cannot be a BitStack matrix"));
+        }
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= table.rows) {
             return Err(Error::input(format!("token id {id} is outside the vocabulary of {}", table.rows)));
         }
@@ -835,19 +1031,11 @@ impl Backend for WgpuBackend {
             self.note_error(format!("wgpu: matmul of {n}x{k} by a weight of {m}x{}", w.cols));
             return out;
         }
-        // Token groups whose input and output each fit one binding (offsets stay aligned:
-        // groups are multiples of 64 rows of 4-byte values).
-        let widest = (k.max(m) * 4) as u64;
-        let step = if (n as u64) * widest <= self.max_binding {
-            n
-        } else {
-            ((self.max_binding / widest) as usize / 64 * 64).max(64)
-        };
-        for t0 in (0..n).step_by(step.max(1)) {
-            let nt = step.min(n - t0);
-            if !self.check_binding("a matmul operand", nt * k.max(m) * 4) {
-                break;
-            }
+        if let Some(s) = &w.stack {
+            self.stack_matmul(x, s, &out);
+            return out;
+        }
+        for (t0, nt) in self.token_groups(n, k, m) {
             let xs = (&x.buf, (t0 * k * 4) as u64, (nt * k * 4) as u64);
             let ys = (&out.buf, (t0 * m * 4) as u64, (nt * m * 4) as u64);
             let (tr, tt) = matmul_tile(nt);
@@ -907,6 +1095,7 @@ impl Backend for WgpuBackend {
             )));
         }
         let width = n_kv_heads * head_dim;
+        // Global layers hold the whole context, so the limit is checked here, once.
         let bytes = capacity.max(1) * width * 2;
         if bytes as u64 > self.max_binding {
             return Err(Error::input(format!(
@@ -915,15 +1104,7 @@ impl Backend for WgpuBackend {
                 self.max_binding >> 20
             )));
         }
-        use wgpu::BufferUsages as U;
-        let scope = self.sh.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let size = (bytes.div_ceil(4) * 4) as u64;
-        let k = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
-        let v = self.new_buffer(size, U::STORAGE | U::COPY_DST, false);
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::model(format!("wgpu: no device memory for the KV cache: {}", describe(&e))));
-        }
-        Ok(GpuKv { k, v, len: 0, capacity, width })
+        Ok(GpuKv { bufs: None, len: 0, capacity, width, slots: capacity.max(1), window: None })
     }
 
     fn attention(
@@ -952,32 +1133,46 @@ impl Backend for WgpuBackend {
         if n > 65535 {
             return Err(Error::input("wgpu: at most 65535 tokens per batch"));
         }
-        let params = [
-            n as u32,
-            p.n_heads as u32,
-            (p.n_heads / p.n_kv_heads) as u32,
-            p.head_dim as u32,
-            pos0 as u32,
-            kv.width as u32,
-            p.window.unwrap_or(0) as u32,
-            p.scale.to_bits(),
-        ];
-        fn cache(b: &Buf) -> (&Buf, u64, u64) {
-            (b, 0, b.size)
+        self.kv_alloc(kv, p.window)?;
+        let Some((kc, vc)) = &kv.bufs else { return Err(Error::model("wgpu: KV cache not allocated")) };
+        // A ring holds the window plus one group of queries: larger batches go a group at
+        // a time (each query still sees exactly its window).
+        let group = if kv.slots < kv.capacity { kv.slots + 1 - p.window.unwrap_or(1) } else { n.max(1) };
+        let qw = p.n_heads * p.head_dim;
+        let out = self.tensor(n, qw);
+        fn rows(t: &GpuTensor, t0: usize, nt: usize) -> (&Buf, u64, u64) {
+            (&t.buf, (t0 * t.cols * 4) as u64, (nt * t.cols * 4).max(4) as u64)
         }
-        self.dispatch(
-            Kernel::KvStore,
-            &params,
-            &[Self::whole(k), Self::whole(v), cache(&kv.k), cache(&kv.v)],
-            Self::grid(n * kv.width / 2),
-        );
-        let out = self.tensor(n, p.n_heads * p.head_dim);
-        self.dispatch(
-            Kernel::Attend,
-            &params,
-            &[Self::whole(q), cache(&kv.k), cache(&kv.v), Self::whole(&out)],
-            (p.n_heads as u32, n as u32),
-        );
+        for t0 in (0..n).step_by(group) {
+            let nt = group.min(n - t0);
+            let params = [
+                nt as u32,
+                p.n_heads as u32,
+                (p.n_heads / p.n_kv_heads) as u32,
+                p.head_dim as u32,
+                (pos0 + t0) as u32,
+                kv.width as u32,
+                p.window.unwrap_or(0) as u32,
+                p.scale.to_bits(),
+                kv.slots as u32,
+                0,
+                0,
+                0,
+            ];
+            let (kb, vb) = ((kc, 0, kc.size), (vc, 0, vc.size));
+            self.dispatch(
+                Kernel::KvStore,
+                &params,
+                &[rows(k, t0, nt), rows(v, t0, nt), kb, vb],
+                Self::grid(nt * kv.width / 2),
+            );
+            self.dispatch(
+                Kernel::Attend,
+                &params,
+                &[rows(q, t0, nt), kb, vb, rows(&out, t0, nt)],
+                (p.n_heads as u32, nt as u32),
+            );
+        }
         kv.len += n;
         self.take_error()?;
         Ok(out)

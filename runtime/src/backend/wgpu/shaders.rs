@@ -18,6 +18,9 @@ fn snippet(name: &str) -> Option<&'static str> {
         "rope" => include_str!("../../../../shaders/rope.wgsl"),
         "elementwise" => include_str!("../../../../shaders/elementwise.wgsl"),
         "attention" => include_str!("../../../../shaders/attention.wgsl"),
+        "bitstack" => include_str!("../../../../shaders/bitstack.wgsl"),
+        "blocks" => include_str!("../../../../shaders/quant/blocks.wgsl"),
+        "fine" => include_str!("../../../../shaders/quant/fine.wgsl"),
         "q4_0" => include_str!("../../../../shaders/quant/q4_0.wgsl"),
         "q4_1" => include_str!("../../../../shaders/quant/q4_1.wgsl"),
         "q5_0" => include_str!("../../../../shaders/quant/q5_0.wgsl"),
@@ -43,6 +46,8 @@ pub fn quant_snippet(ty: GgmlType) -> Option<&'static str> {
         GgmlType::Q6K => "q6_k",
         GgmlType::F16 => "f16",
         GgmlType::F32 => "f32",
+        // Width, symmetry and group size are the pipeline's override constants.
+        GgmlType::Fine(_) => "fine",
         _ => return None,
     })
 }
@@ -106,5 +111,11 @@ mod tests {
         assert!(assemble("matmul", None, &[]).is_err());
         let matvec = assemble("matmul", Some("q4_1"), &["MATVEC"]).unwrap();
         assert!(matvec.contains("const TR: u32 = 8u;") && !matvec.contains("const TR: u32 = 4u;"));
+        // ggml types locate blocks through the shared snippet; FineQuant has its own `dq4`.
+        assert_eq!(with.matches("fn dq4(").count(), 1);
+        let fine = assemble("matmul", Some("fine"), &[]).unwrap();
+        assert!(fine.contains("override FQ_GROUP: u32;") && fine.matches("fn dq4(").count() == 1);
+        assert!(!fine.contains("dq4_block"));
+        assert!(assemble("bitstack", None, &["MATVEC"]).unwrap().contains("const TT: u32 = 1u;"));
     }
 }
