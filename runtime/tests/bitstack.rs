@@ -333,13 +333,14 @@ fn dense_copies_match_the_blocks_and_survive_live_changes() {
     for w in &stack.weights {
         let d = w.dense().expect("at 4 levels every matrix outweighs its copy here");
         assert_eq!(w.active(), w.levels());
-        assert_eq!(d.bytes.len() as u64, w.dense_bytes().unwrap());
+        assert_eq!(d.held_bytes(), w.dense_bytes().unwrap());
+        assert_eq!(d.bytes().len(), w.shape.m * w.shape.n / 32 * 34);
         // The copy is the blocks' sum rounded to Q8_0: within half a step of each row block.
         let want = blocks_sum(w);
         let rows = if d.packed {
-            cairn::backend::cpu::kernels::repack::unpack(cairn_formats::GgmlType::Q8_0, &d.bytes, w.shape.m, d.row_bytes)
+            cairn::backend::cpu::kernels::repack::unpack(cairn_formats::GgmlType::Q8_0, d.bytes(), w.shape.m, d.row_bytes)
         } else {
-            d.bytes.clone()
+            d.bytes().to_vec()
         };
         let mut got = vec![0f32; want.len()];
         cairn_formats::quant::dequantize(cairn_formats::GgmlType::Q8_0, &rows, &mut got).unwrap();
@@ -396,7 +397,7 @@ proptest::proptest! {
         let p = apply_budget(&a, &cfg, 32, budget).unwrap();
         // What is really held: copies' bytes plus active blocks' pages.
         let held: u64 = stack.weights.iter().map(|w| match w.dense() {
-            Some(d) => d.bytes.len() as u64,
+            Some(d) => d.held_bytes(),
             None => w.active() as u64 * w.shape.page_bytes(),
         }).sum();
         proptest::prop_assert_eq!(held, p.change.stack_bytes);

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use cairn_formats::bitstack::{Block, BlockShape, StackTable};
+use cairn_formats::container::PAGE;
 use cairn_formats::{container, TensorInfo};
 
 use crate::error::{Error, Result};
@@ -39,11 +40,32 @@ pub struct StackWeight {
 }
 
 /// A matrix rebuilt from all its blocks and rounded to Q8_0 rows (interleaved in groups
-/// of 8 rows when `packed`, the CPU's repacked layout).
+/// of 8 rows when `packed`, the CPU's repacked layout). The bytes live in their own
+/// anonymous mapping (whole pages), so dropping a copy gives its memory back to the
+/// system at once; from the heap, the allocator would keep it.
 pub struct DenseCopy {
-    pub bytes: Vec<u8>,
+    bytes: memmap2::MmapMut,
+    pub rows: usize,
     pub row_bytes: usize,
     pub packed: bool,
+}
+
+impl DenseCopy {
+    pub fn new(data: &[u8], rows: usize, row_bytes: usize, packed: bool) -> std::io::Result<DenseCopy> {
+        let mut bytes = memmap2::MmapMut::map_anon(data.len().next_multiple_of(PAGE as usize))?;
+        bytes[..data.len()].copy_from_slice(data);
+        Ok(DenseCopy { bytes, rows, row_bytes, packed })
+    }
+
+    /// The rows (`rows × row_bytes`).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.rows * self.row_bytes]
+    }
+
+    /// Memory held: whole pages.
+    pub fn held_bytes(&self) -> u64 {
+        self.bytes.len() as u64
+    }
 }
 
 /// Whether matrices may run from dense Q8_0 copies.
@@ -72,10 +94,10 @@ impl StackWeight {
         self.dense.read().ok().and_then(|d| d.clone())
     }
 
-    /// Bytes of a Q8_0 copy (none when rows are not whole Q8_0 blocks).
+    /// Bytes a Q8_0 copy holds, whole pages (none when rows are not whole Q8_0 blocks).
     pub fn dense_bytes(&self) -> Option<u64> {
         let BlockShape { m, n, .. } = self.shape;
-        n.is_multiple_of(32).then_some((m * n / 32 * 34) as u64)
+        n.is_multiple_of(32).then_some(((m * n / 32 * 34) as u64).next_multiple_of(PAGE))
     }
 
     fn set_dense(&self, d: Option<Arc<DenseCopy>>) {
@@ -273,7 +295,7 @@ impl Stack {
             match w.dense() {
                 Some(d) => {
                     w.set_dense(None);
-                    change.bytes_released += d.bytes.len() as u64;
+                    change.bytes_released += d.held_bytes();
                 }
                 None => change.bytes_released += w.release(c, o),
             }
@@ -289,7 +311,8 @@ impl Stack {
                 // matrix's blocks beyond the budget.
                 let resident = w.active();
                 change.bytes_read += w.verify(resident, w.levels())?;
-                let copy = crate::backend::cpu::bitstack::dense_copy(w);
+                let copy = crate::backend::cpu::bitstack::dense_copy(w)
+                    .map_err(|e| Error::model(format!("{}: no memory for a dense copy: {e}", w.name)))?;
                 w.set_dense(Some(Arc::new(copy)));
                 w.active.store(w.levels(), Ordering::Release);
                 change.bytes_released += w.release(0, w.levels());

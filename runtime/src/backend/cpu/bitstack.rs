@@ -50,7 +50,7 @@ pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
 
 /// All of `w`'s levels summed in f32 and rounded to Q8_0 rows, 16-row tiles in
 /// parallel; interleaved in groups of 8 rows where this CPU has repacked kernels.
-pub fn dense_copy(w: &StackWeight) -> DenseCopy {
+pub fn dense_copy(w: &StackWeight) -> std::io::Result<DenseCopy> {
     let blocks: Vec<Block<'_>> = (0..w.levels()).map(|l| w.block(l)).collect();
     let (m, n) = (w.shape.m, w.shape.n);
     let us: Vec<Vec<f32>> = blocks.iter().map(|b| f16s(b.u_bytes())).collect();
@@ -67,10 +67,10 @@ pub fn dense_copy(w: &StackWeight) -> DenseCopy {
     });
     if kernels::has_packed(Isa::detect()) {
         if let Some(p) = kernels::repack::repack(GgmlType::Q8_0, &bytes, m, rb) {
-            return DenseCopy { bytes: p, row_bytes: rb, packed: true };
+            return DenseCopy::new(&p, m, rb, true);
         }
     }
-    DenseCopy { bytes, row_bytes: rb, packed: false }
+    DenseCopy::new(&bytes, m, rb, false)
 }
 
 /// `x Wᵀ` from a dense copy: the Q8_0 kernels (decode: rows split across threads in
@@ -80,9 +80,9 @@ fn dense_matmul(x: &CpuTensor, d: &DenseCopy, m: usize, isa: Option<Isa>) -> Cpu
     let ty = GgmlType::Q8_0;
     let packed = |isa: Isa| d.packed && kernels::has_packed(isa);
     let plain: std::borrow::Cow<'_, [u8]> = match isa {
-        Some(i) if packed(i) => std::borrow::Cow::Borrowed(&d.bytes),
-        _ if d.packed => std::borrow::Cow::Owned(kernels::repack::unpack(ty, &d.bytes, m, rb)),
-        _ => std::borrow::Cow::Borrowed(&d.bytes),
+        Some(i) if packed(i) => std::borrow::Cow::Borrowed(d.bytes()),
+        _ if d.packed => std::borrow::Cow::Owned(kernels::repack::unpack(ty, d.bytes(), m, rb)),
+        _ => std::borrow::Cow::Borrowed(d.bytes()),
     };
     let Some(isa) = isa.filter(|&i| kernels::supports(i, ty)) else {
         let mut out = vec![0f32; ntok * m];
