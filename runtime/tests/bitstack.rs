@@ -8,8 +8,8 @@ use cairn::backend::cpu::bitstack::{block_matvec, rebuild_rows};
 use cairn::backend::cpu::kernels::Isa;
 use cairn::backend::cpu::CpuBackend;
 use cairn::bitstack::build::{self, decompose, global_order, StackOptions};
-use cairn::bitstack::linalg::{dense_svd, top_k, IterOptions};
 use cairn::bitstack::build::{Proxy, StackStats};
+use cairn::bitstack::linalg::{dense_svd, top_k, IterOptions};
 use cairn::bitstack::{apply_budget, parse_size, DenseCache};
 use cairn::model::{self, Logits};
 use cairn::synthetic::{llama_gguf, SplitMix, SyntheticConfig};
@@ -338,7 +338,12 @@ fn dense_copies_match_the_blocks_and_survive_live_changes() {
         // The copy is the blocks' sum rounded to Q8_0: within half a step of each row block.
         let want = blocks_sum(w);
         let rows = if d.packed {
-            cairn::backend::cpu::kernels::repack::unpack(cairn_formats::GgmlType::Q8_0, d.bytes(), w.shape.m, d.row_bytes)
+            cairn::backend::cpu::kernels::repack::unpack(
+                cairn_formats::GgmlType::Q8_0,
+                d.bytes(),
+                w.shape.m,
+                d.row_bytes,
+            )
         } else {
             d.bytes().to_vec()
         };

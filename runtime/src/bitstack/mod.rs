@@ -321,6 +321,13 @@ impl Stack {
             change.dense_matrices += 1;
             change.dense_bytes += w.dense_bytes().unwrap_or(0);
         }
+        // Faults on a block map its neighbours' pages too (the kernel's fault-around),
+        // and those may be blocks not in use: drop every page no matrix uses now, so
+        // the resident set is what the budget counted. Not counted as released.
+        for w in &self.weights {
+            let from = if w.dense().is_some() { 0 } else { w.active() };
+            w.release(from, w.levels());
+        }
         Ok(change)
     }
 

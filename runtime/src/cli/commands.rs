@@ -27,8 +27,14 @@ pub fn resolve_model(name: Option<&str>) -> Result<PathBuf> {
 fn load(m: &ModelArgs) -> Result<Engine> {
     let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
     let dense_cache = crate::bitstack::DenseCache::parse(&m.dense_cache)?;
-    let opts =
-        EngineOptions { threads: m.threads, exact: m.exact, backend: m.backend, memory, context: m.ctx_size, dense_cache };
+    let opts = EngineOptions {
+        threads: m.threads,
+        exact: m.exact,
+        backend: m.backend,
+        memory,
+        context: m.ctx_size,
+        dense_cache,
+    };
     let engine = Engine::load(&model_path(m)?, &opts)?;
     if let Some(note) = &engine.backend_note {
         eprintln!("note: {note}");
@@ -539,7 +545,8 @@ pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option
     if let Some(b) = o.max_bits {
         hi = hi.min((b * params as f64 / 8.0) as u64).max(lo);
     }
-    let orders: Vec<BlockOrder> = o.orders.iter().map(|n| block_order(stack, n, &engine.file)).collect::<Result<_>>()?;
+    let orders: Vec<BlockOrder> =
+        o.orders.iter().map(|n| block_order(stack, n, &engine.file)).collect::<Result<_>>()?;
     let points = o.points.max(2);
     let mut budgets: Vec<u64> = (0..points).map(|p| lo + (hi - lo) * p as u64 / (points as u64 - 1)).collect();
     budgets.dedup();

@@ -440,7 +440,19 @@ pub fn run() -> Result<()> {
             opts.iters.max_iters = iters.max(1);
             crate::bitstack::build::run(&input, &output, &opts)
         }
-        Command::StackEval { model, file, points, ctx, windows, tg, json, proxy_check, max_bits, proxy_bits, order } => {
+        Command::StackEval {
+            model,
+            file,
+            points,
+            ctx,
+            windows,
+            tg,
+            json,
+            proxy_check,
+            max_bits,
+            proxy_bits,
+            order,
+        } => {
             let opts = commands::StackEvalOptions {
                 points,
                 window: ctx,
