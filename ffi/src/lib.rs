@@ -496,8 +496,14 @@ pub unsafe extern "C" fn cairn_model_load(
             ));
         }
         let memory = (params.memory_budget != 0).then_some(params.memory_budget);
-        let opts =
-            EngineOptions { threads: params.n_threads as usize, exact: params.exact, backend, memory, context: 0 };
+        let opts = EngineOptions {
+            threads: params.n_threads as usize,
+            exact: params.exact,
+            backend,
+            memory,
+            context: 0,
+            ..Default::default()
+        };
         let engine = Engine::from_file(file, &opts)?;
         progress(1.0)?;
         log::info!("cairn: loaded {path} ({})", engine.runner.backend_name());

@@ -20,6 +20,7 @@ pub struct BenchOptions {
     pub reps: usize,
     /// Memory budget for a BitStack model (`None`: every block).
     pub memory: Option<u64>,
+    pub dense_cache: crate::bitstack::DenseCache,
 }
 
 /// Mean and sample standard deviation of a set of measurements.
@@ -62,7 +63,13 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     let t = Instant::now();
     let engine = Engine::load(
         path,
-        &EngineOptions { threads: o.threads, backend: o.backend, memory: o.memory, ..Default::default() },
+        &EngineOptions {
+            threads: o.threads,
+            backend: o.backend,
+            memory: o.memory,
+            dense_cache: o.dense_cache,
+            ..Default::default()
+        },
     )?;
     let load_seconds = t.elapsed().as_secs_f64();
     let c = engine.runner.config().clone();

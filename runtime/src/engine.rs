@@ -32,6 +32,8 @@ pub struct EngineOptions {
     pub memory: Option<u64>,
     /// Context the memory budget reserves a KV cache for (0: the model's).
     pub context: usize,
+    /// Whether BitStack matrices may run from dense Q8_0 copies.
+    pub dense_cache: crate::bitstack::DenseCache,
 }
 
 pub struct Engine {
@@ -119,6 +121,9 @@ impl Engine {
         let template = ChatTemplate::from_metadata(meta).map_err(|e| e.to_string());
         let memory_ctx = if opts.context == 0 { runner.config().context } else { opts.context };
         let engine = Engine { file, runner, tokenizer, template, backend_note, memory_ctx };
+        if let Some(s) = &engine.file.stack {
+            s.set_dense_cache(opts.dense_cache);
+        }
         match (opts.memory, &engine.file.stack) {
             (Some(b), _) => {
                 let plan = engine.set_memory_budget(b)?;

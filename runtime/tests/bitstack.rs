@@ -7,13 +7,13 @@ mod common;
 use cairn::backend::cpu::bitstack::{block_matvec, rebuild_rows};
 use cairn::backend::cpu::kernels::Isa;
 use cairn::backend::cpu::CpuBackend;
-use cairn::bitstack::build::{decompose, global_order};
+use cairn::bitstack::build::{decompose, global_order, Proxy, StackStats};
 use cairn::bitstack::linalg::{dense_svd, top_k, IterOptions};
-use cairn::bitstack::{apply_budget, parse_size};
+use cairn::bitstack::{apply_budget, parse_size, DenseCache};
 use cairn::model;
 use cairn::synthetic::SplitMix;
 use cairn_formats::bitstack::{Block, BlockShape};
-use common::stack::{logits, small_model, stacked};
+use common::stack::{logits, small_model, stacked, stacked_with};
 
 fn random(m: usize, n: usize, seed: u64) -> Vec<f32> {
     let mut r = SplitMix(seed);
@@ -67,7 +67,7 @@ fn weight_after_n_blocks_is_the_sum_of_the_blocks() {
     let (m, n, k, levels) = (24, 40, 3, 5);
     let w = random(m, n, 11);
     let shape = BlockShape::new(m, n, k).unwrap();
-    let st = decompose("w", w.clone(), shape, levels, IterOptions::default(), &|| {}).unwrap();
+    let st = decompose("w", w.clone(), shape, levels, None, IterOptions::default(), &|| {}).unwrap();
     let energy: f32 = w.iter().map(|x| x * x).sum();
     let mut sum = vec![0f32; m * n];
     let mut last = f64::INFINITY;
@@ -83,10 +83,56 @@ fn weight_after_n_blocks_is_the_sum_of_the_blocks() {
 }
 
 #[test]
+fn activation_weighted_errors_are_what_the_blocks_leave() {
+    let (m, n, k, levels) = (20, 48, 4, 3);
+    let w = random(m, n, 5);
+    let a: Vec<f32> = (0..n).map(|j| 0.25 + (j % 7) as f32).collect();
+    let shape = BlockShape::new(m, n, k).unwrap();
+    let st = decompose("w", w.clone(), shape, levels, Some(&a), IterOptions::default(), &|| {}).unwrap();
+    let mut sum = vec![0f32; m * n];
+    for l in 0..=levels {
+        if l > 0 {
+            Block::new(shape, &st.blocks[l - 1]).unwrap().add_rows(0, &mut sum);
+        }
+        let (mut e, mut ea) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let r = (w[i * n + j] - sum[i * n + j]) as f64;
+                e += r * r;
+                ea += r * r * (a[j] as f64).powi(2);
+            }
+        }
+        assert!((st.energy[l] - e).abs() <= 1e-4 * st.energy[0], "level {l}: {} vs {e}", st.energy[l]);
+        assert!((st.energy_act[l] - ea).abs() <= 1e-4 * st.energy_act[0], "level {l}: {} vs {ea}", st.energy_act[l]);
+    }
+    // The proxy is the activation-weighted error each block removes, per byte.
+    for l in 0..levels {
+        let want = (st.energy_act[l] - st.energy_act[l + 1]) / shape.page_bytes() as f64;
+        assert!((st.gain[l] - want).abs() <= 1e-9 * want.abs().max(1e-30));
+    }
+}
+
+#[test]
+fn the_file_keeps_the_errors_its_order_came_from() {
+    let a = stacked(&small_model(), 3);
+    let stack = a.stack.as_ref().unwrap();
+    let levels: Vec<usize> = stack.weights.iter().map(|w| w.levels()).collect();
+    let stats = StackStats::from_file(&a, &levels).expect("errors stored");
+    assert!(stats.energy.iter().all(|e| e.len() == 4 && e.windows(2).all(|p| p[1] < p[0])));
+    // No calibration: no residual statistics, so the file was ordered by the activation proxy.
+    assert!(stats.residual_weight.iter().all(|&w| w == 0.0));
+    let pages: Vec<u64> = stack.weights.iter().map(|w| w.shape.page_bytes()).collect();
+    let order = global_order(&stats.gains(Proxy::Activation, &pages));
+    let table: Vec<(usize, usize)> =
+        stack.table.entries.iter().map(|e| (e.matrix as usize, e.level as usize)).collect();
+    assert_eq!(order, table);
+}
+
+#[test]
 fn kernels_match_the_scalar_reference() {
     for (m, n, k) in [(70, 64, 16), (16, 36, 8), (33, 20, 5)] {
         let shape = BlockShape::new(m, n, k).unwrap();
-        let st = decompose("w", random(m, n, 21), shape, 2, IterOptions::default(), &|| {}).unwrap();
+        let st = decompose("w", random(m, n, 21), shape, 2, None, IterOptions::default(), &|| {}).unwrap();
         let blocks: Vec<Block<'_>> = st.blocks.iter().map(|b| Block::new(shape, b).unwrap()).collect();
         let mut dense = vec![0f32; m * n];
         for b in &blocks {
@@ -221,6 +267,124 @@ proptest::proptest! {
                 let active: Vec<usize> = a.stack.as_ref().unwrap().weights.iter().map(|w| w.active()).collect();
                 proptest::prop_assert_eq!(counts, active);
             }
+        }
+    }
+}
+
+/// Sum of a matrix's blocks in f32, by the scalar reference.
+fn blocks_sum(w: &cairn::bitstack::StackWeight) -> Vec<f32> {
+    let mut sum = vec![0f32; w.shape.m * w.shape.n];
+    for l in 0..w.levels() {
+        w.block(l).add_rows(0, &mut sum);
+    }
+    sum
+}
+
+#[test]
+fn dense_copies_match_the_blocks_and_survive_live_changes() {
+    let src = small_model();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 % 90) as u32).collect();
+    let a = stacked(&src, 4);
+    let ra = model::load(&a, CpuBackend::new(2).unwrap()).unwrap();
+    let cfg = ra.config().clone();
+    let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 64);
+    let t = &a.stack.as_ref().unwrap().table;
+    let all = dense + kv + scratch + t.prefix_bytes(t.entries.len());
+    apply_budget(&a, &cfg, 64, all).unwrap();
+    let from_blocks = logits(ra.as_ref(), &ids);
+
+    // The same budget with copies: every matrix whose blocks outweigh a Q8_0 copy runs
+    // from one, built from all its levels, and the stack takes fewer bytes.
+    let b = stacked_with(&src, 4, DenseCache::Auto);
+    let stack = b.stack.as_ref().unwrap();
+    let rb = model::load(&b, CpuBackend::new(2).unwrap()).unwrap();
+    let plan = apply_budget(&b, &cfg, 64, all).unwrap();
+    assert!(plan.change.dense_matrices > 0);
+    assert!(plan.change.stack_bytes < t.prefix_bytes(t.entries.len()));
+    for w in &stack.weights {
+        let d = w.dense().expect("at 4 levels every matrix outweighs its copy here");
+        assert_eq!(w.active(), w.levels());
+        assert_eq!(d.held_bytes(), w.dense_bytes().unwrap());
+        assert_eq!(d.bytes().len(), w.shape.m * w.shape.n / 32 * 34);
+        // The copy is the blocks' sum rounded to Q8_0: within half a step of each row block.
+        let want = blocks_sum(w);
+        let rows = if d.packed {
+            cairn::backend::cpu::kernels::repack::unpack(
+                cairn_formats::GgmlType::Q8_0,
+                d.bytes(),
+                w.shape.m,
+                d.row_bytes,
+            )
+        } else {
+            d.bytes().to_vec()
+        };
+        let mut got = vec![0f32; want.len()];
+        cairn_formats::quant::dequantize(cairn_formats::GgmlType::Q8_0, &rows, &mut got).unwrap();
+        for (g, wv) in got.chunks(32).zip(want.chunks(32)) {
+            let amax = wv.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let tol = amax / 127.0 * 0.5 + amax * 1e-3 + 1e-6;
+            for (x, y) in g.iter().zip(wv) {
+                assert!((x - y).abs() <= tol, "{}: {x} vs {y} (tolerance {tol})", w.name);
+            }
+        }
+    }
+    let from_copies = logits(rb.as_ref(), &ids);
+    let d = rel_diff(&from_copies, &from_blocks);
+    eprintln!("copies vs blocks: relative logit difference {d}");
+    assert!(d < 0.02, "copies vs blocks: relative logit difference {d}");
+
+    // Shrink until matrices leave their copies, then grow back: the same logits as
+    // before, and a fresh load at the small budget agrees bit for bit.
+    let small = dense + kv + scratch + stack.prefix_cost(t.min_prefix() + 3);
+    let shrunk = apply_budget(&b, &cfg, 64, small).unwrap();
+    assert!(shrunk.change.dense_matrices < plan.change.dense_matrices);
+    assert!(shrunk.change.bytes_released > 0);
+    let at_small = logits(rb.as_ref(), &ids);
+    let regrown = apply_budget(&b, &cfg, 64, all).unwrap();
+    assert_eq!(regrown.change.dense_matrices, plan.change.dense_matrices);
+    assert_eq!(logits(rb.as_ref(), &ids), from_copies);
+    let c = stacked_with(&src, 4, DenseCache::Auto);
+    let rc = model::load(&c, CpuBackend::new(2).unwrap()).unwrap();
+    apply_budget(&c, &cfg, 64, small).unwrap();
+    assert_eq!(logits(rc.as_ref(), &ids), at_small);
+
+    // The f32 reference path runs the copies too, close to the integer path.
+    let reference = model::load(&b, CpuBackend::reference(1).unwrap()).unwrap();
+    let exact = logits(reference.as_ref(), &ids);
+    assert!(rel_diff(&from_copies, &exact) < 0.05, "integer vs f32 path: {}", rel_diff(&from_copies, &exact));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
+
+    /// With copies: any budget at or above the minimum is never exceeded (copies counted
+    /// at their real size), one more block would exceed it, and every matrix runs from
+    /// a copy exactly when its blocks would outweigh the copy.
+    #[test]
+    fn budgets_with_copies_never_go_over(extra in 0u64..400_000) {
+        let a = stacked_with(&small_model(), 3, DenseCache::Auto);
+        let stack = a.stack.as_ref().unwrap();
+        let runner = model::load(&a, CpuBackend::new(1).unwrap()).unwrap();
+        let cfg = runner.config().clone();
+        let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 32);
+        let t = &stack.table;
+        let fixed = dense + kv + scratch;
+        let budget = fixed + stack.prefix_cost(t.min_prefix()) + extra;
+        let p = apply_budget(&a, &cfg, 32, budget).unwrap();
+        // What is really held: copies' bytes plus active blocks' pages.
+        let held: u64 = stack.weights.iter().map(|w| match w.dense() {
+            Some(d) => d.held_bytes(),
+            None => w.active() as u64 * w.shape.page_bytes(),
+        }).sum();
+        proptest::prop_assert_eq!(held, p.change.stack_bytes);
+        proptest::prop_assert!(fixed + held <= budget, "{} over", fixed + held - budget);
+        if p.blocks < t.entries.len() {
+            proptest::prop_assert!(fixed + stack.prefix_cost(p.blocks + 1) > budget);
+        }
+        for (i, (w, c)) in stack.weights.iter().zip(t.counts(p.blocks)).enumerate() {
+            let copy = stack.matrix_cost(i, c).1;
+            proptest::prop_assert_eq!(w.dense().is_some(), copy);
+            proptest::prop_assert_eq!(w.active(), if copy { w.levels() } else { c });
         }
     }
 }

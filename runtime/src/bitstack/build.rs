@@ -11,10 +11,14 @@
 //!    with the rounded factors (so the stored blocks sum exactly to what was fitted).
 //! 3. Order: a level-0 block of every matrix first; then greedily the block with the
 //!    largest *proxy*, among those that keep the rule "no matrix gets level i + 2 before
-//!    every matrix has level i". The proxy is the activation-weighted squared error the
-//!    block removes, relative to the matrix's own activation-weighted energy, per page
-//!    byte: `(E_l − E_{l+1}) / E_0 / bytes`, with `E` measured on the scaled matrix (so
-//!    columns count by how strongly their inputs are driven).
+//!    every matrix has level i". The proxy is the absolute activation-weighted squared
+//!    error the block removes, per page byte: `(E_l − E_{l+1}) / bytes` with
+//!    `E = Σ_j a_j² Σ_i R_ij²` (the diagonal estimate of the output error `‖R X‖²` over
+//!    the calibration tokens). On a scaled matrix `a_j = 1` (the scaling carries the
+//!    input norms); `attn_output` uses its own recorded input norms. Not normalised by
+//!    the matrix's energy: a block counts by the output error it removes, so matrices
+//!    whose outputs matter more (larger outputs) are not flattened to equal weight.
+//!    Every matrix's errors per level are kept in the metadata ([`META_ENERGY_ACT`]).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -44,6 +48,7 @@ pub struct StackOptions {
     pub calib_tokens: usize,
     pub iters: IterOptions,
     pub threads: usize,
+    pub proxy: Proxy,
 }
 
 impl Default for StackOptions {
@@ -55,6 +60,7 @@ impl Default for StackOptions {
             calib_tokens: 2048,
             iters: IterOptions { tol: 1e-3, max_iters: 12, seed: 0x5eed },
             threads: 0,
+            proxy: Proxy::Residual,
         }
     }
 }
@@ -68,7 +74,19 @@ pub struct MatrixStack {
     pub gain: Vec<f64>,
     /// Relative squared error `E_{l+1} / E_0` after each level.
     pub rel_err: Vec<f64>,
+    /// Squared error of the stored (scaled) matrix before any level and after each:
+    /// `E_0, E_1, …` (`levels + 1` values).
+    pub energy: Vec<f64>,
+    /// The same, activation-weighted: `Σ_j a_j² Σ_i R_ij²` with `a_j` the recorded
+    /// input norm of column j in the frame the matrix runs in (1 for scaled matrices,
+    /// whose scaling already carries it) — the diagonal estimate of `‖R X‖²`.
+    pub energy_act: Vec<f64>,
 }
+
+/// Metadata: per matrix (table order), `levels + 1` squared errors of the stored matrix.
+pub const META_ENERGY: &str = "cairn.stack.energy";
+/// The same, activation-weighted.
+pub const META_ENERGY_ACT: &str = "cairn.stack.energy_act";
 
 /// Calibration window in tokens.
 const CALIB_WINDOW: usize = 512;
@@ -101,14 +119,29 @@ pub fn decompose(
     mut r: Vec<f32>,
     shape: BlockShape,
     levels: usize,
+    act: Option<&[f32]>,
     iters: IterOptions,
     tick: &(dyn Fn() + Sync),
 ) -> Result<MatrixStack> {
     let BlockShape { m, n, k } = shape;
     let energy = |r: &[f32]| r.par_iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+    let a2: Vec<f64> = match act {
+        Some(a) if a.len() == n => a.iter().map(|&a| (a as f64) * (a as f64)).collect(),
+        _ => vec![1.0; n],
+    };
+    let energy_act = |r: &[f32]| {
+        r.par_chunks(n).map(|row| row.iter().zip(&a2).map(|(&x, a)| (x as f64) * (x as f64) * a).sum::<f64>()).sum()
+    };
     let e0 = energy(&r).max(1e-30);
-    let mut e_prev = e0;
-    let mut out = MatrixStack { name: name.into(), shape, blocks: Vec::new(), gain: Vec::new(), rel_err: Vec::new() };
+    let mut out = MatrixStack {
+        name: name.into(),
+        shape,
+        blocks: Vec::new(),
+        gain: Vec::new(),
+        rel_err: Vec::new(),
+        energy: vec![e0],
+        energy_act: vec![energy_act(&r)],
+    };
     for level in 0..levels {
         let abs: Vec<f32> = r.par_iter().map(|x| x.abs()).collect();
         let svd = linalg::top_k(&abs, m, n, k, IterOptions { seed: iters.seed ^ (level as u64) << 32, ..iters });
@@ -140,13 +173,127 @@ pub fn decompose(
             }
         });
         let e = energy(&r);
-        out.gain.push((e_prev - e) / e0 / shape.page_bytes() as f64);
+        let ea = energy_act(&r);
+        let ea_prev = out.energy_act[level];
+        out.gain.push((ea_prev - ea) / shape.page_bytes() as f64);
         out.rel_err.push(e / e0);
+        out.energy.push(e);
+        out.energy_act.push(ea);
         out.blocks.push(block);
-        e_prev = e;
         tick();
     }
     Ok(out)
+}
+
+/// Ordering proxies (each per page byte of the block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proxy {
+    /// Squared error removed relative to the matrix's own energy (the first version).
+    Relative,
+    /// Absolute activation-weighted squared error removed.
+    Activation,
+    /// The effect on the residual stream: the relative output error the block removes,
+    /// times the output energy of the matrix that writes its sub-layer's result into the
+    /// residual stream (`attn_output` for q/k/v/o, `ffn_down` for gate/up/down), over the
+    /// residual stream's energy there (the next norm's recorded input). For the writers
+    /// themselves this is their absolute activation-weighted error over the residual's.
+    Residual,
+}
+
+impl Proxy {
+    pub fn parse(s: &str) -> Result<Proxy> {
+        match s {
+            "rel" | "relative" => Ok(Proxy::Relative),
+            "act" | "activation" => Ok(Proxy::Activation),
+            "res" | "residual" => Ok(Proxy::Residual),
+            _ => Err(Error::input(format!("unknown proxy {s:?} (rel, act, res)"))),
+        }
+    }
+}
+
+/// What every proxy needs, per matrix: errors after each level (both frames), and the
+/// residual weight of [`Proxy::Residual`] (`0` where the statistics are missing).
+#[derive(Debug, Clone, Default)]
+pub struct StackStats {
+    pub energy: Vec<Vec<f64>>,
+    pub energy_act: Vec<Vec<f64>>,
+    pub residual_weight: Vec<f64>,
+}
+
+/// Metadata: per matrix, the factor that turns its activation-weighted error into the
+/// residual stream's relative error ([`Proxy::Residual`]).
+pub const META_RESIDUAL: &str = "cairn.stack.residual_weight";
+
+impl StackStats {
+    /// Read back what `cairn stack` stored; `None` for files made before it did.
+    pub fn from_file(file: &ModelFile, levels: &[usize]) -> Option<StackStats> {
+        let floats = |key: &str| -> Option<Vec<f64>> {
+            match file.meta(key)? {
+                MetaValue::Array(v) => v.iter().map(|x| x.as_f64()).collect(),
+                _ => None,
+            }
+        };
+        let split = |flat: Vec<f64>| -> Option<Vec<Vec<f64>>> {
+            let mut out = Vec::with_capacity(levels.len());
+            let mut at = 0;
+            for &l in levels {
+                out.push(flat.get(at..at + l + 1)?.to_vec());
+                at += l + 1;
+            }
+            (at == flat.len()).then_some(out)
+        };
+        let residual_weight = floats(META_RESIDUAL)?;
+        (residual_weight.len() == levels.len()).then_some(())?;
+        Some(StackStats {
+            energy: split(floats(META_ENERGY)?)?,
+            energy_act: split(floats(META_ENERGY_ACT)?)?,
+            residual_weight,
+        })
+    }
+
+    /// Every block's proxy value, per matrix and level.
+    pub fn gains(&self, proxy: Proxy, page_bytes: &[u64]) -> Vec<Vec<f64>> {
+        (0..self.energy.len())
+            .map(|i| {
+                let (e, ea, b) = (&self.energy[i], &self.energy_act[i], page_bytes[i] as f64);
+                (0..e.len().saturating_sub(1))
+                    .map(|l| match proxy {
+                        Proxy::Relative => (e[l] - e[l + 1]) / e[0].max(1e-30) / b,
+                        Proxy::Activation => (ea[l] - ea[l + 1]) / b,
+                        Proxy::Residual => (ea[l] - ea[l + 1]) * self.residual_weight[i] / b,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// [`Proxy::Residual`]'s factor for matrix `name` whose activation-weighted energy is
+/// `e0`: `E(writer) / (e0 · E(residual))`, from the calibration statistics (`scales`:
+/// per weight, mean L2 norm of each input channel; a norm's input is the residual).
+fn residual_weight(
+    name: &str,
+    e0: f64,
+    writer_e0: &dyn Fn(&str) -> Option<f64>,
+    scales: &HashMap<String, Vec<f32>>,
+    n_layers: usize,
+) -> f64 {
+    let Some(rest) = name.strip_prefix("blk.") else { return 0.0 };
+    let Some((layer, _)) = rest.split_once('.') else { return 0.0 };
+    let Ok(l) = layer.parse::<usize>() else { return 0.0 };
+    let (writer, target) = if name.contains(".attn_") {
+        (format!("blk.{l}.attn_output.weight"), format!("blk.{l}.ffn_norm.weight"))
+    } else if l + 1 < n_layers {
+        (format!("blk.{l}.ffn_down.weight"), format!("blk.{}.attn_norm.weight", l + 1))
+    } else {
+        (format!("blk.{l}.ffn_down.weight"), "output_norm.weight".to_string())
+    };
+    let (Some(w), Some(r)) = (writer_e0(&writer), scales.get(&target)) else { return 0.0 };
+    let res: f64 = r.iter().map(|&s| (s as f64) * (s as f64)).sum();
+    if res <= 0.0 || e0 <= 0.0 {
+        return 0.0;
+    }
+    w / (e0 * res)
 }
 
 /// The global order of blocks: `(matrix, level)` pairs. Level 0 of every matrix first
@@ -231,7 +378,9 @@ pub fn build(
             }
             let shape = BlockShape::new(m, n, opts.rank).map_err(|e| Error::model(e.to_string()))?;
             let tick = || bar.inc((m * n) as u64);
-            Ok((i, decompose(&t.name, w, shape, opts.levels, opts.iters, &tick)?))
+            // Unscaled matrices weigh their error by their own recorded input norms.
+            let act = if col_scale(&t.name).is_none() { scales.get(&t.name).map(Vec::as_slice) } else { None };
+            Ok((i, decompose(&t.name, w, shape, opts.levels, act, opts.iters, &tick)?))
         })
         .collect::<Result<_>>()?;
     stacks.sort_by_key(|(i, _)| *i);
@@ -266,6 +415,35 @@ pub fn build(
         }
         n_dense += 1;
     }
+    let n_layers = src.tensors.iter().filter(|t| t.name.ends_with(".attn_norm.weight")).count();
+    let e0_of: HashMap<String, f64> = stacks.iter().map(|s| (s.name.clone(), s.energy_act[0])).collect();
+    let stats = StackStats {
+        energy: stacks.iter().map(|s| s.energy.clone()).collect(),
+        energy_act: stacks.iter().map(|s| s.energy_act.clone()).collect(),
+        residual_weight: stacks
+            .iter()
+            .map(|s| residual_weight(&s.name, s.energy_act[0], &|w| e0_of.get(w).copied(), scales, n_layers))
+            .collect(),
+    };
+    let pages: Vec<u64> = stacks.iter().map(|s| s.shape.page_bytes()).collect();
+    // Without calibration there is no residual statistic: fall back to the activation proxy.
+    let proxy = if opts.proxy == Proxy::Residual && stats.residual_weight.iter().any(|&w| w <= 0.0) {
+        Proxy::Activation
+    } else {
+        opts.proxy
+    };
+    for (s, g) in stacks.iter_mut().zip(stats.gains(proxy, &pages)) {
+        s.gain = g;
+    }
+    b.meta(META_RESIDUAL, MetaValue::Array(stats.residual_weight.iter().map(|&w| MetaValue::F64(w)).collect()));
+    b.meta("cairn.stack.proxy", MetaValue::String(format!("{proxy:?}")));
+    // Every matrix's error after each level, so other orders can be tried without a
+    // reconversion (`stack-eval --order`).
+    let flat = |f: &dyn Fn(&MatrixStack) -> &Vec<f64>| {
+        MetaValue::Array(stacks.iter().flat_map(|s| f(s).iter().map(|&e| MetaValue::F64(e))).collect())
+    };
+    b.meta(META_ENERGY, flat(&|s| &s.energy));
+    b.meta(META_ENERGY_ACT, flat(&|s| &s.energy_act));
     let gains: Vec<Vec<f64>> = stacks.iter().map(|s| s.gain.clone()).collect();
     let global = global_order(&gains);
     let mut entries = Vec::with_capacity(global.len());

@@ -5,15 +5,24 @@
 //! reads) exactly the blocks that join; shrinking tells the kernel to drop the pages of
 //! the blocks that leave (`madvise(DONTNEED)`), so the resident set follows the budget.
 //! Kernels read `active` at every matmul, so a change needs no reload.
+//!
+//! Dense cache: with rank-k blocks a level costs 1.6–3 bits per weight, so past a few
+//! levels a matrix's blocks take more memory than a dense Q8_0 copy (8.5 bits). Under
+//! [`DenseCache::Auto`] such a matrix is rebuilt from *all* its levels into a Q8_0 copy
+//! (it costs the same whatever the level count) and its blocks' pages are released; the
+//! fast Q8_0 kernels run it. The budget counts the copy's bytes instead of the blocks'.
+//! Building a copy reads every block of that matrix (the copy cannot be patched by a
+//! block without re-rounding, and a fresh load must give the same weights).
 
 #[cfg(feature = "cli")]
 pub mod build;
 pub mod linalg;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use cairn_formats::bitstack::{Block, BlockShape, StackTable};
+use cairn_formats::container::PAGE;
 use cairn_formats::{container, TensorInfo};
 
 use crate::error::{Error, Result};
@@ -26,9 +35,96 @@ pub struct StackWeight {
     pub shape: BlockShape,
     blocks: Vec<(HostTensor, TensorInfo, u64)>,
     active: AtomicUsize,
+    /// The dense Q8_0 copy of all levels, when the matrix runs from one.
+    dense: RwLock<Option<Arc<DenseCopy>>>,
+}
+
+/// A matrix rebuilt from all its blocks and rounded to Q8_0 rows (interleaved in groups
+/// of 8 rows when `packed`, the CPU's repacked layout). The bytes live in their own
+/// anonymous mapping (whole pages), so dropping a copy gives its memory back to the
+/// system at once; from the heap, the allocator would keep it.
+pub struct DenseCopy {
+    bytes: memmap2::MmapMut,
+    pub rows: usize,
+    pub row_bytes: usize,
+    pub packed: bool,
+}
+
+impl DenseCopy {
+    pub fn new(data: &[u8], rows: usize, row_bytes: usize, packed: bool) -> std::io::Result<DenseCopy> {
+        let mut bytes = memmap2::MmapMut::map_anon(data.len().next_multiple_of(PAGE as usize))?;
+        bytes[..data.len()].copy_from_slice(data);
+        Ok(DenseCopy { bytes, rows, row_bytes, packed })
+    }
+
+    /// The rows (`rows × row_bytes`).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.rows * self.row_bytes]
+    }
+
+    /// Memory held: whole pages.
+    pub fn held_bytes(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+}
+
+/// Whether matrices may run from dense Q8_0 copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenseCache {
+    /// Blocks only.
+    Off,
+    /// A copy for every matrix whose active blocks would take more bytes than the copy.
+    #[default]
+    Auto,
+}
+
+impl DenseCache {
+    pub fn parse(s: &str) -> Result<DenseCache> {
+        match s {
+            "off" => Ok(DenseCache::Off),
+            "auto" => Ok(DenseCache::Auto),
+            _ => Err(Error::input(format!("--dense-cache {s:?}: use auto or off"))),
+        }
+    }
 }
 
 impl StackWeight {
+    /// The dense copy in use, if any.
+    pub fn dense(&self) -> Option<Arc<DenseCopy>> {
+        self.dense.read().ok().and_then(|d| d.clone())
+    }
+
+    /// Bytes a Q8_0 copy holds, whole pages (none when rows are not whole Q8_0 blocks).
+    pub fn dense_bytes(&self) -> Option<u64> {
+        let BlockShape { m, n, .. } = self.shape;
+        n.is_multiple_of(32).then_some(((m * n / 32 * 34) as u64).next_multiple_of(PAGE))
+    }
+
+    fn set_dense(&self, d: Option<Arc<DenseCopy>>) {
+        if let Ok(mut g) = self.dense.write() {
+            *g = d;
+        }
+    }
+
+    /// Read and check blocks `from..to` (reading is what brings them into memory).
+    fn verify(&self, from: usize, to: usize) -> Result<u64> {
+        let mut read = 0;
+        for (t, info, sum) in self.blocks.get(from..to).unwrap_or(&[]) {
+            container::verify_tensor(info, *sum, t.bytes()).map_err(|e| Error::model(e.to_string()))?;
+            read += info.size;
+        }
+        Ok(read)
+    }
+
+    fn release(&self, from: usize, to: usize) -> u64 {
+        let mut n = 0;
+        for (t, _, _) in self.blocks.get(from..to).unwrap_or(&[]) {
+            t.release_whole_pages();
+            n += self.shape.page_bytes();
+        }
+        n
+    }
+
     /// Blocks the kernels use now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
@@ -67,8 +163,11 @@ pub struct StackChange {
     pub bytes_read: u64,
     /// Page bytes given back because blocks left.
     pub bytes_released: u64,
-    /// Page bytes of all blocks in use now.
+    /// Bytes of the stack in use now: page bytes of active blocks plus dense copies.
     pub stack_bytes: u64,
+    /// Matrices running from dense Q8_0 copies, and the copies' bytes.
+    pub dense_matrices: usize,
+    pub dense_bytes: u64,
 }
 
 /// The stack of a `.cairn` file.
@@ -77,6 +176,8 @@ pub struct Stack {
     pub weights: Vec<Arc<StackWeight>>,
     /// Blocks in use (a prefix of the table).
     prefix: Mutex<usize>,
+    /// [`DenseCache::Auto`] when set.
+    auto_dense: AtomicBool,
 }
 
 impl Stack {
@@ -98,10 +199,58 @@ impl Stack {
                     shape: table.shape(i).map_err(|e| Error::model(e.to_string()))?,
                     blocks,
                     active: AtomicUsize::new(0),
+                    dense: RwLock::new(None),
                 }))
             })
             .collect::<Result<_>>()?;
-        Ok(Stack { table, weights, prefix: Mutex::new(0) })
+        Ok(Stack { table, weights, prefix: Mutex::new(0), auto_dense: AtomicBool::new(true) })
+    }
+
+    /// Choose the dense-cache policy; it applies from the next budget change.
+    pub fn set_dense_cache(&self, mode: DenseCache) {
+        self.auto_dense.store(mode == DenseCache::Auto, Ordering::Release);
+    }
+
+    pub fn dense_cache(&self) -> DenseCache {
+        if self.auto_dense.load(Ordering::Acquire) {
+            DenseCache::Auto
+        } else {
+            DenseCache::Off
+        }
+    }
+
+    /// Bytes matrix `i` takes with `c` blocks, and whether it then runs from a copy.
+    pub fn matrix_cost(&self, i: usize, c: usize) -> (u64, bool) {
+        let w = &self.weights[i];
+        let blocks = c.min(w.levels()) as u64 * w.shape.page_bytes();
+        match w.dense_bytes() {
+            Some(q) if self.dense_cache() == DenseCache::Auto && blocks > q => (q, true),
+            _ => (blocks, false),
+        }
+    }
+
+    /// Bytes of a state with `counts[i]` blocks of matrix `i`.
+    pub fn cost(&self, counts: &[usize]) -> u64 {
+        counts.iter().enumerate().map(|(i, &c)| self.matrix_cost(i, c).0).sum()
+    }
+
+    /// Bytes of the first `n` blocks of the table (copies counted instead of blocks).
+    pub fn prefix_cost(&self, n: usize) -> u64 {
+        self.cost(&self.table.counts(n))
+    }
+
+    /// The longest prefix whose cost fits in `bytes` (costs never fall as `n` grows).
+    pub fn prefix_for(&self, bytes: u64) -> usize {
+        let (mut lo, mut hi) = (0, self.table.entries.len());
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if self.prefix_cost(mid) <= bytes {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
     }
 
     pub fn weight(&self, name: &str) -> Option<&Arc<StackWeight>> {
@@ -121,40 +270,78 @@ impl Stack {
         let mut change = self.set_counts(&self.table.counts(n))?;
         change.before = std::mem::replace(&mut *cur, n);
         change.after = n;
-        change.stack_bytes = self.table.prefix_bytes(n);
         Ok(change)
     }
 
     /// Use `counts[i]` blocks of matrix `i` (any mix, not only prefixes of the table:
-    /// for measuring what one block is worth). `before`/`after` are left at 0.
+    /// for measuring what one block is worth). `before`/`after` are left at 0. A matrix
+    /// that the policy puts on a dense copy runs all its levels from it.
     pub fn set_counts(&self, counts: &[usize]) -> Result<StackChange> {
         if counts.len() != self.weights.len() {
             return Err(Error::input("set_counts: one count per matrix"));
         }
         let mut change = StackChange::default();
-        for (w, &c) in self.weights.iter().zip(counts) {
-            let o = w.active();
-            for (t, info, sum) in w.blocks.get(o..c.min(w.levels())).unwrap_or(&[]) {
-                // Reading the block to check it is what brings it into memory.
-                container::verify_tensor(info, *sum, t.bytes()).map_err(|e| Error::model(e.to_string()))?;
-                change.bytes_read += info.size;
+        let want: Vec<(usize, bool)> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (c.min(self.weights[i].levels()), self.matrix_cost(i, c).1))
+            .collect();
+        // Blocks that join matrices running from blocks: all checked before any switch.
+        for (w, &(c, dense)) in self.weights.iter().zip(&want) {
+            if !dense {
+                let resident = if w.dense().is_some() { 0 } else { w.active() };
+                change.bytes_read += w.verify(resident, c)?;
             }
         }
-        for (w, &c) in self.weights.iter().zip(counts) {
-            let c = c.min(w.levels());
+        // Matrices leaving copies or losing blocks first, then the ones that grow, so
+        // memory is given back before more is taken.
+        for (w, &(c, dense)) in self.weights.iter().zip(&want) {
+            if dense {
+                continue;
+            }
             let o = w.active.swap(c, Ordering::AcqRel);
-            for (t, _, _) in w.blocks.get(c..o).unwrap_or(&[]) {
-                t.release_whole_pages();
-                change.bytes_released += w.shape.page_bytes();
+            match w.dense() {
+                Some(d) => {
+                    w.set_dense(None);
+                    change.bytes_released += d.held_bytes();
+                }
+                None => change.bytes_released += w.release(c, o),
             }
             change.stack_bytes += c as u64 * w.shape.page_bytes();
+        }
+        for (w, &(_, dense)) in self.weights.iter().zip(&want) {
+            if !dense {
+                continue;
+            }
+            if w.dense().is_none() {
+                // One matrix at a time: its blocks are read, rounded into the copy and
+                // released before the next, so a change never holds more than one
+                // matrix's blocks beyond the budget.
+                let resident = w.active();
+                change.bytes_read += w.verify(resident, w.levels())?;
+                let copy = crate::backend::cpu::bitstack::dense_copy(w)
+                    .map_err(|e| Error::model(format!("{}: no memory for a dense copy: {e}", w.name)))?;
+                w.set_dense(Some(Arc::new(copy)));
+                w.active.store(w.levels(), Ordering::Release);
+                change.bytes_released += w.release(0, w.levels());
+            }
+            change.stack_bytes += w.dense_bytes().unwrap_or(0);
+            change.dense_matrices += 1;
+            change.dense_bytes += w.dense_bytes().unwrap_or(0);
+        }
+        // Faults on a block map its neighbours' pages too (the kernel's fault-around),
+        // and those may be blocks not in use: drop every page no matrix uses now, so
+        // the resident set is what the budget counted. Not counted as released.
+        for w in &self.weights {
+            let from = if w.dense().is_some() { 0 } else { w.active() };
+            w.release(from, w.levels());
         }
         Ok(change)
     }
 
     /// Blocks per matrix now, summarised as "min..max levels".
     pub fn levels_summary(&self) -> String {
-        let counts = self.table.counts(self.prefix());
+        let counts: Vec<usize> = self.weights.iter().map(|w| w.active()).collect();
         let (lo, hi) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
         let at_hi = counts.iter().filter(|&&c| c == hi).count();
         format!("{lo}..{hi} blocks per matrix ({at_hi} of {} at {hi})", counts.len())
@@ -181,7 +368,7 @@ impl std::fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "memory {}: dense {} + KV cache {} + scratch {} + BitStack {} ({} of {} blocks, {}); read {}, released {}",
+            "memory {}: dense {} + KV cache {} + scratch {} + BitStack {} ({} of {} blocks, {}; {} matrices as Q8_0 copies, {}); read {}, released {}",
             show_bytes(self.budget),
             show_bytes(self.dense),
             show_bytes(self.kv),
@@ -190,6 +377,8 @@ impl std::fmt::Display for MemoryPlan {
             self.blocks,
             self.total_blocks,
             self.levels,
+            self.change.dense_matrices,
+            show_bytes(self.change.dense_bytes),
             show_bytes(self.change.bytes_read),
             show_bytes(self.change.bytes_released)
         )
@@ -229,15 +418,15 @@ pub fn apply_budget(file: &ModelFile, c: &ModelConfig, ctx: usize, budget: u64) 
         });
     };
     let t = &stack.table;
-    let min = fixed + t.prefix_bytes(t.min_prefix());
+    let min = fixed + stack.prefix_cost(t.min_prefix());
     if budget < min {
         return Err(Error::input(format!(
             "memory budget {} is below the minimum {} for this model (dense {} + KV cache {} for {} tokens + scratch {} + one block of every matrix {})",
             show_bytes(budget), show_bytes(min), show_bytes(dense), show_bytes(kv), ctx, show_bytes(scratch),
-            show_bytes(t.prefix_bytes(t.min_prefix()))
+            show_bytes(stack.prefix_cost(t.min_prefix()))
         )));
     }
-    let n = t.prefix_for(budget - fixed);
+    let n = stack.prefix_for(budget - fixed);
     let change = stack.set_prefix(n)?;
     Ok(MemoryPlan {
         budget,

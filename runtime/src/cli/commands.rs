@@ -26,7 +26,15 @@ pub fn resolve_model(name: Option<&str>) -> Result<PathBuf> {
 
 fn load(m: &ModelArgs) -> Result<Engine> {
     let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
-    let opts = EngineOptions { threads: m.threads, exact: m.exact, backend: m.backend, memory, context: m.ctx_size };
+    let dense_cache = crate::bitstack::DenseCache::parse(&m.dense_cache)?;
+    let opts = EngineOptions {
+        threads: m.threads,
+        exact: m.exact,
+        backend: m.backend,
+        memory,
+        context: m.ctx_size,
+        dense_cache,
+    };
     let engine = Engine::load(&model_path(m)?, &opts)?;
     if let Some(note) = &engine.backend_note {
         eprintln!("note: {note}");
@@ -412,8 +420,16 @@ pub fn info(m: &ModelArgs) -> Result<()> {
 pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str) -> Result<()> {
     let path = model_path(m)?;
     let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
-    let opts =
-        crate::bench::BenchOptions { prompt, gen, threads: m.threads, reps: reps.max(1), backend: m.backend, memory };
+    let dense_cache = crate::bitstack::DenseCache::parse(&m.dense_cache)?;
+    let opts = crate::bench::BenchOptions {
+        prompt,
+        gen,
+        threads: m.threads,
+        reps: reps.max(1),
+        backend: m.backend,
+        memory,
+        dense_cache,
+    };
     let report = crate::bench::run(&path, &opts)?;
     if output == "json" {
         println!("{}", serde_json::to_string(&report).map_err(|e| Error::Input(e.to_string()))?);
@@ -426,10 +442,14 @@ pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str
 /// One point of the BitStack memory curve.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CurvePoint {
+    /// The block order the point was taken in.
+    pub order: String,
     pub blocks: usize,
     pub stack_bytes: u64,
     pub total_bytes: u64,
     pub bits_per_param: f64,
+    /// Matrices running from dense Q8_0 copies.
+    pub dense_matrices: usize,
     pub ppl: f64,
     pub tg_tokens_per_s: Option<f64>,
     pub bytes_read: u64,
@@ -444,11 +464,71 @@ pub struct StackEvalOptions {
     pub windows: usize,
     pub tg: usize,
     pub proxy_check: usize,
+    /// Bits per linear parameter of the prefix the proxy check removes blocks from.
+    pub proxy_bits: f64,
     pub max_bits: Option<f64>,
+    /// Block orders to compare at equal bytes: `table` (the file's), `res`, `act`,
+    /// `rel` (proxies recomputed from the stored errors), `rr` (level-major round robin).
+    pub orders: Vec<String>,
+}
+
+/// A block order: the matrix each step adds (its next level).
+struct BlockOrder {
+    name: String,
+    steps: Vec<usize>,
+}
+
+impl BlockOrder {
+    fn counts(&self, n: usize, m: usize) -> Vec<usize> {
+        let mut c = vec![0; m];
+        for &i in &self.steps[..n.min(self.steps.len())] {
+            c[i] += 1;
+        }
+        c
+    }
+
+    /// The longest prefix whose cost fits in `bytes` (costs never fall with `n`).
+    fn prefix_for(&self, stack: &crate::bitstack::Stack, bytes: u64) -> usize {
+        let m = stack.weights.len();
+        let (mut lo, mut hi) = (0, self.steps.len());
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if stack.cost(&self.counts(mid, m)) <= bytes {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+}
+
+fn block_order(stack: &crate::bitstack::Stack, name: &str, file: &ModelFile) -> Result<BlockOrder> {
+    use crate::bitstack::build::{global_order, Proxy, StackStats};
+    let levels: Vec<usize> = stack.weights.iter().map(|w| w.levels()).collect();
+    let steps = match name {
+        "table" => stack.table.entries.iter().map(|e| e.matrix as usize).collect(),
+        "rr" => {
+            let top = levels.iter().copied().max().unwrap_or(0);
+            let levels = &levels;
+            (0..top).flat_map(|l| (0..levels.len()).filter(move |&i| l < levels[i])).collect::<Vec<_>>()
+        }
+        p => {
+            let proxy = Proxy::parse(p)?;
+            let stats = StackStats::from_file(file, &levels).ok_or_else(|| {
+                Error::input(format!("--order {p}: this file stores no per-level errors (made before they were kept)"))
+            })?;
+            let pages: Vec<u64> = stack.weights.iter().map(|w| w.shape.page_bytes()).collect();
+            global_order(&stats.gains(proxy, &pages)).into_iter().map(|(i, _)| i).collect()
+        }
+    };
+    Ok(BlockOrder { name: name.to_string(), steps })
 }
 
 /// Points run from every block down to the smallest prefix, so each step is a live
-/// shrink (the RSS column shows memory given back).
+/// shrink (the RSS column shows memory given back). With several orders, each point's
+/// byte budget is evaluated under every order (the longest prefix of that order that
+/// fits), so orders compare at equal bytes.
 pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option<&Path>) -> Result<()> {
     let engine = load(m)?;
     let Some(stack) = &engine.file.stack else {
@@ -461,53 +541,64 @@ pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option
     let text = String::from_utf8_lossy(&text);
     let t = &stack.table;
     let params: u64 = t.matrices.iter().map(|m| m.rows * m.cols).sum();
-    let (lo, mut hi) = (t.prefix_bytes(t.min_prefix()), t.prefix_bytes(t.entries.len()));
+    let (lo, mut hi) = (stack.prefix_cost(t.min_prefix()), stack.prefix_cost(t.entries.len()));
     if let Some(b) = o.max_bits {
         hi = hi.min((b * params as f64 / 8.0) as u64).max(lo);
     }
+    let orders: Vec<BlockOrder> =
+        o.orders.iter().map(|n| block_order(stack, n, &engine.file)).collect::<Result<_>>()?;
     let points = o.points.max(2);
-    let mut prefixes: Vec<usize> = (0..points)
-        .map(|p| t.prefix_for(lo + (hi - lo) * p as u64 / (points as u64 - 1)).max(t.min_prefix()))
-        .collect();
-    prefixes.dedup();
-    prefixes.reverse();
+    let mut budgets: Vec<u64> = (0..points).map(|p| lo + (hi - lo) * p as u64 / (points as u64 - 1)).collect();
+    budgets.dedup();
+    budgets.reverse();
     let dense = engine.file.dense_bytes();
     let mut curve = Vec::new();
-    println!("| blocks | BitStack MB | total MB | bits/param | ppl | tg t/s | read MB | released MB | RSS MB |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for n in prefixes {
-        let change = stack.set_prefix(n)?;
-        // --windows 0: a speed-only curve.
-        let ppl = if o.windows == 0 {
-            f64::NAN
-        } else {
-            engine::perplexity(&engine, &text, o.window, Some(o.windows), |_, _, _| {})?.0
-        };
-        let tg_rate = if o.tg > 0 { Some(decode_rate(&engine, o.tg)?) } else { None };
-        let p = CurvePoint {
-            blocks: n,
-            stack_bytes: change.stack_bytes,
-            total_bytes: change.stack_bytes + dense,
-            bits_per_param: change.stack_bytes as f64 * 8.0 / params.max(1) as f64,
-            ppl,
-            tg_tokens_per_s: tg_rate,
-            bytes_read: change.bytes_read,
-            bytes_released: change.bytes_released,
-            rss_bytes: crate::bench::current_rss(),
-        };
-        println!(
-            "| {} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {:.1} | {:.1} | {} |",
-            p.blocks,
-            p.stack_bytes as f64 / 1e6,
-            p.total_bytes as f64 / 1e6,
-            p.bits_per_param,
-            p.ppl,
-            p.tg_tokens_per_s.map_or("-".into(), |r| format!("{r:.2}")),
-            p.bytes_read as f64 / 1e6,
-            p.bytes_released as f64 / 1e6,
-            p.rss_bytes.map_or("-".into(), |r| format!("{:.1}", r as f64 / 1e6))
-        );
-        curve.push(p);
+    println!("| order | blocks | BitStack MB | total MB | bits/param | Q8_0 copies | ppl | tg t/s | read MB | released MB | RSS MB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &budget in &budgets {
+        for ord in &orders {
+            let n = ord.prefix_for(stack, budget).max(t.min_prefix());
+            let change = if ord.name == "table" {
+                stack.set_prefix(n)?
+            } else {
+                stack.set_counts(&ord.counts(n, stack.weights.len()))?
+            };
+            // --windows 0: a speed-only curve.
+            let ppl = if o.windows == 0 {
+                f64::NAN
+            } else {
+                engine::perplexity(&engine, &text, o.window, Some(o.windows), |_, _, _| {})?.0
+            };
+            let tg_rate = if o.tg > 0 { Some(decode_rate(&engine, o.tg)?) } else { None };
+            let p = CurvePoint {
+                order: ord.name.clone(),
+                blocks: n,
+                stack_bytes: change.stack_bytes,
+                total_bytes: change.stack_bytes + dense,
+                bits_per_param: change.stack_bytes as f64 * 8.0 / params.max(1) as f64,
+                dense_matrices: change.dense_matrices,
+                ppl,
+                tg_tokens_per_s: tg_rate,
+                bytes_read: change.bytes_read,
+                bytes_released: change.bytes_released,
+                rss_bytes: crate::bench::current_rss(),
+            };
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.3} | {} | {:.3} | {} | {:.1} | {:.1} | {} |",
+                p.order,
+                p.blocks,
+                p.stack_bytes as f64 / 1e6,
+                p.total_bytes as f64 / 1e6,
+                p.bits_per_param,
+                p.dense_matrices,
+                p.ppl,
+                p.tg_tokens_per_s.map_or("-".into(), |r| format!("{r:.2}")),
+                p.bytes_read as f64 / 1e6,
+                p.bytes_released as f64 / 1e6,
+                p.rss_bytes.map_or("-".into(), |r| format!("{:.1}", r as f64 / 1e6))
+            );
+            curve.push(p);
+        }
     }
     let proxy = if o.proxy_check > 0 { Some(proxy_check(&engine, &text, o)?) } else { None };
     if let Some(path) = json {
@@ -519,55 +610,76 @@ pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option
     Ok(())
 }
 
-/// Rank the level-1 blocks by measured perplexity gain per byte when each is added
-/// alone to the smallest prefix (one window), and compare with their order in the
-/// table (the proxy's order): Spearman's rank correlation.
-fn proxy_check(engine: &Engine, text: &str, o: &StackEvalOptions) -> Result<serde_json::Value> {
-    let Some(stack) = &engine.file.stack else { return Ok(serde_json::Value::Null) };
-    let t = &stack.table;
-    let base_n = t.min_prefix();
-    let base = t.counts(base_n);
-    // Level-1 blocks in table order, a spread-out subset of them.
-    let ones: Vec<usize> = t.entries.iter().filter(|e| e.level == 1).map(|e| e.matrix as usize).collect();
-    let k = o.proxy_check.min(ones.len());
-    if k < 2 {
-        return Err(Error::input("--proxy-check needs at least 2 level-1 blocks"));
-    }
-    let picked: Vec<usize> = (0..k).map(|i| ones[i * ones.len() / k]).collect();
-    let ppl = |counts: &[usize]| -> Result<f64> {
-        stack.set_counts(counts)?;
-        Ok(engine::perplexity(engine, text, o.window, Some(1), |_, _, _| {})?.0)
-    };
-    let p0 = ppl(&base)?;
-    let mut measured = Vec::new();
-    eprintln!("proxy check: base ppl {p0:.3} ({base_n} blocks)");
-    for &mi in &picked {
-        let mut c = base.clone();
-        c[mi] += 1;
-        let p = ppl(&c)?;
-        let bytes = stack.weights[mi].shape.page_bytes() as f64;
-        let gain = (p0.ln() - p.ln()) / bytes;
-        eprintln!("  {:<28} ppl {p:.3}  gain/MB {:.4}", stack.weights[mi].name, gain * 1e6);
-        measured.push(gain);
-    }
-    stack.set_prefix(t.entries.len())?;
-    // Proxy rank = position in the table; measured rank = by gain, largest first.
+/// Spearman's rank correlation (ties broken by position).
+fn spearman(a: &[f64], b: &[f64]) -> f64 {
     let ranks = |v: &[f64]| -> Vec<f64> {
         let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+        idx.sort_by(|&x, &y| v[y].total_cmp(&v[x]));
         let mut r = vec![0f64; v.len()];
         for (rank, &i) in idx.iter().enumerate() {
             r[i] = rank as f64;
         }
         r
     };
-    let rm = ranks(&measured);
-    let n = k as f64;
-    let d2: f64 = rm.iter().enumerate().map(|(i, r)| (r - i as f64).powi(2)).sum();
-    let rho = 1.0 - 6.0 * d2 / (n * (n * n - 1.0));
-    println!("proxy check: Spearman rank correlation between the proxy's order and measured ppl gain per byte over {k} level-1 blocks: {rho:.3}");
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = a.len() as f64;
+    let d2: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - y).powi(2)).sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
+}
+
+/// What a block is worth, measured: from the table's prefix at `--proxy-bits`, remove
+/// the top active block of each of N matrices (spread over the model) in turn and
+/// measure the perplexity loss per byte over `--windows` windows; then rank-correlate
+/// with every proxy's value for that block (Spearman). Runs from blocks (no copies).
+fn proxy_check(engine: &Engine, text: &str, o: &StackEvalOptions) -> Result<serde_json::Value> {
+    use crate::bitstack::build::{Proxy, StackStats};
+    let Some(stack) = &engine.file.stack else { return Ok(serde_json::Value::Null) };
+    let policy = stack.dense_cache();
+    stack.set_dense_cache(crate::bitstack::DenseCache::Off);
+    let t = &stack.table;
+    let params: u64 = t.matrices.iter().map(|m| m.rows * m.cols).sum();
+    let base_n = t.prefix_for((o.proxy_bits * params as f64 / 8.0) as u64).max(t.min_prefix());
+    let base = t.counts(base_n);
+    let levels: Vec<usize> = stack.weights.iter().map(|w| w.levels()).collect();
+    let stats = StackStats::from_file(&engine.file, &levels);
+    let pages: Vec<u64> = stack.weights.iter().map(|w| w.shape.page_bytes()).collect();
+    let candidates: Vec<usize> = (0..base.len()).filter(|&i| base[i] >= 2).collect();
+    let k = o.proxy_check.min(candidates.len());
+    if k < 2 {
+        return Err(Error::input("--proxy-check needs at least 2 matrices with 2 or more blocks at --proxy-bits"));
+    }
+    let picked: Vec<usize> = (0..k).map(|i| candidates[i * candidates.len() / k]).collect();
+    let windows = o.windows.max(1);
+    let ppl = |counts: &[usize]| -> Result<f64> {
+        stack.set_counts(counts)?;
+        Ok(engine::perplexity(engine, text, o.window, Some(windows), |_, _, _| {})?.0)
+    };
+    let p0 = ppl(&base)?;
+    eprintln!("proxy check: base ppl {p0:.3} ({base_n} blocks, {windows} windows)");
+    let mut measured = Vec::new();
+    for &mi in &picked {
+        let mut c = base.clone();
+        c[mi] -= 1;
+        let p = ppl(&c)?;
+        let gain = (p.ln() - p0.ln()) / pages[mi] as f64;
+        eprintln!("  {:<28} level {} removed: ppl {p:.3}  loss/MB {:.4}", stack.weights[mi].name, c[mi], gain * 1e6);
+        measured.push(gain);
+    }
+    let mut by_proxy = serde_json::Map::new();
+    for (name, proxy) in [("rel", Proxy::Relative), ("act", Proxy::Activation), ("res", Proxy::Residual)] {
+        let Some(stats) = &stats else { break };
+        let gains = stats.gains(proxy, &pages);
+        let predicted: Vec<f64> = picked.iter().map(|&i| gains[i][base[i] - 1]).collect();
+        let rho = spearman(&predicted, &measured);
+        println!("proxy check ({name}): Spearman rank correlation with the measured ppl loss per byte over {k} blocks: {rho:.3}");
+        by_proxy.insert(name.into(), serde_json::json!({ "predicted": predicted, "spearman": rho }));
+    }
+    stack.set_dense_cache(policy);
+    stack.set_prefix(t.entries.len())?;
     let names: Vec<&str> = picked.iter().map(|&i| stack.weights[i].name.as_str()).collect();
-    Ok(serde_json::json!({ "base_ppl": p0, "blocks": names, "measured_gain_per_byte": measured, "spearman": rho }))
+    let removed: Vec<usize> = picked.iter().map(|&i| base[i] - 1).collect();
+    Ok(serde_json::json!({ "base_ppl": p0, "base_blocks": base_n, "windows": windows, "blocks": names,
+        "levels_removed": removed, "measured_loss_per_byte": measured, "proxies": by_proxy }))
 }
 
 /// Greedy decode of `n` tokens after a one-token prompt: tokens per second.

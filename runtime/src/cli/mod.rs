@@ -198,6 +198,10 @@ enum Command {
         /// CPU threads (default: all cores).
         #[arg(short, long, default_value_t = 0)]
         threads: usize,
+        /// Ordering proxy: res (effect on the residual stream), act (activation-weighted
+        /// error), rel (error relative to the matrix's energy).
+        #[arg(long, default_value = "res")]
+        proxy: String,
     },
     /// Memory → perplexity (and tg) curve of a BitStack model.
     StackEval {
@@ -221,13 +225,21 @@ enum Command {
         /// Also write the curve as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Check the ordering proxy: the ppl gain of this many level-1 blocks, each
-        /// added alone to the smallest prefix, ranked against the table's order.
+        /// Check the ordering proxies: the ppl loss of removing the top block of this
+        /// many matrices, each alone, from the prefix at --proxy-bits, rank-correlated
+        /// with each proxy's value for that block.
         #[arg(long, default_value_t = 0)]
         proxy_check: usize,
         /// Top of the curve in bits per linear parameter (default: every block).
         #[arg(long)]
         max_bits: Option<f64>,
+        /// Where the proxy check removes blocks from: the table's prefix at this many
+        /// bits per linear parameter.
+        #[arg(long, default_value_t = 4.0)]
+        proxy_bits: f64,
+        /// Block orders compared at equal bytes (comma list): table, res, act, rel, rr.
+        #[arg(long, default_value = "table", value_delimiter = ',')]
+        order: Vec<String>,
     },
     /// Architecture, hyper-parameters, tensor types and sizes.
     Info {
@@ -262,6 +274,10 @@ struct ModelArgs {
     /// its stack that fits beside the dense tensors, KV cache and scratch.
     #[arg(long)]
     memory: Option<String>,
+    /// BitStack matrices whose blocks would outweigh a dense Q8_0 copy run from one
+    /// (auto), or always from their blocks (off).
+    #[arg(long, default_value = "auto")]
+    dense_cache: String,
 }
 
 /// Long prompts on a budget: GemFilter, or a baseline at the same budget.
@@ -407,7 +423,7 @@ pub fn run() -> Result<()> {
         Command::Bench { model, prompt, gen, reps, output } => commands::bench(&model, prompt, gen, reps, &output),
         Command::Info { devices: true, .. } => commands::devices(),
         Command::Info { model, .. } => commands::info(&model),
-        Command::Stack { model, output, levels, rank, calib, calib_tokens, iters, threads } => {
+        Command::Stack { model, output, levels, rank, calib, calib_tokens, iters, threads, proxy } => {
             if levels == 0 || rank == 0 {
                 return Err(Error::input("--levels and --rank must be at least 1"));
             }
@@ -418,13 +434,35 @@ pub fn run() -> Result<()> {
                 calib,
                 calib_tokens,
                 threads,
+                proxy: crate::bitstack::build::Proxy::parse(&proxy)?,
                 ..Default::default()
             };
             opts.iters.max_iters = iters.max(1);
             crate::bitstack::build::run(&input, &output, &opts)
         }
-        Command::StackEval { model, file, points, ctx, windows, tg, json, proxy_check, max_bits } => {
-            let opts = commands::StackEvalOptions { points, window: ctx, windows, tg, proxy_check, max_bits };
+        Command::StackEval {
+            model,
+            file,
+            points,
+            ctx,
+            windows,
+            tg,
+            json,
+            proxy_check,
+            max_bits,
+            proxy_bits,
+            order,
+        } => {
+            let opts = commands::StackEvalOptions {
+                points,
+                window: ctx,
+                windows,
+                tg,
+                proxy_check,
+                proxy_bits,
+                max_bits,
+                orders: order,
+            };
             commands::stack_eval(&model, &file, &opts, json.as_deref())
         }
         Command::Convert { model, quant, group, output } => {

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use cairn::bitstack::build::{self, StackOptions};
+use cairn::bitstack::DenseCache;
 use cairn::model::{self, Logits};
 use cairn::synthetic::{llama_gguf, SyntheticConfig};
 use cairn::weights::ModelFile;
@@ -13,12 +14,22 @@ pub fn small_model() -> ModelFile {
     ModelFile::from_bytes("synthetic.gguf", llama_gguf(&cfg, 3).unwrap()).unwrap()
 }
 
-/// `src` with every linear matrix stacked as `levels` blocks of rank 4.
+/// `src` with every linear matrix stacked as `levels` blocks of rank 4, always run from
+/// its blocks (no dense copies).
 pub fn stacked(src: &ModelFile, levels: usize) -> ModelFile {
+    stacked_with(src, levels, DenseCache::Off)
+}
+
+/// [`stacked`] with a dense-copy policy.
+pub fn stacked_with(src: &ModelFile, levels: usize, cache: DenseCache) -> ModelFile {
     let opts = StackOptions { levels, rank: 4, ..Default::default() };
     let bar = indicatif::ProgressBar::hidden();
     let (bytes, _) = build::build(src, &HashMap::new(), &opts, &[], &bar).unwrap();
-    ModelFile::from_bytes("stacked.cairn", bytes).unwrap()
+    let f = ModelFile::from_bytes("stacked.cairn", bytes).unwrap();
+    if let Some(stack) = f.stack.as_ref() {
+        stack.set_dense_cache(cache);
+    }
+    f
 }
 
 /// Logits of every position of `ids`: all but the last three as one batch, then three

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::kernels::{self, Isa, Q8Acts};
 use super::CpuTensor;
-use crate::bitstack::StackWeight;
+use crate::bitstack::{DenseCopy, StackWeight};
 use cairn_formats::bitstack::Block;
 use cairn_formats::GgmlType;
 
@@ -29,8 +29,12 @@ fn f16s(bytes: &[u8]) -> Vec<f32> {
     out
 }
 
-/// `x Wᵀ` for a BitStack weight at its current number of active blocks.
+/// `x Wᵀ` for a BitStack weight at its current number of active blocks (or from its
+/// dense copy).
 pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
+    if let Some(d) = w.dense() {
+        return dense_matmul(x, &d, w.shape.m, isa);
+    }
     let blocks: Vec<Block<'_>> = (0..w.active()).map(|l| w.block(l)).collect();
     let m = w.shape.m;
     match isa {
@@ -42,6 +46,82 @@ pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
         Some(isa) if x.cols.is_multiple_of(32) && isa != Isa::Scalar => rebuild_matmul_q8(x, &blocks, m, isa),
         _ => rebuild_matmul(x, &blocks, m, isa.unwrap_or(Isa::Scalar)),
     }
+}
+
+/// All of `w`'s levels summed in f32 and rounded to Q8_0 rows, 16-row tiles in
+/// parallel; interleaved in groups of 8 rows where this CPU has repacked kernels.
+pub fn dense_copy(w: &StackWeight) -> std::io::Result<DenseCopy> {
+    let blocks: Vec<Block<'_>> = (0..w.levels()).map(|l| w.block(l)).collect();
+    let (m, n) = (w.shape.m, w.shape.n);
+    let us: Vec<Vec<f32>> = blocks.iter().map(|b| f16s(b.u_bytes())).collect();
+    let vs: Vec<Vec<f32>> = blocks.iter().map(|b| f16s(b.v_bytes())).collect();
+    let rb = n / 32 * 34;
+    let mut bytes = vec![0u8; m * rb];
+    bytes.par_chunks_mut(TILE * rb).enumerate().for_each(|(c, dst)| {
+        let mut tile = vec![0f32; dst.len() / rb * n];
+        rebuild_rows(&blocks, &us, &vs, c * TILE, &mut tile);
+        for (src, d) in tile.chunks_exact(n).zip(dst.chunks_exact_mut(rb)) {
+            // Lengths match by construction: Q8_0 rows of n values are rb bytes.
+            let _ = cairn_formats::quant::quantize(GgmlType::Q8_0, src, d);
+        }
+    });
+    if kernels::has_packed(Isa::detect()) {
+        if let Some(p) = kernels::repack::repack(GgmlType::Q8_0, &bytes, m, rb) {
+            return DenseCopy::new(&p, m, rb, true);
+        }
+    }
+    DenseCopy::new(&bytes, m, rb, false)
+}
+
+/// `x Wᵀ` from a dense copy: the Q8_0 kernels (decode: rows split across threads in
+/// whole groups of 8; prefill: tokens split), or dequantized rows on the f32 path.
+fn dense_matmul(x: &CpuTensor, d: &DenseCopy, m: usize, isa: Option<Isa>) -> CpuTensor {
+    let (ntok, n, rb) = (x.rows, x.cols, d.row_bytes);
+    let ty = GgmlType::Q8_0;
+    let packed = |isa: Isa| d.packed && kernels::has_packed(isa);
+    let plain: std::borrow::Cow<'_, [u8]> = match isa {
+        Some(i) if packed(i) => std::borrow::Cow::Borrowed(d.bytes()),
+        _ if d.packed => std::borrow::Cow::Owned(kernels::repack::unpack(ty, d.bytes(), m, rb)),
+        _ => std::borrow::Cow::Borrowed(d.bytes()),
+    };
+    let Some(isa) = isa.filter(|&i| kernels::supports(i, ty)) else {
+        let mut out = vec![0f32; ntok * m];
+        let mut row = vec![0f32; n];
+        for r in 0..m {
+            // Rows are whole Q8_0 blocks by construction.
+            let _ = cairn_formats::quant::dequantize(ty, &plain[r * rb..(r + 1) * rb], &mut row);
+            for t in 0..ntok {
+                out[t * m + r] = kernels::dot_f32(isa.unwrap_or(Isa::Scalar), &row, &x.data[t * n..(t + 1) * n]);
+            }
+        }
+        return CpuTensor { data: out, rows: ntok, cols: m };
+    };
+    let rows_times = |r0: usize, len: usize, q: &Q8Acts, out: &mut [f32]| {
+        if packed(isa) {
+            kernels::packed(isa, ty, &plain[r0 * rb..(r0 + len) * rb], len, q, out)
+        } else if q.rows == 1 {
+            kernels::matvec(isa, ty, &plain[r0 * rb..(r0 + len) * rb], rb, q.row(0), out)
+        } else {
+            kernels::matmul(isa, ty, &plain[r0 * rb..(r0 + len) * rb], rb, q, out)
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if ntok == 1 {
+        let mut q = Q8Acts::default();
+        q.quantize(&x.data, 1, n);
+        let chunk = m.div_ceil(threads * 4).next_multiple_of(8).max(8);
+        let mut out = vec![0f32; m];
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| rows_times(c * chunk, o.len(), &q, o));
+        return CpuTensor { data: out, rows: 1, cols: m };
+    }
+    let per = ntok.div_ceil(threads).next_multiple_of(4);
+    let mut out = vec![0f32; ntok * m];
+    out.par_chunks_mut(per * m).zip(x.data.par_chunks(per * n)).for_each(|(o, xs)| {
+        let mut q = Q8Acts::default();
+        q.quantize(xs, xs.len() / n, n);
+        rows_times(0, m, &q, o);
+    });
+    CpuTensor { data: out, rows: ntok, cols: m }
 }
 
 /// Prefill on the integer path: each rebuilt tile is rounded to Q8_0 and multiplied

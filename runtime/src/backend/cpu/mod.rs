@@ -161,7 +161,7 @@ pub struct CpuBackend {
     recorder: Option<Arc<Recorder>>,
 }
 
-/// Input-channel statistics of every matmul, by weight name (BitStack calibration).
+/// Input-channel statistics of every matmul and norm, by weight name (BitStack calibration).
 pub type Recorder = Mutex<HashMap<String, (Vec<f64>, usize)>>;
 
 impl CpuBackend {
@@ -309,6 +309,9 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
+        // Calibration: a norm's input is the residual stream, whose energy scales how
+        // much an error written into it matters (BitStack's ordering proxy).
+        self.record(x, w);
         let w = w.vector();
         let mut out = x.clone();
         // A decode step's single row is too little work to hand to another thread.
