@@ -130,7 +130,7 @@ fn the_file_keeps_the_errors_its_order_came_from() {
 
 #[test]
 fn kernels_match_the_scalar_reference() {
-    for (m, n, k) in [(70, 64, 16), (16, 36, 8), (33, 20, 5)] {
+    for (m, n, k) in [(70, 64, 16), (20, 72, 16), (16, 36, 8), (33, 20, 5)] {
         let shape = BlockShape::new(m, n, k).unwrap();
         let st = decompose("w", random(m, n, 21), shape, 2, None, IterOptions::default(), &|| {}).unwrap();
         let blocks: Vec<Block<'_>> = st.blocks.iter().map(|b| Block::new(shape, b).unwrap()).collect();

@@ -244,11 +244,54 @@ fn rows_fixed<const K: usize>(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, 
     }
 }
 
-/// The same body compiled for AVX2, so the k-wide adds become two 8-lane adds.
+/// [`rows_fixed`] at k = 16 in AVX2 registers: each table entry is two 8-lane adds.
+/// Written out because the compiler splits the generic body's 16-float accumulator
+/// into 2- and 4-lane pieces; two sign bytes per step keep eight add chains in flight.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2_16(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
-    rows_fixed::<16>(b, tab, u, r0, ys)
+    use std::arch::x86_64::*;
+    const K: usize = 16;
+    for (di, y) in ys.iter_mut().enumerate() {
+        let i = r0 + di;
+        let signs = b.sign_row(i);
+        // SAFETY (every load below): the tables hold two runs of 16 entries of K floats per
+        // sign byte, and u a row of K per output; both are checked here.
+        assert!(tab.len() >= signs.len() * 32 * K && u.len() >= (i + 1) * K, "tables or u too short");
+        let base = tab.as_ptr();
+        let entry = |j: usize, byte: u8| {
+            let t = base.add(j * 32 * K);
+            (t.add((byte & 15) as usize * K), t.add((16 + (byte >> 4) as usize) * K))
+        };
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut pairs = signs.chunks_exact(2);
+        let mut j = 0;
+        for pair in &mut pairs {
+            for (h, &byte) in pair.iter().enumerate() {
+                let (lo, hi) = entry(j + h, byte);
+                let a = &mut acc[4 * h..4 * h + 4];
+                a[0] = _mm256_add_ps(a[0], _mm256_loadu_ps(lo));
+                a[1] = _mm256_add_ps(a[1], _mm256_loadu_ps(lo.add(8)));
+                a[2] = _mm256_add_ps(a[2], _mm256_loadu_ps(hi));
+                a[3] = _mm256_add_ps(a[3], _mm256_loadu_ps(hi.add(8)));
+            }
+            j += 2;
+        }
+        if let [byte] = pairs.remainder() {
+            let (lo, hi) = entry(j, *byte);
+            acc[0] = _mm256_add_ps(acc[0], _mm256_loadu_ps(lo));
+            acc[1] = _mm256_add_ps(acc[1], _mm256_loadu_ps(lo.add(8)));
+            acc[2] = _mm256_add_ps(acc[2], _mm256_loadu_ps(hi));
+            acc[3] = _mm256_add_ps(acc[3], _mm256_loadu_ps(hi.add(8)));
+        }
+        let s0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6]));
+        let s1 = _mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7]));
+        let ur = u.as_ptr().add(i * K);
+        let d = _mm256_fmadd_ps(s1, _mm256_loadu_ps(ur.add(8)), _mm256_mul_ps(s0, _mm256_loadu_ps(ur)));
+        let q = _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        *y += _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+    }
 }
 
 fn rows_any(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
