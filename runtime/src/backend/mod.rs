@@ -55,6 +55,20 @@ pub struct AttnParams {
     pub window: Option<usize>,
 }
 
+/// The checks every backend's attention makes before appending `rows` positions at
+/// `pos0` to a cache holding `len` of `capacity`.
+pub(crate) fn check_append(pos0: usize, rows: usize, len: usize, capacity: usize) -> Result<()> {
+    if pos0 != len {
+        return Err(Error::input(format!("attention at position {pos0} but the cache holds {len}")));
+    }
+    if len + rows > capacity {
+        return Err(Error::input(format!(
+            "context is full: {len} cached + {rows} new positions exceed the context length {capacity}"
+        )));
+    }
+    Ok(())
+}
+
 /// One layer's cache, as the model sees it.
 pub trait KvLayer: Send {
     /// How many of the first `len` positions this layer can still keep (a sliding-window

@@ -368,15 +368,7 @@ impl Backend for CpuBackend {
         pos0: usize,
         p: AttnParams,
     ) -> Result<CpuTensor> {
-        if pos0 != kv.len {
-            return Err(Error::input(format!("attention at position {pos0} but the cache holds {}", kv.len)));
-        }
-        if kv.len + q.rows > kv.capacity {
-            return Err(Error::input(format!(
-                "context is full: {} cached + {} new positions exceed the context length {}",
-                kv.len, q.rows, kv.capacity
-            )));
-        }
+        super::check_append(pos0, q.rows, kv.len, kv.capacity)?;
         kv.k.push(&k.data);
         kv.v.push(&v.data);
         kv.len += q.rows;

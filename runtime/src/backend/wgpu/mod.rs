@@ -1116,15 +1116,7 @@ impl Backend for WgpuBackend {
         pos0: usize,
         p: AttnParams,
     ) -> Result<GpuTensor> {
-        if pos0 != kv.len {
-            return Err(Error::input(format!("attention at position {pos0} but the cache holds {}", kv.len)));
-        }
-        if kv.len + q.rows > kv.capacity {
-            return Err(Error::input(format!(
-                "context is full: {} cached + {} new positions exceed the context length {}",
-                kv.len, q.rows, kv.capacity
-            )));
-        }
+        super::check_append(pos0, q.rows, kv.len, kv.capacity)?;
         if p.n_kv_heads * p.head_dim != kv.width || k.cols != kv.width || !p.n_heads.is_multiple_of(p.n_kv_heads.max(1))
         {
             return Err(Error::model("wgpu: attention shapes do not match the cache"));
