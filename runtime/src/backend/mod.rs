@@ -110,6 +110,9 @@ pub trait Backend: Send + Sync {
     fn to_host(&self, x: Self::Tensor) -> Vec<f32>;
     /// Rows `start..start + n` of `x`.
     fn rows(&self, x: &Self::Tensor, start: usize, n: usize) -> Self::Tensor;
+    /// The rows of `parts`, one after another (every part has the same columns): a
+    /// batch of sequences splits for attention and joins again for the next matmul.
+    fn concat(&self, parts: &[Self::Tensor]) -> Self::Tensor;
 
     /// Rows of an embedding table (`[vocab, dim]`) for `ids`, times `scale`.
     fn embed(&self, table: &Self::Weight, ids: &[u32], scale: f32) -> Result<Self::Tensor>;

@@ -6,7 +6,7 @@
 
 use std::any::Any;
 
-use super::{KvState, Logits, ModelConfig, Runner};
+use super::{KvState, Logits, ModelConfig, Runner, Segment};
 use crate::backend::{AttnParams, Backend, KvLayer, RopeStyle};
 use crate::error::{Error, Result};
 use crate::weights::ModelFile;
@@ -97,15 +97,27 @@ impl Probe {
     }
 }
 
-/// Where an attention block runs: its layer, spec, first cache row and first position.
+/// One sequence's share of a batched pass: its cache and where its rows start.
+pub struct Seg<'c, B: Backend> {
+    pub cache: &'c mut Cache<B>,
+    /// Cache row of the segment's first token (the cache's length before the pass).
+    pub pos0: usize,
+    /// Rows (tokens) of this segment; segments follow one another in the batch.
+    pub rows: usize,
+}
+
+impl<B: Backend> Seg<'_, B> {
+    /// The RoPE position of the segment's first token.
+    pub fn rope0(&self) -> usize {
+        self.pos0 + self.cache.shift
+    }
+}
+
+/// Where an attention block runs: its layer and spec.
 #[derive(Clone, Copy)]
 pub struct At<'s> {
     pub layer: usize,
     pub spec: &'s AttnSpec,
-    pub pos0: usize,
-    pub rope0: usize,
-    /// Rows (tokens) in this pass.
-    pub rows: usize,
 }
 
 /// Loads tensors by name with their expected shapes (`dims[0]` innermost).
@@ -179,16 +191,17 @@ impl<B: Backend> Attention<B> {
         })
     }
 
+    /// Projections over every row of the batch at once (the weights stream past once),
+    /// then RoPE and attention per segment over its own cache.
     pub fn forward(
         &self,
         be: &B,
         c: &ModelConfig,
         at: At<'_>,
         h: &B::Tensor,
-        kv: &mut B::Kv,
+        segs: &mut [Seg<'_, B>],
         probe: &mut Probe,
     ) -> Result<B::Tensor> {
-        let (s, pos0) = (at.spec, at.pos0);
         let [mut q, mut k, v]: [B::Tensor; 3] = be
             .matmul_many(h, &[&self.wq, &self.wk, &self.wv])
             .try_into()
@@ -199,10 +212,44 @@ impl<B: Backend> Attention<B> {
         if let Some(n) = &self.k_norm {
             k = be.rms_norm(&k, n, c.norm_eps);
         }
-        be.rope(&mut q, c.head_dim, at.rope0, s.rope_base, s.rope_style);
-        be.rope(&mut k, c.head_dim, at.rope0, s.rope_base, s.rope_style);
+        let a = match segs {
+            // One sequence: its tensors as they are, with the probe's hooks.
+            [seg] => self.attend(be, c, at, seg, q, k, &v, probe)?,
+            _ => {
+                if probe.queries_from.is_some() || probe.mass.is_some() {
+                    return Err(Error::input("attention probes watch one sequence, not a batch"));
+                }
+                let mut parts = Vec::with_capacity(segs.len());
+                let mut off = 0;
+                for seg in segs.iter_mut() {
+                    let (qs, ks, vs) =
+                        (be.rows(&q, off, seg.rows), be.rows(&k, off, seg.rows), be.rows(&v, off, seg.rows));
+                    parts.push(self.attend(be, c, at, seg, qs, ks, &vs, probe)?);
+                    off += seg.rows;
+                }
+                be.concat(&parts)
+            }
+        };
+        Ok(be.matmul(&a, &self.wo))
+    }
+
+    /// RoPE and attention of one segment's rows over its cache.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        be: &B,
+        c: &ModelConfig,
+        at: At<'_>,
+        seg: &mut Seg<'_, B>,
+        mut q: B::Tensor,
+        mut k: B::Tensor,
+        v: &B::Tensor,
+        probe: &mut Probe,
+    ) -> Result<B::Tensor> {
+        let (s, pos0, rope0, rows) = (at.spec, seg.pos0, seg.rope0(), seg.rows);
+        be.rope(&mut q, c.head_dim, rope0, s.rope_base, s.rope_style);
+        be.rope(&mut k, c.head_dim, rope0, s.rope_base, s.rope_style);
         if let Some(from) = probe.queries_from {
-            let rows = at.rows;
             let first = from.max(pos0);
             if first < pos0 + rows && probe.queries_layer.is_none_or(|l| l == at.layer) {
                 if probe.queries.len() <= at.layer {
@@ -221,18 +268,22 @@ impl<B: Backend> Attention<B> {
             scale: s.scale,
             window: s.window,
         };
-        let a = match probe.mass.as_mut() {
+        let kv = seg
+            .cache
+            .layers
+            .get_mut(at.layer)
+            .ok_or_else(|| Error::input(format!("this cache holds no layer {}", at.layer)))?;
+        match probe.mass.as_mut() {
             Some(mass) => {
                 if mass.len() <= at.layer {
                     mass.resize(at.layer + 1, vec![Vec::new(); c.n_kv_heads]);
                 }
                 let m = &mut mass[at.layer];
                 m.resize(c.n_kv_heads, Vec::new());
-                be.attention_mass(&q, &k, &v, kv, pos0, p, m)?
+                be.attention_mass(&q, &k, v, kv, pos0, p, m)
             }
-            None => be.attention(&q, &k, &v, kv, pos0, p)?,
-        };
-        Ok(be.matmul(&a, &self.wo))
+            None => be.attention(&q, &k, v, kv, pos0, p),
+        }
     }
 }
 
@@ -278,61 +329,6 @@ impl<B: Backend> FeedForward<B> {
     }
 }
 
-/// The part of a forward pass every architecture shares: find this model's cache in
-/// `cache`, check the request against it, run `body` (embedding and layers, from
-/// cache row `pos0`), then the final norm and output head on the rows asked for (none
-/// when the probe stops early). A failed pass leaves the cache as it was.
-#[allow(clippy::too_many_arguments)]
-pub fn forward<B: Backend + 'static>(
-    be: &B,
-    c: &ModelConfig,
-    out_norm: &B::Weight,
-    head: &B::Weight,
-    cache: &mut dyn KvState,
-    ids: &[u32],
-    logits: Logits,
-    early_stop: bool,
-    body: impl FnOnce(&mut Cache<B>, usize) -> Result<B::Tensor> + Send,
-) -> Result<Vec<f32>> {
-    let cache = cache_of::<B>(cache)?;
-    if ids.is_empty() {
-        return Err(Error::input("no tokens to evaluate"));
-    }
-    if cache.len + ids.len() > cache.capacity {
-        return Err(Error::input(format!(
-            "{} tokens after {} cached exceed the context length {}",
-            ids.len(),
-            cache.len,
-            cache.capacity
-        )));
-    }
-    let pos0 = cache.len;
-    let out = be.scope(|| -> Result<Vec<f32>> {
-        let mut x = body(cache, pos0)?;
-        if early_stop {
-            return Ok(Vec::new());
-        }
-        if logits == Logits::Last {
-            x = be.rows(&x, ids.len() - 1, 1);
-        }
-        let x = be.rms_norm(&x, out_norm, c.norm_eps);
-        let logits = be.to_host(be.matmul(&x, head));
-        be.status()?;
-        Ok(logits)
-    });
-    match out {
-        Ok(v) => {
-            cache.len += ids.len();
-            Ok(v)
-        }
-        Err(e) => {
-            // No layer keeps a half-evaluated batch.
-            cache.truncate(pos0);
-            Err(e)
-        }
-    }
-}
-
 /// What distinguishes one architecture: its layers (loaded and run), and how it scales
 /// the embedding. Everything else a model needs is [`Transformer`]'s.
 pub trait Architecture<B: Backend>: Sized + Send + Sync {
@@ -341,15 +337,15 @@ pub trait Architecture<B: Backend>: Sized + Send + Sync {
     fn embed_scale(&self, _c: &ModelConfig) -> f32 {
         1.0
     }
-    /// Run the layers over `x` (rows at cache rows `pos0..`, positions `pos0 +
-    /// cache.shift..`), appending to `cache`, stopping and recording as `probe` says.
+    /// Run the layers over `x`, the rows of every segment one after another (each at its
+    /// cache's rows `pos0..`), appending to each segment's cache, stopping and recording
+    /// as `probe` says (probes watch a batch of one).
     fn layers(
         &self,
         be: &B,
         c: &ModelConfig,
         x: &mut B::Tensor,
-        cache: &mut Cache<B>,
-        pos0: usize,
+        segs: &mut [Seg<'_, B>],
         probe: &mut Probe,
     ) -> Result<()>;
     /// Whether every layer attends to the whole cache (no sliding window): only then
@@ -382,6 +378,100 @@ impl<B: Backend, A: Architecture<B>> Transformer<B, A> {
     }
 }
 
+impl<B: Backend + 'static, A: Architecture<B>> Transformer<B, A> {
+    /// The pass every call shares: check each segment against its cache, embed the rows
+    /// of all of them, run the layers once over the whole batch, then the final norm and
+    /// output head over only the rows whose logits are wanted (none when the probe stops
+    /// early). A failed pass leaves every cache as it was.
+    fn run(&self, batch: &mut [Segment<'_>], probe: &mut Probe) -> Result<Vec<Vec<f32>>> {
+        let (be, c) = (&self.backend, &self.config);
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let early = probe.stop_after.is_some_and(|s| s + 1 < c.n_layers);
+        let n = batch.len();
+        if n == 0 {
+            return Err(Error::input("an empty batch"));
+        }
+        let mut segs = Vec::with_capacity(n);
+        let mut ids = Vec::new();
+        let mut wanted = Vec::with_capacity(n);
+        for (i, s) in batch.iter_mut().enumerate() {
+            let which = if n > 1 { format!("sequence {i}: ") } else { String::new() };
+            let cache = cache_of::<B>(&mut *s.cache)?;
+            if s.ids.is_empty() {
+                return Err(Error::input(format!("{which}no tokens to evaluate")));
+            }
+            if cache.len + s.ids.len() > cache.capacity {
+                return Err(Error::input(format!(
+                    "{which}{} tokens after {} cached exceed the context length {}",
+                    s.ids.len(),
+                    cache.len,
+                    cache.capacity
+                )));
+            }
+            ids.extend_from_slice(s.ids);
+            wanted.push(s.logits);
+            segs.push(Seg { pos0: cache.len, rows: s.ids.len(), cache });
+        }
+        let out = be.scope(|| -> Result<Vec<Vec<f32>>> {
+            let mut x = be.embed(&self.embed, &ids, self.arch.embed_scale(c))?;
+            self.arch.layers(be, c, &mut x, &mut segs, probe)?;
+            if early {
+                return Ok(vec![Vec::new(); n]);
+            }
+            // (first row, rows) of each segment's logits, in batch order.
+            let mut picks = Vec::with_capacity(n);
+            let mut off = 0;
+            for (seg, want) in segs.iter().zip(&wanted) {
+                picks.push(match want {
+                    None => (off, 0),
+                    Some(Logits::Last) => (off + seg.rows - 1, 1),
+                    Some(Logits::All) => (off, seg.rows),
+                });
+                off += seg.rows;
+            }
+            let total: usize = picks.iter().map(|p| p.1).sum();
+            if total == 0 {
+                be.status()?;
+                return Ok(vec![Vec::new(); n]);
+            }
+            let x = if total == ids.len() {
+                x
+            } else if let [(start, rows)] = picks.iter().filter(|p| p.1 > 0).copied().collect::<Vec<_>>()[..] {
+                be.rows(&x, start, rows)
+            } else {
+                let parts: Vec<_> =
+                    picks.iter().filter(|p| p.1 > 0).map(|&(start, rows)| be.rows(&x, start, rows)).collect();
+                be.concat(&parts)
+            };
+            let x = be.rms_norm(&x, &self.out_norm, c.norm_eps);
+            let mut logits = be.to_host(be.matmul(&x, head));
+            be.status()?;
+            let vocab = logits.len() / total;
+            let mut out = Vec::with_capacity(n);
+            for &(_, rows) in picks.iter().rev() {
+                out.push(logits.split_off(logits.len() - rows * vocab));
+            }
+            out.reverse();
+            Ok(out)
+        });
+        match out {
+            Ok(v) => {
+                for seg in &mut segs {
+                    seg.cache.len += seg.rows;
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                // No layer keeps a half-evaluated batch.
+                for seg in &mut segs {
+                    seg.cache.truncate(seg.pos0);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 impl<B: Backend + 'static, A: Architecture<B>> Runner for Transformer<B, A> {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -406,8 +496,7 @@ impl<B: Backend + 'static, A: Architecture<B>> Runner for Transformer<B, A> {
         logits: Logits,
         probe: &mut Probe,
     ) -> Result<Vec<f32>> {
-        let (be, c) = (&self.backend, &self.config);
-        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let c = &self.config;
         if let Some(s) = probe.stop_after {
             if s >= c.n_layers {
                 return Err(Error::input(format!("layer {s} does not exist: the model has {} layers", c.n_layers)));
@@ -417,13 +506,13 @@ impl<B: Backend + 'static, A: Architecture<B>> Runner for Transformer<B, A> {
         if n_cached < probe.stop_after.map_or(c.n_layers, |s| s + 1) {
             return Err(Error::input(format!("this cache holds only {n_cached} layers")));
         }
-        let early = probe.stop_after.is_some_and(|s| s + 1 < c.n_layers);
         probe.rows = ids.len();
-        forward(be, c, &self.out_norm, head, cache, ids, logits, early, |cache, pos0| {
-            let mut x = be.embed(&self.embed, ids, self.arch.embed_scale(c))?;
-            self.arch.layers(be, c, &mut x, cache, pos0, probe)?;
-            Ok(x)
-        })
+        let mut batch = [Segment { cache, ids, logits: Some(logits) }];
+        Ok(self.run(&mut batch, probe)?.pop().unwrap_or_default())
+    }
+
+    fn forward_batch(&self, batch: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.run(batch, &mut Probe::default())
     }
 
     fn layer_keys(&self, cache: &mut dyn KvState, layer: usize) -> Result<Vec<f32>> {

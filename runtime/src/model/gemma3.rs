@@ -4,7 +4,7 @@
 //! with the model's base; norms after attention and after the feed-forward block as well
 //! as before; a GELU-gated feed-forward; tied embeddings.
 
-use super::blocks::{Architecture, At, Attention, AttnSpec, Cache, FeedForward, Gate, Loader, Probe, Transformer};
+use super::blocks::{Architecture, At, Attention, AttnSpec, FeedForward, Gate, Loader, Probe, Seg, Transformer};
 use super::ModelConfig;
 use crate::backend::{Backend, RopeStyle};
 use crate::error::Result;
@@ -76,19 +76,17 @@ impl<B: Backend> Architecture<B> for Gemma3Layers<B> {
         be: &B,
         c: &ModelConfig,
         x: &mut B::Tensor,
-        cache: &mut Cache<B>,
-        pos0: usize,
+        segs: &mut [Seg<'_, B>],
         probe: &mut Probe,
     ) -> Result<()> {
-        let rope0 = pos0 + cache.shift;
-        for (i, (layer, kv)) in self.layers.iter().zip(&mut cache.layers).enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
             if probe.stops_before(i) {
                 break;
             }
             let spec = self.spec(c, i);
-            let at = At { layer: i, spec: &spec, pos0, rope0, rows: probe.rows };
+            let at = At { layer: i, spec: &spec };
             let h = be.rms_norm(x, &layer.attn_norm, c.norm_eps);
-            let a = layer.attn.forward(be, c, at, &h, kv, probe)?;
+            let a = layer.attn.forward(be, c, at, &h, segs, probe)?;
             be.add_assign(x, &be.rms_norm(&a, &layer.post_attn_norm, c.norm_eps));
             let h = be.rms_norm(x, &layer.ffn_norm, c.norm_eps);
             let f = layer.ffn.forward(be, &h)?;

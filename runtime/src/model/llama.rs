@@ -1,7 +1,7 @@
 //! The llama architecture (SmolLM2, Llama 2/3, TinyLlama, ...): pre-norm blocks of
 //! grouped-query attention with adjacent-pair RoPE and a SwiGLU feed-forward.
 
-use super::blocks::{Architecture, At, Attention, AttnSpec, Cache, FeedForward, Gate, Loader, Probe, Transformer};
+use super::blocks::{Architecture, At, Attention, AttnSpec, FeedForward, Gate, Loader, Probe, Seg, Transformer};
 use super::ModelConfig;
 use crate::backend::{Backend, RopeStyle};
 use crate::error::Result;
@@ -40,24 +40,22 @@ impl<B: Backend> Architecture<B> for LlamaLayers<B> {
         be: &B,
         c: &ModelConfig,
         x: &mut B::Tensor,
-        cache: &mut Cache<B>,
-        pos0: usize,
+        segs: &mut [Seg<'_, B>],
         probe: &mut Probe,
     ) -> Result<()> {
-        let rope0 = pos0 + cache.shift;
         let spec = AttnSpec {
             rope_base: c.rope_base,
             rope_style: RopeStyle::Adjacent,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             window: None,
         };
-        for (i, (layer, kv)) in self.0.iter().zip(&mut cache.layers).enumerate() {
+        for (i, layer) in self.0.iter().enumerate() {
             if probe.stops_before(i) {
                 break;
             }
-            let at = At { layer: i, spec: &spec, pos0, rope0, rows: probe.rows };
+            let at = At { layer: i, spec: &spec };
             let h = be.rms_norm(x, &layer.attn_norm, c.norm_eps);
-            be.add_assign(x, &layer.attn.forward(be, c, at, &h, kv, probe)?);
+            be.add_assign(x, &layer.attn.forward(be, c, at, &h, segs, probe)?);
             let h = be.rms_norm(x, &layer.ffn_norm, c.norm_eps);
             be.add_assign(x, &layer.ffn.forward(be, &h)?);
         }

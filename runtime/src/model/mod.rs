@@ -42,6 +42,15 @@ pub trait KvState: Send {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// One sequence's part of a batched forward pass: its cache, the tokens that follow
+/// what the cache holds, and which logits to return (`None`: a prefill chunk that is
+/// not the prompt's last).
+pub struct Segment<'a> {
+    pub cache: &'a mut dyn KvState,
+    pub ids: &'a [u32],
+    pub logits: Option<Logits>,
+}
+
 /// A loaded model, backend and architecture erased.
 pub trait Runner: Send + Sync {
     fn config(&self) -> &ModelConfig;
@@ -53,6 +62,12 @@ pub trait Runner: Send + Sync {
     fn forward(&self, cache: &mut dyn KvState, ids: &[u32], logits: Logits) -> Result<Vec<f32>> {
         self.forward_probe(cache, ids, logits, &mut Probe::default())
     }
+    /// Several sequences in one pass: every linear layer runs once over the rows of all
+    /// segments (the weights are read once for the whole batch), attention per segment
+    /// over its own cache. Returns each segment's logits (empty where none were asked
+    /// for). Every segment is checked before anything runs; a failed pass leaves every
+    /// cache as it was.
+    fn forward_batch(&self, batch: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>>;
     /// A cache for only the first `n_layers` layers (GemFilter's first pass).
     fn new_partial_cache(&self, capacity: usize, n_layers: usize) -> Result<Box<dyn KvState>>;
     /// [`Runner::forward`] with hooks: stop after a layer (then no logits), record

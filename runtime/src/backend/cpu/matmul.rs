@@ -42,39 +42,60 @@ fn decode_chunk(rows: usize, threads: usize) -> usize {
     rows.div_ceil(threads * 4).next_multiple_of(8).max(8)
 }
 
-/// Decode steps (one row) of several weights sharing one quantized input in a single
-/// parallel region; anything else falls back to one matmul per weight.
+/// Up to this many activation rows (a decode step of several sequences), weight rows
+/// are split across threads and every task runs all rows through the same weights, so
+/// the weights are read once per step; past it, prefill splits tokens instead.
+pub const SMALL_BATCH: usize = 16;
+
+/// Several weights sharing one quantized input in a single parallel region, for decode
+/// steps (up to [`SMALL_BATCH`] rows); anything else falls back to one matmul per weight.
 pub fn matmul_many(x: &CpuTensor, ws: &[&CpuWeight], isa: Option<Isa>, threads: usize) -> Vec<CpuTensor> {
-    let fused = x.rows == 1
+    let fused = x.rows <= SMALL_BATCH
         && isa.is_some_and(|isa| ws.iter().all(|w| kernels::supports(isa, w.host.ty) && w.host.cols() == x.cols));
     let Some(isa) = isa.filter(|_| fused) else {
         return ws.iter().map(|w| matmul(x, w, isa, threads)).collect();
     };
+    let n = x.rows;
     let mut q = Q8Acts::default();
-    q.quantize(&x.data, 1, x.cols);
+    q.quantize(&x.data, n, x.cols);
     let total: usize = ws.iter().map(|w| w.host.rows()).sum();
     let chunk = decode_chunk(total, threads);
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.host.rows()]).collect();
-    // Work items: (weight, first row, output slice), each at most `chunk` rows.
+    // Work items: (weight, first row, rows), each at most `chunk` rows.
     let mut items = Vec::new();
-    for (w, out) in ws.iter().zip(outs.iter_mut()) {
-        for (c, o) in out.chunks_mut(chunk).enumerate() {
-            items.push((*w, c * chunk, o));
+    for (wi, w) in ws.iter().enumerate() {
+        let m = w.host.rows();
+        for r0 in (0..m).step_by(chunk) {
+            items.push((wi, r0, chunk.min(m - r0)));
         }
     }
-    items.into_par_iter().for_each(|(w, r0, o)| rows_times(isa, w, r0, &q, o));
-    outs.into_iter().map(|data| CpuTensor { cols: data.len(), data, rows: 1 }).collect()
+    // Each task fills `[n, len]` for its weight rows, scattered after.
+    let parts: Vec<Vec<f32>> = items
+        .par_iter()
+        .map(|&(wi, r0, len)| {
+            let mut o = vec![0f32; n * len];
+            rows_times(isa, ws[wi], r0, &q, &mut o);
+            o
+        })
+        .collect();
+    let mut outs: Vec<CpuTensor> =
+        ws.iter().map(|w| CpuTensor { data: vec![0f32; n * w.host.rows()], rows: n, cols: w.host.rows() }).collect();
+    for (&(wi, r0, len), part) in items.iter().zip(&parts) {
+        let out = &mut outs[wi];
+        for t in 0..n {
+            out.data[t * out.cols + r0..t * out.cols + r0 + len].copy_from_slice(&part[t * len..(t + 1) * len]);
+        }
+    }
+    outs
 }
 
 fn matmul_q8(x: &CpuTensor, w: &CpuWeight, isa: Isa, threads: usize) -> CpuTensor {
     let (n, k, m) = (x.rows, x.cols, w.host.rows());
-    if n == 1 {
-        let mut q = Q8Acts::default();
-        q.quantize(&x.data, n, k);
-        let chunk = decode_chunk(m, threads);
-        let mut out = vec![0f32; m];
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| rows_times(isa, w, c * chunk, &q, o));
-        return CpuTensor { data: out, rows: 1, cols: m };
+    if n <= SMALL_BATCH {
+        return matmul_many(x, &[w], Some(isa), threads).pop().unwrap_or(CpuTensor {
+            data: Vec::new(),
+            rows: n,
+            cols: m,
+        });
     }
     // Prefill: each thread takes a run of tokens and streams all weight rows past them,
     // writing its own contiguous rows of the output.

@@ -271,6 +271,13 @@ impl Backend for CpuBackend {
         CpuTensor { data, rows: n, cols: x.cols }
     }
 
+    fn concat(&self, parts: &[CpuTensor]) -> CpuTensor {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        assert!(parts.iter().all(|p| p.cols == cols), "concat: parts of different widths");
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        CpuTensor { data, rows: parts.iter().map(|p| p.rows).sum(), cols }
+    }
+
     fn embed(&self, table: &CpuWeight, ids: &[u32], scale: f32) -> Result<CpuTensor> {
         let (vocab, dim) = (table.host.rows(), table.host.cols());
         let rb = table.host.row_bytes();

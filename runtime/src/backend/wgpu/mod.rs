@@ -1002,6 +1002,23 @@ impl Backend for WgpuBackend {
         out
     }
 
+    fn concat(&self, parts: &[GpuTensor]) -> GpuTensor {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        assert!(parts.iter().all(|p| p.cols == cols), "concat: parts of different widths");
+        let out = self.tensor(parts.iter().map(|p| p.rows).sum(), cols);
+        let mut st = lock(&self.sh.st);
+        let enc = self.record(&mut st);
+        let mut at = 0u64;
+        for p in parts {
+            let bytes = (p.rows * cols * 4) as u64;
+            if bytes > 0 {
+                enc.copy_buffer_to_buffer(&p.buf.buf, 0, &out.buf.buf, at, bytes);
+            }
+            at += bytes;
+        }
+        out
+    }
+
     fn embed(&self, table: &GpuWeight, ids: &[u32], scale: f32) -> Result<GpuTensor> {
         if table.stack.is_some() {
             return Err(Error::model("wgpu: an embedding table cannot be a BitStack matrix"));
