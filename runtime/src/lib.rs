@@ -20,6 +20,8 @@ pub mod needle;
 #[cfg(feature = "cli")]
 pub mod pull;
 pub mod sampling;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;

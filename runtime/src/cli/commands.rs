@@ -24,6 +24,19 @@ pub fn resolve_model(name: Option<&str>) -> Result<PathBuf> {
     pull::resolve_model(name).map_err(|e| Error::Fetch(e.to_string()))
 }
 
+fn engine_options(m: &ModelArgs) -> Result<EngineOptions> {
+    let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
+    let dense_cache = crate::bitstack::DenseCache::parse(&m.dense_cache)?;
+    Ok(EngineOptions {
+        threads: m.threads,
+        exact: m.exact,
+        backend: m.backend,
+        memory,
+        context: m.ctx_size,
+        dense_cache,
+    })
+}
+
 fn load(m: &ModelArgs) -> Result<Engine> {
     let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
     let dense_cache = crate::bitstack::DenseCache::parse(&m.dense_cache)?;
@@ -694,4 +707,41 @@ fn decode_rate(engine: &Engine, n: usize) -> Result<f64> {
         logits = runner.forward(cache.as_mut(), &[next], crate::model::Logits::Last)?;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `cairn serve`'s own flags.
+#[cfg(feature = "server")]
+pub struct ServeArgs {
+    pub host: String,
+    pub port: u16,
+    pub parallel: usize,
+    pub queue: usize,
+    pub api_key: Option<String>,
+    pub timeout: u64,
+    pub drain: u64,
+}
+
+#[cfg(feature = "server")]
+pub fn serve(m: &ModelArgs, a: ServeArgs) -> Result<()> {
+    let path = model_path(m)?;
+    // The id clients name: the registry name given, else the file's stem.
+    let model_name = match m.model.as_deref() {
+        Some(n) if !std::path::Path::new(n).exists() => n.to_string(),
+        _ => path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+    };
+    let opts = crate::server::ServeOptions {
+        model: path,
+        model_name,
+        host: a.host,
+        port: a.port,
+        parallel: a.parallel,
+        queue: a.queue,
+        ctx: m.ctx_size,
+        api_key: a.api_key,
+        engine: engine_options(m)?,
+        timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+        drain: std::time::Duration::from_secs(a.drain),
+        body_limit: 4 << 20,
+    };
+    crate::server::run(opts)
 }

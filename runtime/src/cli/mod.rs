@@ -241,6 +241,35 @@ enum Command {
         #[arg(long, default_value = "table", value_delimiter = ',')]
         order: Vec<String>,
     },
+    /// An OpenAI-compatible HTTP server: many callers at once, continuous batching.
+    #[cfg(feature = "server")]
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Address to bind (loopback unless you say otherwise).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Slots: sequences decoded together in one batch (-c is each slot's context).
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Requests that may wait for a slot; past it the server answers 503.
+        #[arg(long, default_value_t = 16)]
+        queue: usize,
+        /// Require `Authorization: Bearer KEY` on everything but /health.
+        #[arg(long, conflicts_with = "api_key_file")]
+        api_key: Option<String>,
+        /// Read the API key from this file (its first line).
+        #[arg(long)]
+        api_key_file: Option<PathBuf>,
+        /// Server-side limit on one request, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// On SIGTERM, seconds running requests get to finish.
+        #[arg(long, default_value_t = 30)]
+        drain: u64,
+    },
     /// Architecture, hyper-parameters, tensor types and sizes.
     Info {
         #[command(flatten)]
@@ -421,6 +450,26 @@ pub fn run() -> Result<()> {
         }
         Command::Perplexity { model, file, ctx, windows } => commands::perplexity(&model, &file, ctx, windows),
         Command::Bench { model, prompt, gen, reps, output } => commands::bench(&model, prompt, gen, reps, &output),
+        #[cfg(feature = "server")]
+        Command::Serve { model, host, port, parallel, queue, api_key, api_key_file, timeout, drain } => {
+            let api_key = match (api_key, api_key_file) {
+                (Some(k), _) => Some(k),
+                (None, Some(f)) => {
+                    let s = std::fs::read_to_string(&f).map_err(|source| Error::Io { path: f.clone(), source })?;
+                    let k = s.lines().next().unwrap_or("").trim().to_string();
+                    if k.is_empty() {
+                        return Err(Error::input(format!("{}: the API key file is empty", f.display())));
+                    }
+                    Some(k)
+                }
+                (None, None) => None,
+            };
+            if api_key.as_deref().is_some_and(str::is_empty) {
+                return Err(Error::input("--api-key must not be empty"));
+            }
+            let opts = commands::ServeArgs { host, port, parallel, queue, api_key, timeout, drain };
+            commands::serve(&model, opts)
+        }
         Command::Info { devices: true, .. } => commands::devices(),
         Command::Info { model, .. } => commands::info(&model),
         Command::Stack { model, output, levels, rank, calib, calib_tokens, iters, threads, proxy } => {
