@@ -541,3 +541,37 @@ fn smollm2_greedy_on_the_gpu() {
     gpu.runner.forward(small.as_mut(), &prompt, Logits::Last).unwrap();
     assert!(gpu.runner.forward(small.as_mut(), &[1], Logits::Last).is_err());
 }
+
+/// Several sequences in one pass on the GPU (rows split for attention and joined again
+/// by `concat`) equal each sequence alone, on llama and on Gemma's windowed layers.
+#[test]
+fn batches_equal_sequences_alone() {
+    if gpu().is_none() {
+        return;
+    }
+    let c = SyntheticConfig { matrix_type: GgmlType::Q4_1, embed_type: GgmlType::Q8_0, ..SyntheticConfig::default() };
+    let llama = ModelFile::from_bytes("batch.gguf", llama_gguf(&c, 21).unwrap()).unwrap();
+    let c = SyntheticConfig { n_layers: 7, n_kv_heads: 1, ..SyntheticConfig::default() };
+    let gemma = ModelFile::from_bytes("batch-gemma.gguf", cairn::synthetic::gemma3_gguf(&c, 8, 22).unwrap()).unwrap();
+    for (file, name) in [(&llama, "llama"), (&gemma, "gemma3")] {
+        let Some(g) = gpu_with(&WgpuOptions::default()) else { return };
+        let runner = model::load(file, g).unwrap();
+        for seed in 0..6 {
+            let worst = common::batch::batch_vs_alone(runner.as_ref(), &common::batch::compose(seed, 96), 128);
+            assert!(worst < OP_TOL, "{name}, batch {seed}: max relative difference {worst}");
+        }
+    }
+}
+
+#[test]
+fn concat_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = cpu_ref();
+    let parts: Vec<(usize, Vec<f32>)> =
+        [(3, 1), (1, 2), (0, 3), (5, 4)].iter().map(|&(r, s)| (r, random(r * 40, s))).collect();
+    let on_gpu: Vec<_> = parts.iter().map(|(r, d)| g.upload(d, *r, 40)).collect();
+    let on_cpu: Vec<_> = parts.iter().map(|(r, d)| cpu.upload(d, *r, 40)).collect();
+    let (a, b) = (g.to_host(g.concat(&on_gpu)), cpu.to_host(cpu.concat(&on_cpu)));
+    assert_eq!(a.len(), 9 * 40);
+    assert_eq!(a, b, "concat copies values exactly");
+}

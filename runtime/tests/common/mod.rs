@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod batch;
 #[cfg(feature = "cli")]
 pub mod stack;
 
