@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::engine::{Engine, EngineOptions, PREFILL_CHUNK};
 use crate::error::Result;
-use crate::model::Logits;
+use crate::model::{Logits, Segment};
 use crate::synthetic::SplitMix;
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,9 @@ pub struct BenchOptions {
     /// Memory budget for a BitStack model (`None`: every block).
     pub memory: Option<u64>,
     pub dense_cache: crate::bitstack::DenseCache,
+    /// Sequences decoded together in the generation test (one batched pass per step,
+    /// as `cairn serve` runs its slots); tg then reports their aggregate tokens/s.
+    pub parallel: usize,
 }
 
 /// Mean and sample standard deviation of a set of measurements.
@@ -92,7 +95,7 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
                 pp.push(ids.len() as f64 / t.elapsed().as_secs_f64());
             }
         }
-        if o.gen > 0 {
+        if o.gen > 0 && o.parallel <= 1 {
             let ids = random_ids(o.gen.min(c.context));
             let mut cache = engine.runner.new_cache(context)?;
             let t = Instant::now();
@@ -101,6 +104,21 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
             }
             if rep > 0 {
                 tg.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+            }
+        } else if o.gen > 0 {
+            let seqs: Vec<Vec<u32>> = (0..o.parallel).map(|_| random_ids(o.gen.min(c.context))).collect();
+            let mut caches = (0..o.parallel).map(|_| engine.runner.new_cache(context)).collect::<Result<Vec<_>>>()?;
+            let t = Instant::now();
+            for step in 0..seqs[0].len() {
+                let mut batch: Vec<Segment<'_>> = caches
+                    .iter_mut()
+                    .zip(&seqs)
+                    .map(|(c, s)| Segment { cache: c.as_mut(), ids: &s[step..step + 1], logits: Some(Logits::Last) })
+                    .collect();
+                engine.runner.forward_batch(&mut batch)?;
+            }
+            if rep > 0 {
+                tg.push((seqs.len() * seqs[0].len()) as f64 / t.elapsed().as_secs_f64());
             }
         }
     }

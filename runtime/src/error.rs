@@ -22,6 +22,16 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A copy to hand on (to each request of a failed batch): the message survives, an
+    /// I/O source does not (it cannot be cloned).
+    pub fn clone_msg(&self) -> Error {
+        match self {
+            Error::Input(m) => Error::Input(m.clone()),
+            Error::Text(m) => Error::Text(m.clone()),
+            other => Error::Model(other.to_string()),
+        }
+    }
+
     pub fn model(msg: impl Into<String>) -> Self {
         Error::Model(msg.into())
     }

@@ -430,7 +430,7 @@ pub fn info(m: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str) -> Result<()> {
+pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, parallel: usize, output: &str) -> Result<()> {
     let path = model_path(m)?;
     let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
     let dense_cache = crate::bitstack::DenseCache::parse(&m.dense_cache)?;
@@ -442,6 +442,7 @@ pub fn bench(m: &ModelArgs, prompt: usize, gen: usize, reps: usize, output: &str
         backend: m.backend,
         memory,
         dense_cache,
+        parallel: parallel.max(1),
     };
     let report = crate::bench::run(&path, &opts)?;
     if output == "json" {

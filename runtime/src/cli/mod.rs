@@ -153,6 +153,10 @@ enum Command {
         /// Repetitions (after one warm-up).
         #[arg(short = 'r', long, default_value_t = 5)]
         reps: usize,
+        /// Sequences decoded together in one batched pass per step (as `serve` runs its
+        /// slots); tg reports their aggregate tokens/s.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
         /// Output format.
         #[arg(short = 'o', long, default_value = "md", value_parser = ["md", "json"])]
         output: String,
@@ -449,7 +453,9 @@ pub fn run() -> Result<()> {
             commands::needle(&model, &opts, haystack.as_deref(), output.as_deref(), save_auto)
         }
         Command::Perplexity { model, file, ctx, windows } => commands::perplexity(&model, &file, ctx, windows),
-        Command::Bench { model, prompt, gen, reps, output } => commands::bench(&model, prompt, gen, reps, &output),
+        Command::Bench { model, prompt, gen, reps, parallel, output } => {
+            commands::bench(&model, prompt, gen, reps, parallel, &output)
+        }
         #[cfg(feature = "server")]
         Command::Serve { model, host, port, parallel, queue, api_key, api_key_file, timeout, drain } => {
             let api_key = match (api_key, api_key_file) {

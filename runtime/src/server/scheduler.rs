@@ -410,7 +410,7 @@ impl Scheduler {
                 return None;
             }
         }
-        let ended = if run.generated >= run.job.max_tokens || slot.tokens.len() + 1 >= cap || now >= run.job.deadline {
+        let ended = if run.generated >= run.job.max_tokens || slot.tokens.len() >= cap || now >= run.job.deadline {
             Some(Finish::Length)
         } else {
             None
@@ -513,14 +513,4 @@ pub fn held_back(text: &str, stops: &[String]) -> usize {
         .map(str::len)
         .max()
         .unwrap_or(0)
-}
-
-impl Error {
-    /// A copy of the message for a request (errors own I/O sources and cannot clone).
-    pub(crate) fn clone_msg(&self) -> Error {
-        match self {
-            Error::Input(m) => Error::Input(m.clone()),
-            other => Error::Model(other.to_string()),
-        }
-    }
 }
