@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::{Engine, EngineOptions, PREFILL_CHUNK};
+use crate::engine::{Engine, EngineOptions};
 use crate::error::Result;
-use crate::model::{Logits, Segment};
+use crate::model::{Logits, Segment, PREFILL_CHUNK};
 use crate::synthetic::SplitMix;
 
 #[derive(Debug, Clone)]

@@ -10,14 +10,10 @@ use crate::bitstack::{self, MemoryPlan};
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::longctx::{self, FilterLayer, Method, SNAPKV_WINDOW};
-use crate::model::{self, KvState, Logits, Probe, Runner};
+use crate::model::{self, KvState, Logits, Probe, Runner, PREFILL_CHUNK};
 use crate::sampling::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::weights::ModelFile;
-
-/// Tokens evaluated per forward pass during prefill: bounds the activation memory of
-/// long prompts while keeping the matmuls wide.
-pub const PREFILL_CHUNK: usize = 512;
 
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {

@@ -1,8 +1,11 @@
 //! Cairn: a portable on-device LLM inference runtime.
 //!
-//! Layers, bottom up: [`weights`] maps model files; [`backend`] computes; [`model`]
-//! defines architectures against the backend trait; [`engine`] ties a model to its
-//! tokenizer and template for generation.
+//! Layers, bottom up: [`weights`] maps model files (with [`bitstack`]'s budgets);
+//! [`backend`] computes; [`model`] defines architectures against the backend trait;
+//! [`longctx`] runs long prompts on a budget; [`engine`] ties a model to its tokenizer
+//! and template for generation; the front ends (CLI, bench, convert, pull) sit on top.
+//! A module uses only its own layer and those below (docs/ARCHITECTURE.md, enforced by
+//! `tests/layers.rs`).
 
 pub mod backend;
 pub mod bench;

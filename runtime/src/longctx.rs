@@ -6,9 +6,8 @@
 //! `k` rows of every layer's cache, chosen per KV head. The selections here are pure
 //! functions of host values; the passes that feed them are in `engine.rs`.
 
-use crate::engine::PREFILL_CHUNK;
 use crate::error::{Error, Result};
-use crate::model::{Logits, Probe, Runner};
+use crate::model::{Logits, Probe, Runner, PREFILL_CHUNK};
 use crate::synthetic::SplitMix;
 
 /// Tokens kept when no budget is given.

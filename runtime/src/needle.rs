@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::chat::Message;
-use crate::engine::{Engine, Session, PREFILL_CHUNK};
+use crate::engine::{Engine, Session};
 use crate::error::{Error, Result};
 use crate::longctx::{self, FilterLayer, Method, SNAPKV_WINDOW};
-use crate::model::{Logits, Probe};
+use crate::model::{Logits, Probe, PREFILL_CHUNK};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::synthetic::SplitMix;
 

@@ -19,14 +19,13 @@ pub mod build;
 pub mod linalg;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use cairn_formats::bitstack::{Block, BlockShape, StackTable};
 use cairn_formats::container::PAGE;
 use cairn_formats::{container, TensorInfo};
 
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
 use crate::weights::{HostTensor, ModelFile};
 
 /// One matrix of the stack: its blocks by level, and how many of them are in use.
@@ -37,7 +36,14 @@ pub struct StackWeight {
     active: AtomicUsize,
     /// The dense Q8_0 copy of all levels, when the matrix runs from one.
     dense: RwLock<Option<Arc<DenseCopy>>>,
+    /// How to build that copy: set by the backend that loads the matrix.
+    builder: OnceLock<DenseBuilder>,
 }
+
+/// Builds a matrix's dense copy in a backend's layout. Backends install theirs at
+/// `Backend::load_stack` ([`StackWeight::set_dense_builder`]); a matrix without one
+/// always runs from its blocks.
+pub type DenseBuilder = fn(&StackWeight) -> std::io::Result<DenseCopy>;
 
 /// A matrix rebuilt from all its blocks and rounded to Q8_0 rows (interleaved in groups
 /// of 8 rows when `packed`, the CPU's repacked layout). The bytes live in their own
@@ -98,6 +104,18 @@ impl StackWeight {
     pub fn dense_bytes(&self) -> Option<u64> {
         let BlockShape { m, n, .. } = self.shape;
         n.is_multiple_of(32).then_some(((m * n / 32 * 34) as u64).next_multiple_of(PAGE))
+    }
+
+    /// Let budgets run this matrix from dense copies built by `build` (the first
+    /// backend to load the matrix sets it).
+    pub fn set_dense_builder(&self, build: DenseBuilder) {
+        let _ = self.builder.set(build);
+    }
+
+    /// The dense copy of all levels, by the loading backend's builder.
+    fn build_dense(&self) -> std::io::Result<DenseCopy> {
+        let build = self.builder.get().ok_or_else(|| std::io::Error::other("no backend builds dense copies"))?;
+        build(self)
     }
 
     fn set_dense(&self, d: Option<Arc<DenseCopy>>) {
@@ -200,6 +218,7 @@ impl Stack {
                     blocks,
                     active: AtomicUsize::new(0),
                     dense: RwLock::new(None),
+                    builder: OnceLock::new(),
                 }))
             })
             .collect::<Result<_>>()?;
@@ -224,7 +243,7 @@ impl Stack {
         let w = &self.weights[i];
         let blocks = c.min(w.levels()) as u64 * w.shape.page_bytes();
         match w.dense_bytes() {
-            Some(q) if self.dense_cache() == DenseCache::Auto && blocks > q => (q, true),
+            Some(q) if self.dense_cache() == DenseCache::Auto && w.builder.get().is_some() && blocks > q => (q, true),
             _ => (blocks, false),
         }
     }
@@ -319,7 +338,8 @@ impl Stack {
                 // matrix's blocks beyond the budget.
                 let resident = w.active();
                 change.bytes_read += w.verify(resident, w.levels())?;
-                let copy = crate::backend::cpu::bitstack::dense_copy(w)
+                let copy = w
+                    .build_dense()
                     .map_err(|e| Error::model(format!("{}: no memory for a dense copy: {e}", w.name)))?;
                 w.set_dense(Some(Arc::new(copy)));
                 w.active.store(w.levels(), Ordering::Release);
@@ -385,18 +405,26 @@ impl std::fmt::Display for MemoryPlan {
     }
 }
 
+/// What a budget reserves for a model besides its weights, from the model's shape.
+/// The model layer implements it (`model::ModelConfig`), so budgets need no model types.
+pub trait Footprint {
+    /// Bytes of a KV cache (f16) for `ctx` positions.
+    fn kv_bytes(&self, ctx: usize) -> usize;
+    /// Bytes of scratch: activations of a prefill chunk, one row of logits, BitStack
+    /// kernel tables and rebuilt tiles.
+    fn scratch_bytes(&self) -> usize;
+}
+
 /// Bytes a budget must hold besides BitStack blocks: dense tensors, a KV cache for
 /// the budget's context (f16), and scratch (activations of a 512-token prefill chunk,
 /// one row of logits, BitStack kernel tables and rebuilt tiles).
-pub fn fixed_bytes(file: &ModelFile, c: &ModelConfig, ctx: usize) -> (u64, u64, u64) {
-    let kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * ctx * 2;
-    let scratch = crate::engine::PREFILL_CHUNK * (6 * c.dim + 3 * c.ffn_dim) * 4 + 2 * c.vocab * 4 + (4 << 20);
-    (file.dense_bytes(), kv as u64, scratch as u64)
+pub fn fixed_bytes(file: &ModelFile, c: &impl Footprint, ctx: usize) -> (u64, u64, u64) {
+    (file.dense_bytes(), c.kv_bytes(ctx) as u64, c.scratch_bytes() as u64)
 }
 
 /// Fit a model into `budget` bytes: the longest prefix of its BitStack that fits beside
 /// [`fixed_bytes`]. A budget below the minimum is refused, naming the minimum.
-pub fn apply_budget(file: &ModelFile, c: &ModelConfig, ctx: usize, budget: u64) -> Result<MemoryPlan> {
+pub fn apply_budget(file: &ModelFile, c: &impl Footprint, ctx: usize, budget: u64) -> Result<MemoryPlan> {
     let (dense, kv, scratch) = fixed_bytes(file, c, ctx);
     let fixed = dense + kv + scratch;
     let Some(stack) = &file.stack else {

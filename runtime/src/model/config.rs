@@ -1,5 +1,7 @@
 //! Hyper-parameters read from a model file's metadata.
 
+use super::PREFILL_CHUNK;
+use crate::bitstack::Footprint;
 use crate::error::{Error, Result};
 use crate::weights::ModelFile;
 
@@ -87,5 +89,15 @@ impl ModelConfig {
             return bad("zero context length or vocabulary".into());
         }
         Ok(())
+    }
+}
+
+impl Footprint for ModelConfig {
+    fn kv_bytes(&self, ctx: usize) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.head_dim * ctx * 2
+    }
+
+    fn scratch_bytes(&self) -> usize {
+        PREFILL_CHUNK * (6 * self.dim + 3 * self.ffn_dim) * 4 + 2 * self.vocab * 4 + (4 << 20)
     }
 }

@@ -14,6 +14,10 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::weights::ModelFile;
 
+/// Tokens evaluated per forward pass during prefill: bounds the activation memory of
+/// long prompts while keeping the matmuls wide.
+pub const PREFILL_CHUNK: usize = 512;
+
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {

@@ -15,10 +15,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Metrics;
 use crate::bitstack::MemoryPlan;
-use crate::engine::{Engine, PREFILL_CHUNK};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::longctx::Method;
-use crate::model::{KvState, Logits, Segment};
+use crate::model::{KvState, Logits, Segment, PREFILL_CHUNK};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::tokenizer::StreamDecoder;
 

@@ -252,6 +252,7 @@ impl Backend for CpuBackend {
     }
 
     fn load_stack(&self, w: &Arc<StackWeight>) -> Result<CpuWeight> {
+        w.set_dense_builder(bitstack::dense_copy);
         let dims = [w.shape.n as u64, w.shape.m as u64];
         let host = w.placeholder(&dims);
         Ok(CpuWeight { host, vector: None, packed: None, stack: Some(w.clone()) })

@@ -937,6 +937,9 @@ impl Backend for WgpuBackend {
     }
 
     fn load_stack(&self, w: &Arc<StackWeight>) -> Result<GpuWeight> {
+        // Dense copies stay the CPU's, as before backends supplied the builder: a budget
+        // counts them, while these kernels run a copied matrix's levels from its blocks.
+        w.set_dense_builder(super::cpu::bitstack::dense_copy);
         let s = w.shape;
         let refuse = |why: String| Err(Error::model(format!("wgpu: BitStack matrix {}: {why}", w.name)));
         if s.k > MAX_RANK {
