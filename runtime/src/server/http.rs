@@ -52,6 +52,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
 }
@@ -101,6 +102,10 @@ fn authorized(app: &App, headers: &HeaderMap) -> bool {
 
 async fn not_found(method: HttpMethod, uri: axum::http::Uri) -> ApiError {
     ApiError::invalid(None, format!("no route {method} {}", uri.path())).with(404, "not_found")
+}
+
+async fn not_allowed(method: HttpMethod, uri: axum::http::Uri) -> ApiError {
+    ApiError::invalid(None, format!("{method} is not allowed on {}", uri.path())).with(405, "method_not_allowed")
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {

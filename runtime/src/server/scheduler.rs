@@ -132,6 +132,11 @@ struct Slot {
     tokens: Vec<u32>,
     run: Option<Running>,
     last_used: Instant,
+    /// The logits after the last prompt this slot evaluated, and that prompt's length:
+    /// a request repeating that prompt starts from them instead of evaluating its last
+    /// token again alone (whose logits would differ from the batched ones by float
+    /// rounding, enough to change a greedy answer at a near tie).
+    end_logits: Option<(usize, Vec<f32>)>,
 }
 
 pub struct Scheduler {
@@ -150,6 +155,7 @@ impl Scheduler {
                     tokens: Vec::new(),
                     run: None,
                     last_used: Instant::now(),
+                    end_logits: None,
                 })
             })
             .collect::<Result<_>>()?;
@@ -275,9 +281,12 @@ impl Scheduler {
                 }
             }
         };
-        let keep = common_prefix(&slot.tokens, &prompt).min(prompt.len() - 1);
+        let common = common_prefix(&slot.tokens, &prompt);
+        let repeat = common == prompt.len() && slot.end_logits.as_ref().is_some_and(|(n, _)| *n == prompt.len());
+        let keep = if repeat { common } else { common.min(prompt.len() - 1) };
         let keep = slot.cache.truncate(keep);
         slot.tokens.truncate(keep);
+        let primed = if keep == prompt.len() { slot.end_logits.as_ref().map(|(_, l)| l.clone()) } else { None };
         let sampler = Sampler::new(job.sampling.clone());
         slot.run = Some(Running {
             pending: prompt[keep..].to_vec(),
@@ -293,6 +302,13 @@ impl Scheduler {
             cut: false,
             job,
         });
+        if let Some(mut logits) = primed {
+            if let Some(how) = self.sample(i, &mut logits, Instant::now()) {
+                if let Some(run) = self.slots[i].run.take() {
+                    finish(run, how, &self.metrics);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -362,6 +378,9 @@ impl Scheduler {
                 None => {
                     slot.tokens.extend(run.pending.drain(..n));
                     self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                    if has_logits {
+                        slot.end_logits = Some((slot.tokens.len(), logits.clone()));
+                    }
                 }
             }
             if !has_logits {

@@ -31,6 +31,9 @@ fn f16s(bytes: &[u8]) -> Vec<f32> {
 
 /// `x Wᵀ` for a BitStack weight at its current number of active blocks (or from its
 /// dense copy).
+/// Up to this many rows run as one matvec per row rather than through rebuilt tiles.
+const MATVEC_BATCH: usize = 8;
+
 pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
     if let Some(d) = w.dense() {
         return dense_matmul(x, &d, w.shape.m, isa);
@@ -42,6 +45,15 @@ pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
             let mut y = vec![0f32; m];
             stack_matvec(isa, &blocks, &x.data, &mut y);
             CpuTensor { data: y, rows: 1, cols: m }
+        }
+        // A decode step of a few sequences: each row through the sign tables, since
+        // rebuilding dense tiles of the whole matrix costs more than a few matvecs.
+        Some(isa) if x.rows <= MATVEC_BATCH => {
+            let mut y = vec![0f32; x.rows * m];
+            for (xr, yr) in x.data.chunks_exact(x.cols).zip(y.chunks_exact_mut(m)) {
+                stack_matvec(isa, &blocks, xr, yr);
+            }
+            CpuTensor { data: y, rows: x.rows, cols: m }
         }
         Some(isa) if x.cols.is_multiple_of(32) && isa != Isa::Scalar => rebuild_matmul_q8(x, &blocks, m, isa),
         _ => rebuild_matmul(x, &blocks, m, isa.unwrap_or(Isa::Scalar)),
