@@ -167,7 +167,20 @@ fn repacked_kernels_equal_scalar() {
     let mut rng = SplitMix(6);
     for isa in Isa::available().into_iter().filter(|&i| kernels::has_packed(i)) {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            for (rows, n, cols) in [(8, 1, 32), (16, 1, 576), (8, 3, 64), (24, 4, 96), (16, 9, 1536), (64, 5, 576)] {
+            for (rows, n, cols) in [
+                (8, 1, 32),
+                (16, 1, 576),
+                (8, 2, 32),
+                (8, 3, 64),
+                (24, 4, 96),
+                (16, 7, 64),
+                (8, 8, 32),
+                (16, 9, 1536),
+                (8, 11, 96),
+                (64, 5, 576),
+                (16, 16, 576),
+                (8, 19, 64),
+            ] {
                 let w = weights(&mut rng, ty, rows, cols);
                 let rb = w.len() / rows;
                 let p = repack::repack(ty, &w, rows, rb).expect("repackable");

@@ -12,9 +12,6 @@ use super::{Isa, Q8Acts, Q8Row, QK};
 /// Sum of groups of four u8 × i8 products into eight i32 lanes.
 trait Dot {
     unsafe fn dot(u: __m256i, x: __m256i) -> __m256i;
-    /// `dot(lo, xlo) + dot(hi, xhi)` for 4-bit values (u ≤ 15: the i16 pair sums of both
-    /// halves fit before widening).
-    unsafe fn dot2(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i;
 }
 
 struct Avx2;
@@ -26,23 +23,12 @@ impl Dot for Avx2 {
         // u ≤ 128 and |x| ≤ 127, so the i16 pair sums of vpmaddubsw cannot saturate.
         _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
     }
-
-    #[inline(always)]
-    unsafe fn dot2(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i {
-        let s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
-        _mm256_madd_epi16(s, _mm256_set1_epi16(1))
-    }
 }
 
 impl Dot for Vnni {
     #[inline(always)]
     unsafe fn dot(u: __m256i, x: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
-    }
-
-    #[inline(always)]
-    unsafe fn dot2(lo: __m256i, xlo: __m256i, hi: __m256i, xhi: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo), hi, xhi)
     }
 }
 
@@ -287,13 +273,103 @@ unsafe fn matmul_body<D: Dot, const T: u8>(w: &[u8], row_bytes: usize, x: &Q8Act
     }
 }
 
+/// Four activation bytes `x[4j..4j + 4]` in every lane (with AVX-512 VL the compiler
+/// folds this into the dot product's embedded-broadcast memory operand).
+#[inline(always)]
+unsafe fn bcast4(x: *const u8, j: usize) -> __m256i {
+    _mm256_set1_epi32((x.add(4 * j) as *const i32).read_unaligned())
+}
+
+/// The lane-per-row dot products of repacked groups (see `repack`): lane r of every
+/// weight vector holds four bytes of row r, so the sums land one lane per row.
+trait Lanes {
+    /// Tokens per repacked tile (as many as the registers hold with the weights).
+    const TILE: usize;
+    /// Row sums of one 4-bit block: lane r of `lo[k]` / `hi[k]` holds row r's weights
+    /// `4k..4k + 4` / `16 + 4k..16 + 4k + 4` (u ≤ 15); `x` the block's 32 activations.
+    unsafe fn rows4(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i;
+    /// One repacked Q8_0 vector (`w + 128`) made ready for [`Lanes::rows8`].
+    unsafe fn prep8(u: __m256i) -> __m256i;
+    /// Row sums of one Q8_0 block: lane r of `w[j]` holds row r's weights `4j..4j + 4`
+    /// as `prep8` left them; `sum` is Σ x over the block.
+    unsafe fn rows8(w: &[__m256i; 8], x: *const u8, sum: i32) -> __m256i;
+}
+
+impl Lanes for Avx2 {
+    const TILE: usize = 4;
+
+    #[inline(always)]
+    unsafe fn rows4(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i {
+        // Each vpmaddubsw pair sum is at most 2·15·127 = 3810 in magnitude, so all
+        // eight fit an i16 (30480) before the one widening vpmaddwd.
+        let mut s = _mm256_setzero_si256();
+        for k in 0..4 {
+            let a = _mm256_maddubs_epi16(lo[k], bcast4(x, k));
+            let b = _mm256_maddubs_epi16(hi[k], bcast4(x, 4 + k));
+            s = _mm256_add_epi16(s, _mm256_add_epi16(a, b));
+        }
+        _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn prep8(u: __m256i) -> __m256i {
+        // Back to the signed weights: vpmaddubsw needs the sign trick (u + 128 would
+        // saturate its pair sums).
+        _mm256_xor_si256(u, _mm256_set1_epi8(-128))
+    }
+
+    #[inline(always)]
+    unsafe fn rows8(w: &[__m256i; 8], x: *const u8, _sum: i32) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let mut s = [_mm256_setzero_si256(); 2];
+        for (j, w) in w.iter().enumerate() {
+            let p = _mm256_maddubs_epi16(_mm256_abs_epi8(*w), _mm256_sign_epi8(bcast4(x, j), *w));
+            s[j & 1] = _mm256_add_epi32(s[j & 1], _mm256_madd_epi16(p, ones));
+        }
+        _mm256_add_epi32(s[0], s[1])
+    }
+}
+
+impl Lanes for Vnni {
+    const TILE: usize = 8;
+
+    #[inline(always)]
+    unsafe fn rows4(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i {
+        // Two chains of four, to halve the dependent latency.
+        let mut a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[0], bcast4(x, 0));
+        let mut b = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi[0], bcast4(x, 4));
+        for k in 1..4 {
+            a = _mm256_dpbusd_epi32(a, lo[k], bcast4(x, k));
+            b = _mm256_dpbusd_epi32(b, hi[k], bcast4(x, 4 + k));
+        }
+        _mm256_add_epi32(a, b)
+    }
+
+    #[inline(always)]
+    unsafe fn prep8(u: __m256i) -> __m256i {
+        u
+    }
+
+    #[inline(always)]
+    unsafe fn rows8(w: &[__m256i; 8], x: *const u8, sum: i32) -> __m256i {
+        // Σ (w + 128)·x = Σ w·x + 128·Σ x: start one chain at −128·Σ x (|Σ| ≤ 32·127).
+        let mut a = _mm256_set1_epi32(-128 * sum);
+        let mut b = _mm256_setzero_si256();
+        for j in 0..4 {
+            a = _mm256_dpbusd_epi32(a, w[2 * j], bcast4(x, 2 * j));
+            b = _mm256_dpbusd_epi32(b, w[2 * j + 1], bcast4(x, 2 * j + 1));
+        }
+        _mm256_add_epi32(a, b)
+    }
+}
+
 /// Eight repacked rows (see `repack`) × C tokens of 4-bit blocks:
 /// `out[c * ld + r] = w_r · x_c`.
 ///
 /// Safety: `p` holds `nb` group-blocks of type T; each `xs[c]` has `nb` blocks; `out`
 /// has room for `(C - 1) * ld + 8` values.
 #[inline(always)]
-unsafe fn packed_q4<D: Dot, const T: u8, const C: usize>(
+unsafe fn packed_q4<D: Lanes, const T: u8, const C: usize>(
     p: *const u8,
     nb: usize,
     xs: [Q8Row<'_>; C],
@@ -322,32 +398,23 @@ unsafe fn packed_q4<D: Dot, const T: u8, const C: usize>(
             hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
         }
         for c in 0..C {
-            let xq = xs[c].qs.as_ptr().add(b * QK);
-            let xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq as *const __m128i));
-            let xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(xq.add(16) as *const __m128i));
-            let p0 = D::dot2(lo[0], xlo, hi[0], xhi);
-            let p1 = D::dot2(lo[1], xlo, hi[1], xhi);
-            let p2 = D::dot2(lo[2], xlo, hi[2], xhi);
-            let p3 = D::dot2(lo[3], xlo, hi[3], xhi);
-            // Lanes end up as rows LANES = [0, 2, 4, 6, 1, 3, 5, 7], matching the scales.
-            let sums = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+            let sums = D::rows4(&lo, &hi, xs[c].qs.as_ptr().add(b * QK) as *const u8);
             let dx = *xs[c].d.get_unchecked(b);
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dv, _mm256_set1_ps(dx)), acc[c]);
             let sx = if T == Q4_1 { *xs[c].s.get_unchecked(b) } else { dx * *xs[c].sum.get_unchecked(b) as f32 };
             acc[c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx), acc[c]);
         }
     }
-    let rows = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (c, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(out.add(c * ld), _mm256_permutevar8x32_ps(*a, rows));
+        _mm256_storeu_ps(out.add(c * ld), *a);
     }
 }
 
-/// Eight repacked Q8_0 rows × C tokens; rows come out in order.
+/// Eight repacked Q8_0 rows × C tokens.
 ///
 /// Safety: as `packed_q4`.
 #[inline(always)]
-unsafe fn packed_q8<D: Dot, const C: usize>(p: *const u8, nb: usize, xs: [Q8Row<'_>; C], out: *mut f32, ld: usize) {
+unsafe fn packed_q8<D: Lanes, const C: usize>(p: *const u8, nb: usize, xs: [Q8Row<'_>; C], out: *mut f32, ld: usize) {
     const GB: usize = 272;
     let mut acc = [_mm256_setzero_ps(); C];
     for b in 0..nb {
@@ -357,19 +424,12 @@ unsafe fn packed_q8<D: Dot, const C: usize>(p: *const u8, nb: usize, xs: [Q8Row<
         }
         let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
         let mut w = [_mm256_setzero_si256(); 8];
-        for (r, w) in w.iter_mut().enumerate() {
-            *w = _mm256_loadu_si256(blk.add(16 + 32 * r) as *const __m256i);
+        for (j, w) in w.iter_mut().enumerate() {
+            *w = D::prep8(_mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i));
         }
         for c in 0..C {
-            let xv = _mm256_loadu_si256(xs[c].qs.as_ptr().add(b * QK) as *const __m256i);
-            let mut pr = [_mm256_setzero_si256(); 8];
-            for r in 0..8 {
-                pr[r] = D::dot(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(xv, w[r]));
-            }
-            let h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(pr[0], pr[1]), _mm256_hadd_epi32(pr[2], pr[3]));
-            let h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(pr[4], pr[5]), _mm256_hadd_epi32(pr[6], pr[7]));
-            let sums =
-                _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+            let xq = xs[c].qs.as_ptr().add(b * QK) as *const u8;
+            let sums = D::rows8(&w, xq, *xs[c].sum.get_unchecked(b));
             let dx = *xs[c].d.get_unchecked(b);
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dv, _mm256_set1_ps(dx)), acc[c]);
         }
@@ -380,7 +440,7 @@ unsafe fn packed_q8<D: Dot, const C: usize>(p: *const u8, nb: usize, xs: [Q8Row<
 }
 
 #[inline(always)]
-unsafe fn packed_group<D: Dot, const T: u8, const C: usize>(
+unsafe fn packed_group<D: Lanes, const T: u8, const C: usize>(
     p: *const u8,
     nb: usize,
     xs: [Q8Row<'_>; C],
@@ -396,20 +456,29 @@ unsafe fn packed_group<D: Dot, const T: u8, const C: usize>(
 
 /// Repacked rows × tokens: `out[t * rows + r]`; one token is the decode case.
 #[inline(always)]
-unsafe fn packed_body<D: Dot, const T: u8>(packed: &[u8], rows: usize, nb: usize, x: &Q8Acts, out: &mut [f32]) {
+unsafe fn packed_body<D: Lanes, const T: u8>(packed: &[u8], rows: usize, nb: usize, x: &Q8Acts, out: &mut [f32]) {
     let gbytes = nb * R8 * type_size(T);
     let (n, o) = (x.rows, out.as_mut_ptr());
     for g in 0..rows / R8 {
         let p = packed.as_ptr().add(g * gbytes);
+        let at = |c: usize| o.add(c * rows + g * R8);
         let mut c = 0;
+        while D::TILE >= 8 && c + 8 <= n {
+            let xs = std::array::from_fn::<_, 8, _>(|i| x.row(c + i));
+            packed_group::<D, T, 8>(p, nb, xs, at(c), rows);
+            c += 8;
+        }
         while c + 4 <= n {
             let xs = [x.row(c), x.row(c + 1), x.row(c + 2), x.row(c + 3)];
-            packed_group::<D, T, 4>(p, nb, xs, o.add(c * rows + g * R8), rows);
+            packed_group::<D, T, 4>(p, nb, xs, at(c), rows);
             c += 4;
         }
-        while c < n {
-            packed_group::<D, T, 1>(p, nb, [x.row(c)], o.add(c * rows + g * R8), rows);
-            c += 1;
+        if c + 2 <= n {
+            packed_group::<D, T, 2>(p, nb, [x.row(c), x.row(c + 1)], at(c), rows);
+            c += 2;
+        }
+        if c < n {
+            packed_group::<D, T, 1>(p, nb, [x.row(c)], at(c), rows);
         }
     }
 }
