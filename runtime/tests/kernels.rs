@@ -130,6 +130,64 @@ fn activation_quantization_round_trips() {
     assert!(q.qs.iter().all(|&v| v == 0));
 }
 
+/// Every instruction set quantizes activations exactly as the scalar reference does,
+/// ties (values landing on half steps) included.
+#[test]
+fn simd_quantization_equals_scalar() {
+    let mut rng = SplitMix(41);
+    let mut x = random(&mut rng, 7 * 96, 3.0);
+    // Block 1: exact ties at ±k.5 steps of 127/amax = 1 (amax = 127).
+    for (i, v) in x[32..64].iter_mut().enumerate() {
+        *v = if i == 0 { 127.0 } else { (i as f32 - 16.0) + 0.5 };
+    }
+    x[64..96].fill(0.0);
+    let mut want = Q8Acts::default();
+    want.quantize_with(Isa::Scalar, &x, 7, 96);
+    for isa in Isa::available() {
+        let mut got = Q8Acts::default();
+        got.quantize_with(isa, &x, 7, 96);
+        assert_eq!(got.qs, want.qs, "{} values", isa.name());
+        assert_eq!(got.sum, want.sum, "{} sums", isa.name());
+        assert_eq!(got.d, want.d, "{} scales", isa.name());
+        assert_eq!(got.s, want.s, "{} d·sum", isa.name());
+    }
+}
+
+/// The f16 attention kernels equal converting each cached row and running the f32
+/// dot and axpy on it (same summation order: bit for bit), odd head sizes included.
+#[test]
+fn f16_attention_kernels_equal_converted_rows() {
+    use half::f16;
+    let mut rng = SplitMix(43);
+    for isa in Isa::available() {
+        for (heads, hd, n, stride) in
+            [(3, 64, 17, 192), (1, 256, 5, 256), (2, 40, 9, 100), (4, 8, 1, 8), (2, 300, 3, 300)]
+        {
+            let q = random(&mut rng, heads * hd, 1.0);
+            let k: Vec<f16> = random(&mut rng, n * stride, 1.0).into_iter().map(f16::from_f32).collect();
+            let mut got = vec![0f32; heads * n];
+            kernels::scores_f16(isa, &q, heads, hd, &k, stride, n, 0.125, &mut got);
+            let p = random(&mut rng, heads * n, 1.0);
+            let (mut o, mut want_o) = (random(&mut rng, heads * hd, 1.0), Vec::new());
+            want_o.clone_from(&o);
+            kernels::values_f16(isa, &p, heads, hd, &k, stride, n, &mut o);
+            for j in 0..n {
+                let row: Vec<f32> = k[j * stride..j * stride + hd].iter().map(|x| x.to_f32()).collect();
+                for h in 0..heads {
+                    let want = kernels::dot_f32(isa, &q[h * hd..(h + 1) * hd], &row) * 0.125;
+                    assert_eq!(got[h * n + j].to_bits(), want.to_bits(), "{} scores {heads}x{hd} key {j}", isa.name());
+                    kernels::axpy(isa, &mut want_o[h * hd..(h + 1) * hd], p[h * n + j], &row);
+                }
+            }
+            assert_eq!(o, want_o, "{} values {heads}x{hd}x{n}", isa.name());
+        }
+        let mut x = random(&mut rng, 37, 100.0);
+        let want: Vec<f32> = x.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        kernels::round_f16_slice(isa, &mut x);
+        assert_eq!(x, want, "{} f16 rounding", isa.name());
+    }
+}
+
 /// Which instruction sets the comparisons above ran on (`--nocapture` shows it);
 /// `CAIRN_EXPECT_ISA=neon` (set by `.ci/aarch64`) fails the run when that one is missing,
 /// so an emulator without the extension cannot skip the SIMD checks unnoticed.

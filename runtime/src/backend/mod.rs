@@ -55,6 +55,16 @@ pub struct AttnParams {
     pub window: Option<usize>,
 }
 
+/// One segment's share of [`Backend::attention_batch`]: its rows of q, k, v (after
+/// RoPE) and the cache they append to at `pos0`.
+pub struct AttnJob<'a, B: Backend + ?Sized> {
+    pub q: B::Tensor,
+    pub k: B::Tensor,
+    pub v: B::Tensor,
+    pub kv: &'a mut B::Kv,
+    pub pos0: usize,
+}
+
 /// The checks every backend's attention makes before appending `rows` positions at
 /// `pos0` to a cache holding `len` of `capacity`.
 pub(crate) fn check_append(pos0: usize, rows: usize, len: usize, capacity: usize) -> Result<()> {
@@ -155,6 +165,13 @@ pub trait Backend: Send + Sync {
         pos0: usize,
         p: AttnParams,
     ) -> Result<Self::Tensor>;
+
+    /// [`Backend::attention`] of every segment of a batched step, each over its own
+    /// cache, with the parameters of one layer. A backend may run them at once: decode
+    /// steps of short contexts are too small to split one segment across threads.
+    fn attention_batch(&self, jobs: &mut [AttnJob<'_, Self>], p: AttnParams) -> Result<Vec<Self::Tensor>> {
+        jobs.iter_mut().map(|j| self.attention(&j.q, &j.k, &j.v, j.kv, j.pos0, p)).collect()
+    }
 
     /// [`Backend::attention`], also adding to `mass[g][j]` the softmax weight key `j` of
     /// KV group `g` received, summed over the query rows and the group's heads (H2O's

@@ -7,7 +7,7 @@
 use std::any::Any;
 
 use super::{KvState, Logits, ModelConfig, Runner, Segment};
-use crate::backend::{AttnParams, Backend, KvLayer, RopeStyle};
+use crate::backend::{AttnJob, AttnParams, Backend, KvLayer, RopeStyle};
 use crate::error::{Error, Result};
 use crate::weights::ModelFile;
 
@@ -163,6 +163,15 @@ pub struct AttnSpec {
     pub window: Option<usize>,
 }
 
+fn params(c: &ModelConfig, s: &AttnSpec) -> AttnParams {
+    AttnParams { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, scale: s.scale, window: s.window }
+}
+
+/// A segment's cache of one layer.
+fn layer_cache<'a, B: Backend>(seg: &'a mut Seg<'_, B>, layer: usize) -> Result<&'a mut B::Kv> {
+    seg.cache.layers.get_mut(layer).ok_or_else(|| Error::input(format!("this cache holds no layer {layer}")))
+}
+
 /// Grouped-query self-attention: projections, optional per-head RMSNorm of q and k
 /// (Gemma), RoPE, attention over the cache, output projection.
 pub struct Attention<B: Backend> {
@@ -219,14 +228,19 @@ impl<B: Backend> Attention<B> {
                 if probe.queries_from.is_some() || probe.mass.is_some() {
                     return Err(Error::input("attention probes watch one sequence, not a batch"));
                 }
-                let mut parts = Vec::with_capacity(segs.len());
+                let mut jobs = Vec::with_capacity(segs.len());
                 let mut off = 0;
                 for seg in segs.iter_mut() {
-                    let (qs, ks, vs) =
+                    let (mut qs, mut ks, vs) =
                         (be.rows(&q, off, seg.rows), be.rows(&k, off, seg.rows), be.rows(&v, off, seg.rows));
-                    parts.push(self.attend(be, c, at, seg, qs, ks, &vs, probe)?);
-                    off += seg.rows;
+                    be.rope(&mut qs, c.head_dim, seg.rope0(), at.spec.rope_base, at.spec.rope_style);
+                    be.rope(&mut ks, c.head_dim, seg.rope0(), at.spec.rope_base, at.spec.rope_style);
+                    let (pos0, rows) = (seg.pos0, seg.rows);
+                    let kv = layer_cache(seg, at.layer)?;
+                    jobs.push(AttnJob { q: qs, k: ks, v: vs, kv, pos0 });
+                    off += rows;
                 }
+                let parts = be.attention_batch(&mut jobs, params(c, at.spec))?;
                 be.concat(&parts)
             }
         };
@@ -261,18 +275,8 @@ impl<B: Backend> Attention<B> {
                 probe.scales[at.layer] = s.scale;
             }
         }
-        let p = AttnParams {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-            scale: s.scale,
-            window: s.window,
-        };
-        let kv = seg
-            .cache
-            .layers
-            .get_mut(at.layer)
-            .ok_or_else(|| Error::input(format!("this cache holds no layer {}", at.layer)))?;
+        let p = params(c, s);
+        let kv = layer_cache(seg, at.layer)?;
         match probe.mass.as_mut() {
             Some(mass) => {
                 if mass.len() <= at.layer {

@@ -102,29 +102,19 @@ fn decode_f16(
     mass: Option<&[Mutex<&mut Vec<f32>>]>,
 ) -> CpuTensor {
     let (width, start) = (kv.width, kv.start);
-    use half::slice::HalfFloatSliceExt;
     let hd = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
     let mut out = vec![0f32; p.n_heads * hd];
+    let n = span.len();
     let task = |(g, o): (usize, &mut [f32])| {
-        let qs: Vec<f32> = q.data[g * group * hd..(g + 1) * group * hd].iter().map(|&x| round_f16(x)).collect();
-        let mut row = vec![0f32; hd];
-        let mut scores = vec![0f32; group * span.len()];
-        for (i, j) in span.clone().enumerate() {
-            let at = (j - start) * width + g * hd;
-            k[at..at + hd].convert_to_f32_slice(&mut row);
-            for h in 0..group {
-                scores[h * span.len() + i] = kernels::dot_f32(isa, &qs[h * hd..(h + 1) * hd], &row) * p.scale;
-            }
-        }
-        for s in scores.chunks_mut(span.len()) {
+        let mut qs = q.data[g * group * hd..(g + 1) * group * hd].to_vec();
+        kernels::round_f16_slice(isa, &mut qs);
+        let at = (span.start - start) * width + g * hd;
+        let mut scores = vec![0f32; group * n];
+        kernels::scores_f16(isa, &qs, group, hd, &k[at..], width, n, p.scale, &mut scores);
+        for s in scores.chunks_mut(n) {
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in s.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / attn::softmax_exp(isa, s, max);
             s.iter_mut().for_each(|x| *x *= inv);
             if let Some(m) = mass {
                 let mut m = m[g].lock().unwrap_or_else(|e| e.into_inner());
@@ -132,15 +122,9 @@ fn decode_f16(
                     m[j] += *x;
                 }
             }
-            s.iter_mut().for_each(|x| *x = round_f16(*x));
+            kernels::round_f16_slice(isa, s);
         }
-        for (i, j) in span.clone().enumerate() {
-            let at = (j - start) * width + g * hd;
-            v[at..at + hd].convert_to_f32_slice(&mut row);
-            for h in 0..group {
-                kernels::axpy(isa, &mut o[h * hd..(h + 1) * hd], scores[h * span.len() + i], &row);
-            }
-        }
+        kernels::values_f16(isa, &scores, group, hd, &v[at..], width, n, o);
     };
     // Short contexts are cheaper on the calling thread than split across threads.
     if span.len() * p.n_heads < 4096 {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
-use super::{AttnParams, Backend, KvLayer, RopeStyle};
+use super::{AttnJob, AttnParams, Backend, KvLayer, RopeStyle};
 use crate::bitstack::StackWeight;
 use crate::error::{Error, Result};
 use crate::weights::HostTensor;
@@ -385,6 +385,11 @@ impl Backend for CpuBackend {
             kv.slide(w);
         }
         Ok(out)
+    }
+
+    fn attention_batch(&self, jobs: &mut [AttnJob<'_, Self>], p: AttnParams) -> Result<Vec<CpuTensor>> {
+        // Segments own their caches, so they run side by side.
+        self.pool.install(|| jobs.par_iter_mut().map(|j| self.attention(&j.q, &j.k, &j.v, j.kv, j.pos0, p)).collect())
     }
 
     fn attention_mass(

@@ -135,9 +135,28 @@ pub fn has_min(ty: GgmlType) -> bool {
     }
 }
 
+/// The scalar reference of one activation block: its 8-bit values, absolute maximum
+/// and sum.
+fn quantize_block(src: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in q.iter_mut().zip(src) {
+        *q = round_ties_even(v * inv) as i8;
+        sum += *q as i32;
+    }
+    (amax, sum)
+}
+
 impl Q8Acts {
     /// Quantize `rows` rows of `cols` values (`cols` a multiple of 32), reusing buffers.
+    /// The result does not depend on the instruction set, so the best one is used.
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        self.quantize_with(Isa::detect(), x, rows, cols)
+    }
+
+    /// [`Q8Acts::quantize`] with the given instruction set (tests compare them).
+    pub fn quantize_with(&mut self, isa: Isa, x: &[f32], rows: usize, cols: usize) {
         debug_assert_eq!(cols % QK, 0);
         debug_assert_eq!(x.len(), rows * cols);
         let nb = rows * cols / QK;
@@ -147,14 +166,12 @@ impl Q8Acts {
         self.s.resize(nb, 0.0);
         (self.rows, self.cols) = (rows, cols);
         for (b, (src, q)) in x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK)).enumerate() {
-            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (amax, sum) = match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 | Isa::Avx512Vnni => x86::quantize_block(src, q),
+                _ => quantize_block(src, q),
+            };
             let d = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in q.iter_mut().zip(src) {
-                *q = round_ties_even(v * inv) as i8;
-                sum += *q as i32;
-            }
             self.d[b] = round_f16(d);
             self.sum[b] = sum;
             self.s[b] = round_f16(d * sum as f32);
@@ -194,6 +211,88 @@ pub fn dequantize_row(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) -> ca
             Ok(())
         }
         _ => cairn_formats::quant::dequantize(ty, src, dst),
+    }
+}
+
+/// f16 values (the KV cache) to f32: with F16C inline where the CPU has it, since
+/// half's slice conversion pays a call per eight values in attention's inner loop.
+pub fn halfs_to_f32(isa: Isa, src: &[half::f16], dst: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::halfs_to_f32(src, dst),
+        _ => {
+            use half::slice::HalfFloatSliceExt;
+            let n = src.len().min(dst.len());
+            src[..n].convert_to_f32_slice(&mut dst[..n]);
+        }
+    }
+}
+
+/// Decode attention's scores over an f16 cache: `out[h * n + j] = scale · q_h · k_j` for
+/// `heads` queries of `hd` values (contiguous in `q`) and `n` keys `stride` apart in `k`.
+/// Sums in [`dot_f32`]'s order, so it equals converting each key and calling it.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_f16(
+    isa: Isa,
+    q: &[f32],
+    heads: usize,
+    hd: usize,
+    k: &[half::f16],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if hd <= x86::MAX_HEAD => x86::scores_f16(q, heads, hd, k, stride, n, scale, out),
+        _ => {
+            let mut row = vec![0f32; hd];
+            for j in 0..n {
+                halfs_to_f32(isa, &k[j * stride..j * stride + hd], &mut row);
+                for h in 0..heads {
+                    out[h * n + j] = dot_f32(isa, &q[h * hd..(h + 1) * hd], &row) * scale;
+                }
+            }
+        }
+    }
+}
+
+/// Decode attention's weighted values over an f16 cache: `o_h += Σ_j p[h * n + j] · v_j`
+/// (layout as [`scores_f16`]), equal to converting each row and calling [`axpy`].
+#[allow(clippy::too_many_arguments)]
+pub fn values_f16(
+    isa: Isa,
+    p: &[f32],
+    heads: usize,
+    hd: usize,
+    v: &[half::f16],
+    stride: usize,
+    n: usize,
+    o: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if hd <= x86::MAX_HEAD => x86::values_f16(p, heads, hd, v, stride, n, o),
+        _ => {
+            let mut row = vec![0f32; hd];
+            for j in 0..n {
+                halfs_to_f32(isa, &v[j * stride..j * stride + hd], &mut row);
+                for h in 0..heads {
+                    axpy(isa, &mut o[h * hd..(h + 1) * hd], p[h * n + j], &row);
+                }
+            }
+        }
+    }
+}
+
+/// Round every value to the nearest f16 (ties to even) and back, as the f16 cache path
+/// rounds queries and softmax weights.
+pub fn round_f16_slice(isa: Isa, x: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::round_f16_slice(x),
+        _ => x.iter_mut().for_each(|v| *v = round_f16(*v)),
     }
 }
 

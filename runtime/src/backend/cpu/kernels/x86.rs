@@ -549,8 +549,13 @@ pub fn matmul(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: &Q8Acts, ou
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    dot_f32_inline(a.as_ptr(), b.as_ptr(), a.len().min(b.len()))
+}
+
+/// The body of [`dot_f32`], inlined into the attention kernels so that they sum in the
+/// same order.
+#[inline(always)]
+unsafe fn dot_f32_inline(pa: *const f32, pb: *const f32, n: usize) -> f32 {
     let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut i = 0;
     while i + 16 <= n {
@@ -572,8 +577,11 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+    axpy_inline(y.as_mut_ptr(), a, x.as_ptr(), y.len().min(x.len()))
+}
+
+#[inline(always)]
+unsafe fn axpy_inline(py: *mut f32, a: f32, px: *const f32, n: usize) {
     let av = _mm256_set1_ps(a);
     let mut i = 0;
     while i + 8 <= n {
@@ -587,25 +595,147 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn f16_to_f32_f16c(src: &[u8], dst: &mut [f32]) {
-    let n = dst.len().min(src.len() / 2);
-    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+unsafe fn f16_to_f32_f16c(ps: *const u16, n: usize, pd: *mut f32) {
     let mut i = 0;
     while i + 8 <= n {
-        _mm256_storeu_ps(pd.add(i), _mm256_cvtph_ps(_mm_loadu_si128(ps.add(2 * i) as *const __m128i)));
+        _mm256_storeu_ps(pd.add(i), _mm256_cvtph_ps(_mm_loadu_si128(ps.add(i) as *const __m128i)));
         i += 8;
     }
     while i < n {
-        *pd.add(i) = half::f16::from_le_bytes([*ps.add(2 * i), *ps.add(2 * i + 1)]).to_f32();
+        *pd.add(i) = half::f16::from_bits(ps.add(i).read_unaligned()).to_f32();
         i += 1;
     }
 }
 
 /// Little-endian f16 values to f32 (`dst.len()` values, `src` twice as many bytes).
 pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
+    let n = dst.len().min(src.len() / 2);
     // SAFETY: only reached for instruction sets that include AVX2 and F16C (detected);
-    // every access is below `n`, which both slices hold.
-    unsafe { f16_to_f32_f16c(src, dst) }
+    // every access is below `n`, which both slices hold (unaligned reads).
+    unsafe { f16_to_f32_f16c(src.as_ptr() as *const u16, n, dst.as_mut_ptr()) }
+}
+
+/// [`f16_to_f32`] from `f16` values (the KV cache).
+pub fn halfs_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    let n = dst.len().min(src.len());
+    // SAFETY: as in `f16_to_f32`; `f16` is a `u16` in memory.
+    unsafe { f16_to_f32_f16c(src.as_ptr() as *const u16, n, dst.as_mut_ptr()) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(src: *const f32, q: *mut i8) -> (f32, i32) {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(8 * i)));
+    let mut m = _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs));
+    m = _mm256_max_ps(m, _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)));
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+    // vcvtps2dq rounds half to even under the default MXCSR, as the scalar path does.
+    let i: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv)));
+    let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+    // The packs work per 128-bit half; the permute puts the four quarters back in order.
+    let packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q as *mut __m256i, ordered);
+    (amax, sum)
+}
+
+/// One block of 32 activations to 8 bits: the values, their absolute maximum and sum
+/// (equal to the scalar reference's, value for value).
+pub fn quantize_block(src: &[f32], q: &mut [i8]) -> (f32, i32) {
+    assert!(src.len() >= QK && q.len() >= QK, "a block is 32 values");
+    // SAFETY: only reached for instruction sets that include AVX2 (detected); both
+    // slices hold the 32 values read and written.
+    unsafe { quantize_block_avx2(src.as_ptr(), q.as_mut_ptr()) }
+}
+
+/// Longest head the f16 attention kernels convert on the stack.
+pub const MAX_HEAD: usize = 256;
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_f16_avx2(
+    q: *const f32,
+    heads: usize,
+    hd: usize,
+    k: *const u16,
+    stride: usize,
+    n: usize,
+    scale: f32,
+    out: *mut f32,
+) {
+    let mut row = [0f32; MAX_HEAD];
+    for j in 0..n {
+        f16_to_f32_f16c(k.add(j * stride), hd, row.as_mut_ptr());
+        for h in 0..heads {
+            *out.add(h * n + j) = dot_f32_inline(q.add(h * hd), row.as_ptr(), hd) * scale;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values_f16_avx2(p: *const f32, heads: usize, hd: usize, v: *const u16, stride: usize, n: usize, o: *mut f32) {
+    let mut row = [0f32; MAX_HEAD];
+    for j in 0..n {
+        f16_to_f32_f16c(v.add(j * stride), hd, row.as_mut_ptr());
+        for h in 0..heads {
+            axpy_inline(o.add(h * hd), *p.add(h * n + j), row.as_ptr(), hd);
+        }
+    }
+}
+
+/// See `kernels::scores_f16`; the caller checked every length.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_f16(
+    q: &[f32],
+    heads: usize,
+    hd: usize,
+    k: &[half::f16],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert!(hd <= MAX_HEAD && q.len() >= heads * hd && out.len() >= heads * n);
+    assert!(n == 0 || k.len() >= (n - 1) * stride + hd, "keys too short");
+    // SAFETY: AVX2, FMA and F16C were detected; the assertions bound every read and
+    // write (row j of the keys ends at (n - 1)·stride + hd).
+    unsafe { scores_f16_avx2(q.as_ptr(), heads, hd, k.as_ptr() as *const u16, stride, n, scale, out.as_mut_ptr()) }
+}
+
+/// See `kernels::values_f16`; the caller checked every length.
+pub fn values_f16(p: &[f32], heads: usize, hd: usize, v: &[half::f16], stride: usize, n: usize, o: &mut [f32]) {
+    assert!(hd <= MAX_HEAD && p.len() >= heads * n && o.len() >= heads * hd);
+    assert!(n == 0 || v.len() >= (n - 1) * stride + hd, "values too short");
+    // SAFETY: as in `scores_f16`.
+    unsafe { values_f16_avx2(p.as_ptr(), heads, hd, v.as_ptr() as *const u16, stride, n, o.as_mut_ptr()) }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn round_f16_f16c(x: &mut [f32]) {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p.add(i)));
+        _mm256_storeu_ps(p.add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    while i < n {
+        *p.add(i) = half::f16::from_f32(*p.add(i)).to_f32();
+        i += 1;
+    }
+}
+
+/// f32 → f16 → f32, eight at a time.
+pub fn round_f16_slice(x: &mut [f32]) {
+    // SAFETY: AVX2 and F16C were detected; every access is below `x.len()`.
+    unsafe { round_f16_f16c(x) }
 }
 
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
