@@ -138,6 +138,25 @@ pub trait Backend: Send + Sync {
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
     /// Rotate the heads of `x` in place; row `i` is at position `pos0 + i`.
     fn rope(&self, x: &mut Self::Tensor, head_dim: usize, pos0: usize, base: f32, style: RopeStyle);
+    /// [`Backend::rope`] with row `i` at `pos[i]` (a batched step, whose segments each
+    /// continue their own sequence): by default one call per run of consecutive positions.
+    fn rope_at(&self, x: &mut Self::Tensor, head_dim: usize, pos: &[usize], base: f32, style: RopeStyle) {
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for i in 1..=pos.len() {
+            if i == pos.len() || pos[i] != pos[i - 1] + 1 {
+                let mut part = self.rows(x, start, i - start);
+                self.rope(&mut part, head_dim, pos[start], base, style);
+                runs.push(part);
+                start = i;
+            }
+        }
+        if runs.len() == 1 {
+            *x = runs.remove(0);
+        } else if !runs.is_empty() {
+            *x = self.concat(&runs);
+        }
+    }
     /// `silu(gate) * up`.
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
     /// `gelu(gate) * up` (tanh approximation, as ggml).

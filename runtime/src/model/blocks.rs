@@ -228,13 +228,15 @@ impl<B: Backend> Attention<B> {
                 if probe.queries_from.is_some() || probe.mass.is_some() {
                     return Err(Error::input("attention probes watch one sequence, not a batch"));
                 }
+                // Every row at its own sequence's position, all rows in one call.
+                let pos: Vec<usize> = segs.iter().flat_map(|s| s.rope0()..s.rope0() + s.rows).collect();
+                be.rope_at(&mut q, c.head_dim, &pos, at.spec.rope_base, at.spec.rope_style);
+                be.rope_at(&mut k, c.head_dim, &pos, at.spec.rope_base, at.spec.rope_style);
                 let mut jobs = Vec::with_capacity(segs.len());
                 let mut off = 0;
                 for seg in segs.iter_mut() {
-                    let (mut qs, mut ks, vs) =
+                    let (qs, ks, vs) =
                         (be.rows(&q, off, seg.rows), be.rows(&k, off, seg.rows), be.rows(&v, off, seg.rows));
-                    be.rope(&mut qs, c.head_dim, seg.rope0(), at.spec.rope_base, at.spec.rope_style);
-                    be.rope(&mut ks, c.head_dim, seg.rope0(), at.spec.rope_base, at.spec.rope_style);
                     let (pos0, rows) = (seg.pos0, seg.rows);
                     let kv = layer_cache(seg, at.layer)?;
                     jobs.push(AttnJob { q: qs, k: ks, v: vs, kv, pos0 });

@@ -221,6 +221,22 @@ fn no_repack() -> bool {
     std::env::var_os("CAIRN_NO_REPACK").is_some_and(|v| v != "0")
 }
 
+impl CpuBackend {
+    /// `act(gate) · up`, split across threads when there are several rows (a batched
+    /// decode step's feed-forward is thousands of exponentials).
+    fn gated(&self, gate: &CpuTensor, up: &CpuTensor, act: fn(f32) -> f32) -> CpuTensor {
+        let mut out = gate.clone();
+        let f = |(o, u): (&mut [f32], &[f32])| o.iter_mut().zip(u).for_each(|(g, u)| *g = act(*g) * u);
+        if gate.rows == 1 {
+            f((&mut out.data, &up.data));
+        } else {
+            let cols = gate.cols;
+            self.pool.install(|| out.data.par_chunks_mut(cols).zip(up.data.par_chunks(cols)).for_each(f));
+        }
+        out
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
@@ -346,16 +362,20 @@ impl Backend for CpuBackend {
         });
     }
 
+    fn rope_at(&self, x: &mut CpuTensor, head_dim: usize, pos: &[usize], base: f32, style: RopeStyle) {
+        assert_eq!(pos.len(), x.rows, "rope_at: one position per row");
+        let cols = x.cols;
+        self.pool.install(|| {
+            x.data.par_chunks_mut(cols).zip(pos).for_each(|(row, &p)| ops::rope_row(row, head_dim, p, base, style));
+        });
+    }
+
     fn swiglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
-        let mut out = gate.clone();
-        out.data.iter_mut().zip(&up.data).for_each(|(g, u)| *g = ops::silu(*g) * u);
-        out
+        self.gated(gate, up, ops::silu)
     }
 
     fn geglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
-        let mut out = gate.clone();
-        out.data.iter_mut().zip(&up.data).for_each(|(g, u)| *g = ops::gelu(*g) * u);
-        out
+        self.gated(gate, up, ops::gelu)
     }
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {

@@ -596,6 +596,11 @@ unsafe fn axpy_inline(py: *mut f32, a: f32, px: *const f32, n: usize) {
 
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn f16_to_f32_f16c(ps: *const u16, n: usize, pd: *mut f32) {
+    f16_to_f32_inline(ps, n, pd)
+}
+
+#[inline(always)]
+unsafe fn f16_to_f32_inline(ps: *const u16, n: usize, pd: *mut f32) {
     let mut i = 0;
     while i + 8 <= n {
         _mm256_storeu_ps(pd.add(i), _mm256_cvtph_ps(_mm_loadu_si128(ps.add(i) as *const __m128i)));
@@ -671,7 +676,7 @@ unsafe fn scores_f16_avx2(
 ) {
     let mut row = [0f32; MAX_HEAD];
     for j in 0..n {
-        f16_to_f32_f16c(k.add(j * stride), hd, row.as_mut_ptr());
+        f16_to_f32_inline(k.add(j * stride), hd, row.as_mut_ptr());
         for h in 0..heads {
             *out.add(h * n + j) = dot_f32_inline(q.add(h * hd), row.as_ptr(), hd) * scale;
         }
@@ -683,7 +688,7 @@ unsafe fn scores_f16_avx2(
 unsafe fn values_f16_avx2(p: *const f32, heads: usize, hd: usize, v: *const u16, stride: usize, n: usize, o: *mut f32) {
     let mut row = [0f32; MAX_HEAD];
     for j in 0..n {
-        f16_to_f32_f16c(v.add(j * stride), hd, row.as_mut_ptr());
+        f16_to_f32_inline(v.add(j * stride), hd, row.as_mut_ptr());
         for h in 0..heads {
             axpy_inline(o.add(h * hd), *p.add(h * n + j), row.as_ptr(), hd);
         }
