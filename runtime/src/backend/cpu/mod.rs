@@ -224,14 +224,15 @@ fn no_repack() -> bool {
 impl CpuBackend {
     /// `act(gate) · up`, split across threads when there are several rows (a batched
     /// decode step's feed-forward is thousands of exponentials).
-    fn gated(&self, gate: &CpuTensor, up: &CpuTensor, act: fn(f32) -> f32) -> CpuTensor {
+    fn gated(&self, gate: &CpuTensor, up: &CpuTensor, act_mul: impl Fn(&mut [f32], &[f32]) + Sync) -> CpuTensor {
         let mut out = gate.clone();
-        let f = |(o, u): (&mut [f32], &[f32])| o.iter_mut().zip(u).for_each(|(g, u)| *g = act(*g) * u);
         if gate.rows == 1 {
-            f((&mut out.data, &up.data));
+            act_mul(&mut out.data, &up.data);
         } else {
             let cols = gate.cols;
-            self.pool.install(|| out.data.par_chunks_mut(cols).zip(up.data.par_chunks(cols)).for_each(f));
+            self.pool.install(|| {
+                out.data.par_chunks_mut(cols).zip(up.data.par_chunks(cols)).for_each(|(o, u)| act_mul(o, u))
+            });
         }
         out
     }
@@ -371,11 +372,15 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
-        self.gated(gate, up, ops::silu)
+        self.gated(gate, up, |o, u| o.iter_mut().zip(u).for_each(|(g, u)| *g = ops::silu(*g) * u))
     }
 
     fn geglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
-        self.gated(gate, up, ops::gelu)
+        match self.isa {
+            Some(isa) => self.gated(gate, up, |o, u| kernels::act::gelu_mul(isa, o, u)),
+            // The reference path keeps libm's tanh.
+            None => self.gated(gate, up, |o, u| o.iter_mut().zip(u).for_each(|(g, u)| *g = ops::gelu(*g) * u)),
+        }
     }
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {

@@ -15,11 +15,11 @@ pub const TK: usize = 16;
 
 /// How a tile multiplies and adds: fused where the CPU has it. Without hardware FMA
 /// `f32::mul_add` is a libm call, so the scalar build multiplies and adds.
-trait Madd {
+pub(super) trait Madd {
     fn madd(a: f32, b: f32, c: f32) -> f32;
 }
-struct Fused;
-struct Plain;
+pub(super) struct Fused;
+pub(super) struct Plain;
 impl Madd for Fused {
     #[inline(always)]
     fn madd(a: f32, b: f32, c: f32) -> f32 {
@@ -103,7 +103,7 @@ fn values_body<M: Madd>(p: &[f32], stride: usize, v: &[f32], vstride: usize, hd:
 /// `e^x` for `x ≤ 0` to about 1 ulp (Cody–Waite reduction, degree-6 polynomial), branch
 /// free so that a loop over it vectorizes; arguments below −87.3 give 0 (e^−87.3 is f32's smallest normal).
 #[inline(always)]
-fn exp_neg<M: Madd>(x: f32) -> f32 {
+pub(super) fn exp_neg<M: Madd>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -166,7 +166,7 @@ mod avx2 {
     }
 }
 
-fn fused(isa: Isa) -> bool {
+pub(super) fn fused(isa: Isa) -> bool {
     match isa {
         Isa::Avx2 | Isa::Avx512Vnni => cfg!(target_arch = "x86_64"),
         Isa::NeonDot => cfg!(target_arch = "aarch64"),

@@ -7,6 +7,7 @@
 //! The scalar code is the reference; SIMD versions must agree with it exactly in the
 //! integer part and to float rounding in the sums.
 
+pub mod act;
 pub mod attn;
 #[cfg(target_arch = "aarch64")]
 mod neon;

@@ -9,6 +9,8 @@
 //!   `4k..4k + 4`, so its low nibbles are weights `4k..4k + 4` and its high nibbles
 //!   weights `16 + 4k..16 + 4k + 4`;
 //! - Q4_1: `d[8]` · `m[8]` (f16) · `qs` as Q4_0;
+//! - Q5_0: `d[8]` · `qh[8]` (row r's 32 high bits in lane r) · `qs` as Q4_0; Q5_1 adds
+//!   `m[8]` after `d`;
 //! - Q8_0: `d[8]` · `qs[8][8][4]`: vector j, lane r = row r's weights `4j..4j + 4`,
 //!   stored offset to unsigned (`w + 128`, the top bit flipped).
 //!
@@ -21,7 +23,7 @@ use rayon::prelude::*;
 pub const R8: usize = 8;
 
 pub fn repackable(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
 }
 
 /// Bytes of one group-block (eight rows of one block).
@@ -35,6 +37,9 @@ fn layout(ty: GgmlType) -> (usize, usize, usize) {
     match ty {
         GgmlType::Q8_0 => (2, 16, 32),
         GgmlType::Q4_1 => (4, 32, 16),
+        // The high bits `qh` travel as the first vector of the quants.
+        GgmlType::Q5_0 => (2, 16, 20),
+        GgmlType::Q5_1 => (4, 32, 20),
         _ => (2, 16, 16),
     }
 }

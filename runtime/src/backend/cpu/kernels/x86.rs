@@ -288,6 +288,8 @@ trait Lanes {
     /// Row sums of one 4-bit block: lane r of `lo[k]` / `hi[k]` holds row r's weights
     /// `4k..4k + 4` / `16 + 4k..16 + 4k + 4` (u ≤ 15); `x` the block's 32 activations.
     unsafe fn rows4(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i;
+    /// [`Lanes::rows4`] for 5-bit values (u ≤ 31).
+    unsafe fn rows5(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i;
     /// One repacked Q8_0 vector (`w + 128`) made ready for [`Lanes::rows8`].
     unsafe fn prep8(u: __m256i) -> __m256i;
     /// Row sums of one Q8_0 block: lane r of `w[j]` holds row r's weights `4j..4j + 4`
@@ -309,6 +311,19 @@ impl Lanes for Avx2 {
             s = _mm256_add_epi16(s, _mm256_add_epi16(a, b));
         }
         _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn rows5(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i {
+        // Pair sums reach 2·31·127 = 7874: two of them fit an i16, so widen per k.
+        let ones = _mm256_set1_epi16(1);
+        let mut s = _mm256_setzero_si256();
+        for k in 0..4 {
+            let a = _mm256_maddubs_epi16(lo[k], bcast4(x, k));
+            let b = _mm256_maddubs_epi16(hi[k], bcast4(x, 4 + k));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_add_epi16(a, b), ones));
+        }
+        s
     }
 
     #[inline(always)]
@@ -343,6 +358,12 @@ impl Lanes for Vnni {
             b = _mm256_dpbusd_epi32(b, hi[k], bcast4(x, 4 + k));
         }
         _mm256_add_epi32(a, b)
+    }
+
+    #[inline(always)]
+    unsafe fn rows5(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i {
+        // vpdpbusd sums straight into i32: any u ≤ 255 is exact.
+        Self::rows4(lo, hi, x)
     }
 
     #[inline(always)]
@@ -410,6 +431,105 @@ unsafe fn packed_q4<D: Lanes, const T: u8, const C: usize>(
     }
 }
 
+/// 0x10 in byte i of lane r where bit `4g + i` of lane r's `qh` is set: the fifth bit
+/// of the four weights of vector group g (g < 4: low nibbles, g ≥ 4: high nibbles).
+#[inline(always)]
+unsafe fn fifth_bits<const G: i32>(qh: __m256i) -> __m256i {
+    // Byte G/2 of each lane, in all four bytes; then one bit per byte.
+    let b = (G / 2) as i8;
+    let pick = _mm256_setr_epi8(
+        b,
+        b,
+        b,
+        b,
+        4 + b,
+        4 + b,
+        4 + b,
+        4 + b,
+        8 + b,
+        8 + b,
+        8 + b,
+        8 + b,
+        12 + b,
+        12 + b,
+        12 + b,
+        12 + b,
+        b,
+        b,
+        b,
+        b,
+        4 + b,
+        4 + b,
+        4 + b,
+        4 + b,
+        8 + b,
+        8 + b,
+        8 + b,
+        8 + b,
+        12 + b,
+        12 + b,
+        12 + b,
+        12 + b,
+    );
+    let bit = _mm256_set1_epi32(0x0804_0201 << (4 * (G % 2)));
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, pick), bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// Eight repacked rows × C tokens of 5-bit blocks (Q5_0, Q5_1), as `packed_q4`.
+///
+/// Safety: as `packed_q4`.
+#[inline(always)]
+unsafe fn packed_q5<D: Lanes, const T: u8, const C: usize>(
+    p: *const u8,
+    nb: usize,
+    xs: [Q8Row<'_>; C],
+    out: *mut f32,
+    ld: usize,
+) {
+    let (gb, hoff) = if T == Q5_1 { (192, 32) } else { (176, 16) };
+    let mask = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); C];
+    for b in 0..nb {
+        let blk = p.add(b * gb);
+        for l in 0..3 {
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + 64 * l) as *const i8);
+        }
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        let mv = if T == Q5_1 {
+            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
+        } else {
+            _mm256_mul_ps(dv, _mm256_set1_ps(-16.0))
+        };
+        let qh = _mm256_loadu_si256(blk.add(hoff) as *const __m256i);
+        let v: [__m256i; 4] =
+            std::array::from_fn(|k| _mm256_loadu_si256(blk.add(hoff + 32 + 32 * k) as *const __m256i));
+        let lo = [
+            _mm256_or_si256(_mm256_and_si256(v[0], mask), fifth_bits::<0>(qh)),
+            _mm256_or_si256(_mm256_and_si256(v[1], mask), fifth_bits::<1>(qh)),
+            _mm256_or_si256(_mm256_and_si256(v[2], mask), fifth_bits::<2>(qh)),
+            _mm256_or_si256(_mm256_and_si256(v[3], mask), fifth_bits::<3>(qh)),
+        ];
+        let high = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        let hi = [
+            _mm256_or_si256(high(v[0]), fifth_bits::<4>(qh)),
+            _mm256_or_si256(high(v[1]), fifth_bits::<5>(qh)),
+            _mm256_or_si256(high(v[2]), fifth_bits::<6>(qh)),
+            _mm256_or_si256(high(v[3]), fifth_bits::<7>(qh)),
+        ];
+        for c in 0..C {
+            let sums = D::rows5(&lo, &hi, xs[c].qs.as_ptr().add(b * QK) as *const u8);
+            let dx = *xs[c].d.get_unchecked(b);
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dv, _mm256_set1_ps(dx)), acc[c]);
+            let sx = if T == Q5_1 { *xs[c].s.get_unchecked(b) } else { dx * *xs[c].sum.get_unchecked(b) as f32 };
+            acc[c] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx), acc[c]);
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(c * ld), *a);
+    }
+}
+
 /// Eight repacked Q8_0 rows × C tokens.
 ///
 /// Safety: as `packed_q4`.
@@ -449,6 +569,8 @@ unsafe fn packed_group<D: Lanes, const T: u8, const C: usize>(
 ) {
     if T == Q8_0 {
         packed_q8::<D, C>(p, nb, xs, out, ld)
+    } else if T == Q5_0 || T == Q5_1 {
+        packed_q5::<D, T, C>(p, nb, xs, out, ld)
     } else {
         packed_q4::<D, T, C>(p, nb, xs, out, ld)
     }
