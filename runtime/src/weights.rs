@@ -257,6 +257,20 @@ impl HostTensor {
         self.release(true)
     }
 
+    /// [`release_pages`](Self::release_pages) for the tensor's bytes `0..upto` only
+    /// (a repack in progress frees what it has copied, so the two never sit whole side
+    /// by side).
+    pub fn release_prefix(&self, upto: usize) {
+        let Storage::Mapped(map) = &*self.storage else { return };
+        let page = 4096;
+        let start = self.offset.next_multiple_of(page);
+        let end = (self.offset + upto.min(self.len)) / page * page;
+        if end > start {
+            // SAFETY: as in `release`.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+
     fn release(&self, last_partial: bool) {
         let Storage::Mapped(map) = &*self.storage else { return };
         let page = 4096;

@@ -122,6 +122,7 @@ fn activation_quantization_round_trips() {
     }
     for b in 0..q.d.len() {
         assert_eq!(q.sum[b], q.qs[b * QK..(b + 1) * QK].iter().map(|&v| v as i32).sum::<i32>());
+        assert_eq!(q.sum16[b], q.qs[b * QK..b * QK + 16].iter().map(|&v| v as i32).sum::<i32>());
         assert!((q.s[b] - q.d[b] * q.sum[b] as f32).abs() <= 2e-3 * q.s[b].abs() + 1e-6);
     }
     // All zeros: scale zero, no NaN.
@@ -148,6 +149,7 @@ fn simd_quantization_equals_scalar() {
         got.quantize_with(isa, &x, 7, 96);
         assert_eq!(got.qs, want.qs, "{} values", isa.name());
         assert_eq!(got.sum, want.sum, "{} sums", isa.name());
+        assert_eq!(got.sum16, want.sum16, "{} half sums", isa.name());
         assert_eq!(got.d, want.d, "{} scales", isa.name());
         assert_eq!(got.s, want.s, "{} d·sum", isa.name());
     }
@@ -215,6 +217,16 @@ fn repack_round_trips_and_refuses_odd_shapes() {
         let w = weights(&mut rng, ty, 12, 64);
         assert!(repack::repack(ty, &w, 12, w.len() / 12).is_none(), "12 rows are not whole groups of 8");
     }
+    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        for (rows, cols) in [(8, 256), (16, 768)] {
+            let w = weights(&mut rng, ty, rows, cols);
+            let rb = w.len() / rows;
+            let p = repack::repack(ty, &w, rows, rb).expect("repackable");
+            assert_eq!(p.len(), w.len());
+            assert_ne!(p, w, "{ty}: the layout changed");
+            assert_eq!(repack::unpack(ty, &p, rows, rb), w, "{ty} {rows}x{cols}");
+        }
+    }
     let w = weights(&mut rng, GgmlType::F16, 8, 64);
     assert!(repack::repack(GgmlType::F16, &w, 8, w.len() / 8).is_none(), "F16 has no repacked layout");
 }
@@ -223,7 +235,23 @@ fn repack_round_trips_and_refuses_odd_shapes() {
 fn repacked_kernels_equal_scalar() {
     use cairn::backend::cpu::kernels::repack;
     let mut rng = SplitMix(6);
+    let k_shapes = [(8, 1, 256), (16, 3, 512), (8, 8, 256), (24, 11, 768), (8, 16, 256)];
     for isa in Isa::available().into_iter().filter(|&i| kernels::has_packed(i)) {
+        for (ty, (rows, n, cols)) in
+            [GgmlType::Q4K, GgmlType::Q6K].into_iter().flat_map(|ty| k_shapes.into_iter().map(move |s| (ty, s)))
+        {
+            let w = weights(&mut rng, ty, rows, cols);
+            let rb = w.len() / rows;
+            let p = repack::repack(ty, &w, rows, rb).expect("repackable");
+            let mut q = Q8Acts::default();
+            q.quantize(&random(&mut rng, n * cols, 2.0), n, cols);
+            let (mut got, mut want) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            kernels::packed(isa, ty, &p, rows, &q, &mut got);
+            kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
+            for i in 0..rows * n {
+                close(got[i], want[i], &format!("{} repacked {ty} {rows}x{n}x{cols} at {i}", isa.name()));
+            }
+        }
         for ty in TYPES {
             for (rows, n, cols) in [
                 (8, 1, 32),

@@ -256,7 +256,12 @@ impl Backend for CpuBackend {
         let vector = if t.dims.len() == 1 { Some(t.to_f32()?) } else { None };
         let packed = match self.isa {
             Some(isa) if kernels::has_packed(isa) && t.dims.len() == 2 && !no_repack() => {
-                self.pool.install(|| kernels::repack::repack(t.ty, t.bytes(), t.rows(), t.row_bytes()))
+                // The source pages leave as their rows are copied: a large table (a tied
+                // embedding) is never resident twice.
+                let rb = t.row_bytes();
+                self.pool.install(|| {
+                    kernels::repack::repack_with(t.ty, t.bytes(), t.rows(), rb, |r| t.release_prefix(r * rb))
+                })
             }
             _ => None,
         };

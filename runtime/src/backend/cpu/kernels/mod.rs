@@ -103,6 +103,8 @@ pub struct Q8Acts {
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub sum: Vec<i32>,
+    /// Sum of each block's first 16 values (Q6_K's scales cover 16 values each).
+    pub sum16: Vec<i32>,
     pub s: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
@@ -114,6 +116,7 @@ pub struct Q8Row<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub sum: &'a [i32],
+    pub sum16: &'a [i32],
     pub s: &'a [f32],
 }
 
@@ -138,15 +141,15 @@ pub fn has_min(ty: GgmlType) -> bool {
 
 /// The scalar reference of one activation block: its 8-bit values, absolute maximum
 /// and sum.
-fn quantize_block(src: &[f32], q: &mut [i8]) -> (f32, i32) {
+fn quantize_block(src: &[f32], q: &mut [i8]) -> (f32, i32, i32) {
     let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-    let mut sum = 0i32;
-    for (q, v) in q.iter_mut().zip(src) {
+    let mut sum = [0i32; 2];
+    for (i, (q, v)) in q.iter_mut().zip(src).enumerate() {
         *q = round_ties_even(v * inv) as i8;
-        sum += *q as i32;
+        sum[i / 16] += *q as i32;
     }
-    (amax, sum)
+    (amax, sum[0] + sum[1], sum[0])
 }
 
 impl Q8Acts {
@@ -164,10 +167,11 @@ impl Q8Acts {
         self.qs.resize(rows * cols, 0);
         self.d.resize(nb, 0.0);
         self.sum.resize(nb, 0);
+        self.sum16.resize(nb, 0);
         self.s.resize(nb, 0.0);
         (self.rows, self.cols) = (rows, cols);
         for (b, (src, q)) in x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK)).enumerate() {
-            let (amax, sum) = match isa {
+            let (amax, sum, sum16) = match isa {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 | Isa::Avx512Vnni => x86::quantize_block(src, q),
                 _ => quantize_block(src, q),
@@ -175,6 +179,7 @@ impl Q8Acts {
             let d = amax / 127.0;
             self.d[b] = round_f16(d);
             self.sum[b] = sum;
+            self.sum16[b] = sum16;
             self.s[b] = round_f16(d * sum as f32);
         }
     }
@@ -185,6 +190,7 @@ impl Q8Acts {
             qs: &self.qs[r * self.cols..(r + 1) * self.cols],
             d: &self.d[r * nb..(r + 1) * nb],
             sum: &self.sum[r * nb..(r + 1) * nb],
+            sum16: &self.sum16[r * nb..(r + 1) * nb],
             s: &self.s[r * nb..(r + 1) * nb],
         }
     }

@@ -14,7 +14,16 @@
 //! - Q8_0: `d[8]` · `qs[8][8][4]`: vector j, lane r = row r's weights `4j..4j + 4`,
 //!   stored offset to unsigned (`w + 128`, the top bit flipped).
 //!
-//! Rows are in order everywhere.
+//! - Q4_K (per super-block of 256): `d[8]` · `dmin[8]` (f16) · `scales[12][8]` (byte q
+//!   of row r at `8q + r`) · `qs[4][8][8][4]`: pair p, vector k, lane r = row r's bytes
+//!   `32p + 4k..32p + 4k + 4` (low nibbles: run 2p, values `4k..`; high: run 2p + 1);
+//! - Q6_K (per super-block of 256, the 6-bit values decoded and stored anew):
+//!   `d[8]` · `scales[16][8]` (i8) · per run of 32: `ql[4][8][4]` (vector k, lane r, byte
+//!   i: value `4k + i` in the low nibble, `16 + 4k + i` in the high one), then `h0[8][4]`
+//!   and `h1[8][4]` (byte i of lane r: the top two bits of values `4k + i`, resp.
+//!   `16 + 4k + i`, at bits `2k`).
+//!
+//! Rows are in order everywhere, and every layout has the ggml type's size.
 
 use cairn_formats::GgmlType;
 use rayon::prelude::*;
@@ -23,7 +32,16 @@ use rayon::prelude::*;
 pub const R8: usize = 8;
 
 pub fn repackable(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
+    matches!(
+        ty,
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q6K
+    )
 }
 
 /// Bytes of one group-block (eight rows of one block).
@@ -47,6 +65,15 @@ fn layout(ty: GgmlType) -> (usize, usize, usize) {
 /// Repack `rows` rows (a multiple of 8) of `row_bytes` each. `None` when the type or
 /// shape does not qualify. Groups are independent, so they are repacked in parallel.
 pub fn repack(ty: GgmlType, src: &[u8], rows: usize, row_bytes: usize) -> Option<Vec<u8>> {
+    repack_with(ty, src, rows, row_bytes, |_| {})
+}
+
+/// Rows repacked per step of [`repack_with`].
+const STEP_ROWS: usize = 1024;
+
+/// [`repack`], calling `done(r)` each time rows `0..r` are copied (the caller releases
+/// the source pages behind it).
+pub fn repack_with(ty: GgmlType, src: &[u8], rows: usize, row_bytes: usize, done: impl Fn(usize)) -> Option<Vec<u8>> {
     if !repackable(ty)
         || !rows.is_multiple_of(R8)
         || src.len() != rows * row_bytes
@@ -54,16 +81,44 @@ pub fn repack(ty: GgmlType, src: &[u8], rows: usize, row_bytes: usize) -> Option
     {
         return None;
     }
+    let mut out = vec![0u8; src.len()];
+    for (step, (dst, src)) in out.chunks_mut(STEP_ROWS * row_bytes).zip(src.chunks(STEP_ROWS * row_bytes)).enumerate() {
+        repack_groups(ty, dst, src, row_bytes);
+        done(((step + 1) * STEP_ROWS).min(rows));
+    }
+    Some(out)
+}
+
+/// Whole groups of 8 rows, in parallel.
+fn repack_groups(ty: GgmlType, dst: &mut [u8], src: &[u8], row_bytes: usize) {
     let bs = ty.type_size();
     let gb = group_block_bytes(ty);
-    let (sc, at, nq) = layout(ty);
-    let flip = if ty == GgmlType::Q8_0 { 0x80 } else { 0 };
-    let mut out = vec![0u8; src.len()];
-    out.par_chunks_mut(R8 * row_bytes).zip(src.par_chunks(R8 * row_bytes)).for_each(|(dst, group)| {
+    dst.par_chunks_mut(R8 * row_bytes).zip(src.par_chunks(R8 * row_bytes)).for_each(|(dst, group)| {
         for (b, d) in dst.chunks_exact_mut(gb).enumerate() {
+            let blk = |r: usize| &group[r * row_bytes + b * bs..r * row_bytes + (b + 1) * bs];
+            pack_block(ty, &blk, d);
+        }
+    });
+}
+
+/// One group-block from the eight rows' ggml blocks `blk(r)`.
+fn pack_block<'a>(ty: GgmlType, blk: &dyn Fn(usize) -> &'a [u8], d: &mut [u8]) {
+    match ty {
+        GgmlType::Q4K => {
             for r in 0..R8 {
-                let blk = &group[r * row_bytes + b * bs..r * row_bytes + (b + 1) * bs];
-                // d, then m for Q4_1: one f16 per row each, in row order.
+                let (from, to) = q4k_moves(r);
+                for (i, &j) in from.iter().zip(to.iter()) {
+                    d[j] = blk(r)[*i];
+                }
+            }
+        }
+        GgmlType::Q6K => pack_q6k(blk, d),
+        _ => {
+            let (sc, at, nq) = layout(ty);
+            let flip = if ty == GgmlType::Q8_0 { 0x80 } else { 0 };
+            for r in 0..R8 {
+                let blk = blk(r);
+                // d, then m for Q4_1/Q5_1: one f16 per row each, in row order.
                 for s in 0..sc / 2 {
                     d[16 * s + 2 * r..16 * s + 2 * r + 2].copy_from_slice(&blk[2 * s..2 * s + 2]);
                 }
@@ -74,8 +129,103 @@ pub fn repack(ty: GgmlType, src: &[u8], rows: usize, row_bytes: usize) -> Option
                 }
             }
         }
-    });
-    Some(out)
+    }
+}
+
+/// Row `r`'s ggml block back from its group-block `p`.
+fn unpack_block(ty: GgmlType, p: &[u8], r: usize, dst: &mut [u8]) {
+    match ty {
+        GgmlType::Q4K => {
+            let (from, to) = q4k_moves(r);
+            for (i, &j) in from.iter().zip(to.iter()) {
+                dst[*i] = p[j];
+            }
+        }
+        GgmlType::Q6K => unpack_q6k(p, r, dst),
+        _ => {
+            let (sc, at, nq) = layout(ty);
+            let flip = if ty == GgmlType::Q8_0 { 0x80 } else { 0 };
+            for s in 0..sc / 2 {
+                dst[2 * s..2 * s + 2].copy_from_slice(&p[16 * s + 2 * r..16 * s + 2 * r + 2]);
+            }
+            for j in 0..nq / 4 {
+                for k in 0..4 {
+                    dst[sc + 4 * j + k] = p[at + 32 * j + 4 * r + k] ^ flip;
+                }
+            }
+        }
+    }
+}
+
+/// Q4_K is a byte permutation: where each of row r's 144 bytes goes in the group-block.
+fn q4k_moves(r: usize) -> ([usize; 144], [usize; 144]) {
+    let mut to = [0usize; 144];
+    for i in 0..2 {
+        to[i] = 2 * r + i; // d
+        to[2 + i] = 16 + 2 * r + i; // dmin
+    }
+    for q in 0..12 {
+        to[4 + q] = 32 + 8 * q + r;
+    }
+    for (p, k, i) in (0..4).flat_map(|p| (0..8).flat_map(move |k| (0..4).map(move |i| (p, k, i)))) {
+        to[16 + 32 * p + 4 * k + i] = 128 + 256 * p + 32 * k + 4 * r + i;
+    }
+    (std::array::from_fn(|i| i), to)
+}
+
+/// Value `v` (0..256) of a ggml Q6_K super-block as its unsigned 6 bits.
+fn q6k_get(blk: &[u8], v: usize) -> u8 {
+    let (n, l) = (v / 128, v % 128);
+    let (g, l32) = (l / 32, l % 32);
+    let ql = blk[64 * n + l32 + 32 * (g & 1)];
+    let lo = if g < 2 { ql & 0x0F } else { ql >> 4 };
+    lo | (((blk[128 + 32 * n + l32] >> (2 * g)) & 3) << 4)
+}
+
+/// Write value `v` into a zeroed ggml Q6_K super-block.
+fn q6k_set(blk: &mut [u8], v: usize, u: u8) {
+    let (n, l) = (v / 128, v % 128);
+    let (g, l32) = (l / 32, l % 32);
+    let at = 64 * n + l32 + 32 * (g & 1);
+    blk[at] |= if g < 2 { u & 0x0F } else { (u & 0x0F) << 4 };
+    blk[128 + 32 * n + l32] |= (u >> 4) << (2 * g);
+}
+
+fn pack_q6k<'a>(blk: &dyn Fn(usize) -> &'a [u8], d: &mut [u8]) {
+    for r in 0..R8 {
+        let b = blk(r);
+        d[2 * r..2 * r + 2].copy_from_slice(&b[208..210]);
+        for q in 0..16 {
+            d[16 + 8 * q + r] = b[192 + q];
+        }
+        for run in 0..8 {
+            let at = 144 + 192 * run;
+            for (k, i) in (0..4).flat_map(|k| (0..4).map(move |i| (k, i))) {
+                let (lo, hi) = (q6k_get(b, 32 * run + 4 * k + i), q6k_get(b, 32 * run + 16 + 4 * k + i));
+                d[at + 32 * k + 4 * r + i] = (lo & 0x0F) | ((hi & 0x0F) << 4);
+                d[at + 128 + 4 * r + i] |= (lo >> 4) << (2 * k);
+                d[at + 160 + 4 * r + i] |= (hi >> 4) << (2 * k);
+            }
+        }
+    }
+}
+
+fn unpack_q6k(p: &[u8], r: usize, dst: &mut [u8]) {
+    dst.fill(0);
+    dst[208..210].copy_from_slice(&p[2 * r..2 * r + 2]);
+    for q in 0..16 {
+        dst[192 + q] = p[16 + 8 * q + r];
+    }
+    for run in 0..8 {
+        let at = 144 + 192 * run;
+        for (k, i) in (0..4).flat_map(|k| (0..4).map(move |i| (k, i))) {
+            let nib = p[at + 32 * k + 4 * r + i];
+            let lo = (nib & 0x0F) | (((p[at + 128 + 4 * r + i] >> (2 * k)) & 3) << 4);
+            let hi = (nib >> 4) | (((p[at + 160 + 4 * r + i] >> (2 * k)) & 3) << 4);
+            q6k_set(dst, 32 * run + 4 * k + i, lo);
+            q6k_set(dst, 32 * run + 16 + 4 * k + i, hi);
+        }
+    }
 }
 
 /// Row `r` of a repacked matrix back in the ggml layout: embedding lookups of a tied
@@ -85,19 +235,9 @@ pub fn row(ty: GgmlType, packed: &[u8], row_bytes: usize, r: usize) -> Vec<u8> {
     let nb = row_bytes / bs;
     let gb = group_block_bytes(ty);
     let (g, i) = (r / R8, r % R8);
-    let (sc, at, nq) = layout(ty);
-    let flip = if ty == GgmlType::Q8_0 { 0x80 } else { 0 };
     let mut out = vec![0u8; row_bytes];
     for (b, dst) in out.chunks_exact_mut(bs).enumerate() {
-        let p = &packed[(g * nb + b) * gb..(g * nb + b + 1) * gb];
-        for s in 0..sc / 2 {
-            dst[2 * s..2 * s + 2].copy_from_slice(&p[16 * s + 2 * i..16 * s + 2 * i + 2]);
-        }
-        for j in 0..nq / 4 {
-            for k in 0..4 {
-                dst[sc + 4 * j + k] = p[at + 32 * j + 4 * i + k] ^ flip;
-            }
-        }
+        unpack_block(ty, &packed[(g * nb + b) * gb..(g * nb + b + 1) * gb], i, dst);
     }
     out
 }

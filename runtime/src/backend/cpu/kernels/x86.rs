@@ -290,6 +290,9 @@ trait Lanes {
     unsafe fn rows4(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i;
     /// [`Lanes::rows4`] for 5-bit values (u ≤ 31).
     unsafe fn rows5(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i;
+    /// The two 16-value halves of one 6-bit block (u ≤ 63), summed apart: `lo[k]`
+    /// against `x[4k..]`, `hi[k]` against `x[16 + 4k..]`.
+    unsafe fn rows6(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> (__m256i, __m256i);
     /// One repacked Q8_0 vector (`w + 128`) made ready for [`Lanes::rows8`].
     unsafe fn prep8(u: __m256i) -> __m256i;
     /// Row sums of one Q8_0 block: lane r of `w[j]` holds row r's weights `4j..4j + 4`
@@ -311,6 +314,24 @@ impl Lanes for Avx2 {
             s = _mm256_add_epi16(s, _mm256_add_epi16(a, b));
         }
         _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn rows6(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> (__m256i, __m256i) {
+        // Pair sums reach 2·63·127 = 16002: two of them still fit an i16.
+        let ones = _mm256_set1_epi16(1);
+        let half = |w: &[__m256i; 4], at: usize| {
+            let a = _mm256_add_epi16(
+                _mm256_maddubs_epi16(w[0], bcast4(x, at)),
+                _mm256_maddubs_epi16(w[1], bcast4(x, at + 1)),
+            );
+            let b = _mm256_add_epi16(
+                _mm256_maddubs_epi16(w[2], bcast4(x, at + 2)),
+                _mm256_maddubs_epi16(w[3], bcast4(x, at + 3)),
+            );
+            _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones))
+        };
+        (half(lo, 0), half(hi, 4))
     }
 
     #[inline(always)]
@@ -364,6 +385,17 @@ impl Lanes for Vnni {
     unsafe fn rows5(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> __m256i {
         // vpdpbusd sums straight into i32: any u ≤ 255 is exact.
         Self::rows4(lo, hi, x)
+    }
+
+    #[inline(always)]
+    unsafe fn rows6(lo: &[__m256i; 4], hi: &[__m256i; 4], x: *const u8) -> (__m256i, __m256i) {
+        let mut a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[0], bcast4(x, 0));
+        let mut b = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi[0], bcast4(x, 4));
+        for k in 1..4 {
+            a = _mm256_dpbusd_epi32(a, lo[k], bcast4(x, k));
+            b = _mm256_dpbusd_epi32(b, hi[k], bcast4(x, 4 + k));
+        }
+        (a, b)
     }
 
     #[inline(always)]
@@ -530,6 +562,115 @@ unsafe fn packed_q5<D: Lanes, const T: u8, const C: usize>(
     }
 }
 
+/// Eight repacked Q4_K rows × C tokens, `nsb` super-blocks (see `repack`).
+///
+/// Safety: as `packed_q4`, with `8 · nsb` blocks per activation row.
+#[inline(always)]
+unsafe fn packed_q4k<D: Lanes, const C: usize>(p: *const u8, nsb: usize, xs: [Q8Row<'_>; C], out: *mut f32, ld: usize) {
+    const GB: usize = 1152;
+    let (mask, six) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi32(63));
+    let mut acc = [_mm256_setzero_ps(); C];
+    for s in 0..nsb {
+        let blk = p.add(s * GB);
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        let mv = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
+        // Byte q of the eight rows' packed 6-bit scales, one row per lane.
+        let q = |i: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(blk.add(32 + 8 * i) as *const __m128i));
+        for j in 0..8 {
+            let (sc, m) = if j < 4 {
+                (_mm256_and_si256(q(j), six), _mm256_and_si256(q(j + 4), six))
+            } else {
+                let top = |v: __m256i| _mm256_slli_epi32(_mm256_srli_epi32(v, 6), 4);
+                (
+                    _mm256_or_si256(_mm256_and_si256(q(j + 4), _mm256_set1_epi32(15)), top(q(j - 4))),
+                    _mm256_or_si256(_mm256_srli_epi32(q(j + 4), 4), top(q(j))),
+                )
+            };
+            let ds = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(sc));
+            let dm = _mm256_mul_ps(mv, _mm256_cvtepi32_ps(m));
+            let pair = blk.add(128 + 256 * (j / 2));
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(pair.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
+            let w: [__m256i; 8] = std::array::from_fn(|k| {
+                let v = _mm256_loadu_si256(pair.add(32 * k) as *const __m256i);
+                _mm256_and_si256(if j % 2 == 0 { v } else { _mm256_srli_epi16(v, 4) }, mask)
+            });
+            let (lo, hi) = ([w[0], w[1], w[2], w[3]], [w[4], w[5], w[6], w[7]]);
+            let b = 8 * s + j;
+            for c in 0..C {
+                let sums = D::rows4(&lo, &hi, xs[c].qs.as_ptr().add(b * QK) as *const u8);
+                let dx = *xs[c].d.get_unchecked(b);
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ds, _mm256_set1_ps(dx)), acc[c]);
+                let sx = dx * *xs[c].sum.get_unchecked(b) as f32;
+                acc[c] = _mm256_fnmadd_ps(dm, _mm256_set1_ps(sx), acc[c]);
+            }
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(c * ld), *a);
+    }
+}
+
+/// Eight repacked Q6_K rows × C tokens, `nsb` super-blocks (see `repack`).
+///
+/// Safety: as `packed_q4k`.
+#[inline(always)]
+unsafe fn packed_q6k<D: Lanes, const C: usize>(p: *const u8, nsb: usize, xs: [Q8Row<'_>; C], out: *mut f32, ld: usize) {
+    const GB: usize = 1680;
+    let (mask, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    // Bits 2k, 2k + 1 of every byte of `h` moved to bits 4, 5.
+    let top = |h: __m256i, k: usize| {
+        let v = match k {
+            0 => _mm256_slli_epi16(h, 4),
+            1 => _mm256_slli_epi16(h, 2),
+            2 => h,
+            _ => _mm256_srli_epi16(h, 2),
+        };
+        _mm256_and_si256(v, two)
+    };
+    let mut acc = [_mm256_setzero_ps(); C];
+    for s in 0..nsb {
+        let blk = p.add(s * GB);
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        let scale = |i: usize| {
+            let sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(16 + 8 * i) as *const __m128i));
+            _mm256_mul_ps(dv, _mm256_cvtepi32_ps(sc))
+        };
+        for j in 0..8 {
+            let run = blk.add(144 + 192 * j);
+            for l in 0..3 {
+                _mm_prefetch::<_MM_HINT_T0>(run.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
+            let (h0, h1) = (
+                _mm256_loadu_si256(run.add(128) as *const __m256i),
+                _mm256_loadu_si256(run.add(160) as *const __m256i),
+            );
+            let v: [__m256i; 4] = std::array::from_fn(|k| _mm256_loadu_si256(run.add(32 * k) as *const __m256i));
+            let lo: [__m256i; 4] = std::array::from_fn(|k| _mm256_or_si256(_mm256_and_si256(v[k], mask), top(h0, k)));
+            let hi: [__m256i; 4] = std::array::from_fn(|k| {
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v[k], 4), mask), top(h1, k))
+            });
+            let (sa, sb) = (scale(2 * j), scale(2 * j + 1));
+            let b = 8 * s + j;
+            for c in 0..C {
+                let (ia, ib) = D::rows6(&lo, &hi, xs[c].qs.as_ptr().add(b * QK) as *const u8);
+                // Σ (u − 32)·x per half, exactly: the offset goes in as integers.
+                let h = *xs[c].sum16.get_unchecked(b);
+                let rest = *xs[c].sum.get_unchecked(b) - h;
+                let ia = _mm256_sub_epi32(ia, _mm256_set1_epi32(32 * h));
+                let ib = _mm256_sub_epi32(ib, _mm256_set1_epi32(32 * rest));
+                let dx = _mm256_set1_ps(*xs[c].d.get_unchecked(b));
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_mul_ps(sa, dx), acc[c]);
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_mul_ps(sb, dx), acc[c]);
+            }
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(c * ld), *a);
+    }
+}
+
 /// Eight repacked Q8_0 rows × C tokens.
 ///
 /// Safety: as `packed_q4`.
@@ -569,6 +710,10 @@ unsafe fn packed_group<D: Lanes, const T: u8, const C: usize>(
 ) {
     if T == Q8_0 {
         packed_q8::<D, C>(p, nb, xs, out, ld)
+    } else if T == Q4K {
+        packed_q4k::<D, C>(p, nb / 8, xs, out, ld)
+    } else if T == Q6K {
+        packed_q6k::<D, C>(p, nb / 8, xs, out, ld)
     } else if T == Q5_0 || T == Q5_1 {
         packed_q5::<D, T, C>(p, nb, xs, out, ld)
     } else {
@@ -579,7 +724,9 @@ unsafe fn packed_group<D: Lanes, const T: u8, const C: usize>(
 /// Repacked rows × tokens: `out[t * rows + r]`; one token is the decode case.
 #[inline(always)]
 unsafe fn packed_body<D: Lanes, const T: u8>(packed: &[u8], rows: usize, nb: usize, x: &Q8Acts, out: &mut [f32]) {
-    let gbytes = nb * R8 * type_size(T);
+    // Blocks per row: runs of 32, or super-blocks of 256 for the k-quants.
+    let blocks = if T == Q4K || T == Q6K { nb / 8 } else { nb };
+    let gbytes = blocks * R8 * type_size(T);
     let (n, o) = (x.rows, out.as_mut_ptr());
     for g in 0..rows / R8 {
         let p = packed.as_ptr().add(g * gbytes);
@@ -750,7 +897,7 @@ pub fn halfs_to_f32(src: &[half::f16], dst: &mut [f32]) {
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_block_avx2(src: *const f32, q: *mut i8) -> (f32, i32) {
+unsafe fn quantize_block_avx2(src: *const f32, q: *mut i8) -> (f32, i32, i32) {
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(8 * i)));
     let mut m = _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs));
@@ -761,20 +908,23 @@ unsafe fn quantize_block_avx2(src: *const f32, q: *mut i8) -> (f32, i32) {
     let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
     // vcvtps2dq rounds half to even under the default MXCSR, as the scalar path does.
     let i: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv)));
-    let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
-    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+    let hsum_i = |s: __m256i| {
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)))
+    };
+    let (first, second) = (_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let (sum16, sum) = (hsum_i(first), hsum_i(_mm256_add_epi32(first, second)));
     // The packs work per 128-bit half; the permute puts the four quarters back in order.
     let packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
     let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(q as *mut __m256i, ordered);
-    (amax, sum)
+    (amax, sum, sum16)
 }
 
-/// One block of 32 activations to 8 bits: the values, their absolute maximum and sum
-/// (equal to the scalar reference's, value for value).
-pub fn quantize_block(src: &[f32], q: &mut [i8]) -> (f32, i32) {
+/// One block of 32 activations to 8 bits: the values, their absolute maximum, sum and
+/// sum of the first 16 (equal to the scalar reference's, value for value).
+pub fn quantize_block(src: &[f32], q: &mut [i8]) -> (f32, i32, i32) {
     assert!(src.len() >= QK && q.len() >= QK, "a block is 32 values");
     // SAFETY: only reached for instruction sets that include AVX2 (detected); both
     // slices hold the 32 values read and written.
@@ -881,7 +1031,12 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 pub fn packed(isa: Isa, ty: GgmlType, packed: &[u8], rows: usize, x: &Q8Acts, out: &mut [f32]) {
     assert!(super::repack::repackable(ty) && rows.is_multiple_of(R8), "not a repacked {ty} matrix of {rows} rows");
     let nb = x.cols / QK;
-    assert_eq!(packed.len(), rows * nb * ty.type_size(), "repacked {ty} weights of the wrong size");
+    let row_bytes = ty.row_bytes(x.cols as u64).unwrap_or(0) as usize;
+    assert_eq!(packed.len(), rows * row_bytes, "repacked {ty} weights of the wrong size");
+    assert!(
+        !matches!(ty, GgmlType::Q4K | GgmlType::Q6K) || nb.is_multiple_of(8),
+        "k-quant rows are whole super-blocks"
+    );
     assert!(out.len() >= rows * x.rows, "output too short");
     assert!(x.qs.len() >= x.rows * x.cols && x.d.len() >= x.rows * nb, "activations too short");
     // SAFETY: the assertions bound every group, block and output the kernel touches;
