@@ -392,7 +392,6 @@ fn serve_logprobs_exact() {
 /// against `cairn eval`, stop strings, every error, the API key, 8 concurrent streams,
 /// a client leaving mid-stream, and three rounds of load with the server's memory.
 #[test]
-#[ignore = "open: a repeated prompt now reuses its stored logits (cached_tokens = prompt), which the request_forms section does not expect yet"]
 fn serve_openai_main() {
     let Some(py) = python() else { return };
     let _one = serial();

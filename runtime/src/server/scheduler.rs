@@ -18,7 +18,7 @@ use crate::bitstack::MemoryPlan;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::longctx::Method;
-use crate::model::{KvState, Logits, Segment, PREFILL_CHUNK};
+use crate::model::{prefill_take, KvState, Logits, Segment, PREFILL_CHUNK};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::tokenizer::StreamDecoder;
 
@@ -137,6 +137,12 @@ struct Slot {
     /// token again alone (whose logits would differ from the batched ones by float
     /// rounding, enough to change a greedy answer at a near tie).
     end_logits: Option<(usize, Vec<f32>)>,
+    /// How many leading cached positions were evaluated in passes of two rows or more
+    /// (prefill), the only ones whose keys and values equal a fresh prefill's: a row
+    /// evaluated alone (a generated token) goes through the decode attention path,
+    /// whose float sums run in another order. Reusing only these keeps a greedy answer
+    /// identical to `cairn chat --temp 0` whatever the slot held before.
+    batched: usize,
 }
 
 pub struct Scheduler {
@@ -156,6 +162,7 @@ impl Scheduler {
                     run: None,
                     last_used: Instant::now(),
                     end_logits: None,
+                    batched: 0,
                 })
             })
             .collect::<Result<_>>()?;
@@ -283,9 +290,16 @@ impl Scheduler {
         };
         let common = common_prefix(&slot.tokens, &prompt);
         let repeat = common == prompt.len() && slot.end_logits.as_ref().is_some_and(|(n, _)| *n == prompt.len());
-        let keep = if repeat { common } else { common.min(prompt.len() - 1) };
+        // Anything else evaluates at least its last two tokens, in one pass of their own
+        // (see `prefill_take`), after positions a fresh prefill would compute the same.
+        let keep = if repeat { common } else { common.min(slot.batched).min(prompt.len().saturating_sub(2)) };
         let keep = slot.cache.truncate(keep);
         slot.tokens.truncate(keep);
+        slot.batched = slot.batched.min(keep);
+        // Stored logits past what is kept belong to tokens about to be overwritten.
+        if slot.end_logits.as_ref().is_some_and(|(n, _)| *n > keep) {
+            slot.end_logits = None;
+        }
         let primed = if keep == prompt.len() { slot.end_logits.as_ref().map(|(_, l)| l.clone()) } else { None };
         let sampler = Sampler::new(job.sampling.clone());
         slot.run = Some(Running {
@@ -341,7 +355,7 @@ impl Scheduler {
                 });
                 plan.push((i, 1, true));
             } else if Some(i) == prefill {
-                let n = run.pending.len().min(chunk);
+                let n = prefill_take(run.pending.len(), chunk);
                 let last = n == run.pending.len();
                 batch.push(Segment {
                     cache: cache.as_mut(),
@@ -365,6 +379,8 @@ impl Scheduler {
                     }
                     slot.cache.truncate(0);
                     slot.tokens.clear();
+                    slot.batched = 0;
+                    slot.end_logits = None;
                 }
                 return;
             }
@@ -376,6 +392,9 @@ impl Scheduler {
             match run.next.take() {
                 Some(fed) => slot.tokens.push(fed),
                 None => {
+                    if n >= 2 && slot.batched == slot.tokens.len() {
+                        slot.batched += n;
+                    }
                     slot.tokens.extend(run.pending.drain(..n));
                     self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
                     if has_logits {
