@@ -408,7 +408,6 @@ fn serve_openai_main() {
 /// The bounded queue: one slot busy, one request waiting, the next gets 503 with
 /// Retry-After; and `--timeout`, which ends a long request with finish_reason "length".
 #[test]
-#[ignore = "open: the slot of a cancelled queued request is reported busy (cairn_slots_busy 1 after the run); see the issue 15 note"]
 fn serve_queue_full() {
     let Some(py) = python() else { return };
     let _one = serial();

@@ -211,6 +211,13 @@ impl Scheduler {
         }
     }
 
+    /// Take the request out of slot `i`, the gauges updated (see [`Scheduler::publish`]).
+    fn free(&mut self, i: usize) -> Option<Running> {
+        let run = self.slots[i].run.take();
+        self.publish();
+        run
+    }
+
     fn set_memory(&self, bytes: u64) -> Result<MemoryPlan> {
         let plan = self.engine.set_memory_budget(bytes)?;
         self.metrics.memory_budget.store(bytes, Ordering::Relaxed);
@@ -218,6 +225,9 @@ impl Scheduler {
         Ok(plan)
     }
 
+    /// The gauges of `/metrics` from the slots and the queue as they are now. Called at
+    /// every change, before the loop tells any client its request ended, so that a
+    /// client reading `/metrics` after its answer never sees its slot still busy.
     fn publish(&self) {
         let m = &self.metrics;
         m.busy_slots.store(self.slots.iter().filter(|s| s.run.is_some()).count() as u64, Ordering::Relaxed);
@@ -238,6 +248,9 @@ impl Scheduler {
             }
         }
         self.metrics.cancelled.fetch_add(cancelled as u64, Ordering::Relaxed);
+        if cancelled > 0 {
+            self.publish();
+        }
     }
 
     /// Move waiting requests into idle slots: each takes the idle slot whose cache shares
@@ -255,13 +268,14 @@ impl Scheduler {
             let Some((_, _, i)) = best else {
                 self.metrics.queued.fetch_add(1, Ordering::Relaxed);
                 self.waiting.push_front(job);
-                return;
+                break;
             };
             if let Err(e) = self.start(i, job) {
                 // `start` handed the error to the request.
                 log::debug!("request refused at admission: {e}");
             }
         }
+        self.publish();
     }
 
     fn start(&mut self, i: usize, job: Box<Job>) -> Result<()> {
@@ -316,9 +330,10 @@ impl Scheduler {
             cut: false,
             job,
         });
+        self.publish();
         if let Some(mut logits) = primed {
             if let Some(how) = self.sample(i, &mut logits, Instant::now()) {
-                if let Some(run) = self.slots[i].run.take() {
+                if let Some(run) = self.free(i) {
                     finish(run, how, &self.metrics);
                 }
             }
@@ -373,10 +388,10 @@ impl Scheduler {
                 // Checked at admission, so this is the model's failure: every request of
                 // the batch gets it, and their caches start over.
                 for &(i, _, _) in &plan {
-                    let slot = &mut self.slots[i];
-                    if let Some(run) = slot.run.take() {
+                    if let Some(run) = self.free(i) {
                         let _ = run.job.events.send(Event::Failed(e.clone_msg()));
                     }
+                    let slot = &mut self.slots[i];
                     slot.cache.truncate(0);
                     slot.tokens.clear();
                     slot.batched = 0;
@@ -406,8 +421,7 @@ impl Scheduler {
                 continue;
             }
             if let Some(done) = self.sample(i, &mut logits, now) {
-                let slot = &mut self.slots[i];
-                if let Some(run) = slot.run.take() {
+                if let Some(run) = self.free(i) {
                     finish(run, done, &self.metrics);
                 }
             }
@@ -443,8 +457,10 @@ impl Scheduler {
         match run.decoder.push(tok, id) {
             Ok(piece) => run.text.push_str(&piece),
             Err(e) => {
-                let _ = run.job.events.send(Event::Failed(Error::Text(e.to_string())));
-                slot.run = None;
+                let e = Error::Text(e.to_string());
+                if let Some(run) = self.free(i) {
+                    let _ = run.job.events.send(Event::Failed(e));
+                }
                 return None;
             }
         }
