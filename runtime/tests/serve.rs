@@ -427,7 +427,6 @@ fn serve_queue_full() {
 /// more, a budget under the minimum refused; every stream completes. Then batched decode
 /// on the stack against one stream alone: batching must not lose throughput.
 #[test]
-#[ignore = "open: batched decode of BitStack rows is slower than one row at a time; see the issue 15 note"]
 fn serve_live_memory() {
     let Some(py) = python() else { return };
     let _one = serial();
