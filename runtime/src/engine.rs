@@ -10,7 +10,7 @@ use crate::bitstack::{self, MemoryPlan};
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::longctx::{self, FilterLayer, Method, SNAPKV_WINDOW};
-use crate::model::{self, KvState, Logits, Probe, Runner, PREFILL_CHUNK};
+use crate::model::{self, KvState, Logits, Probe, Runner};
 use crate::sampling::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::weights::ModelFile;
@@ -216,12 +216,12 @@ impl Engine {
     }
 
     /// Logits at every position of `ids`, from one batched pass (chunked past
-    /// [`PREFILL_CHUNK`] tokens).
+    /// [`model::PREFILL_CHUNK`] tokens, see [`model::prefill_chunks`]).
     pub fn eval_all(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         let mut cache = self.runner.new_cache(ids.len())?;
         let mut out = Vec::with_capacity(ids.len() * self.vocab());
-        for chunk in ids.chunks(PREFILL_CHUNK) {
+        for chunk in model::prefill_chunks(ids) {
             out.extend(self.runner.forward(cache.as_mut(), chunk, Logits::All)?);
         }
         Ok(out)
@@ -420,7 +420,7 @@ impl<'e> Session<'e> {
     /// Evaluate `ids` on an empty cache with `probe` watching.
     fn prefill_probe(&mut self, ids: &[u32], probe: &mut Probe) -> Result<Vec<f32>> {
         let mut logits = Vec::new();
-        for chunk in ids.chunks(PREFILL_CHUNK) {
+        for chunk in model::prefill_chunks(ids) {
             logits = self.engine.runner.forward_probe(self.cache.as_mut(), chunk, Logits::Last, probe)?;
             self.tokens.extend_from_slice(chunk);
         }
@@ -486,7 +486,7 @@ impl<'e> Session<'e> {
         let keep = self.cache.truncate(keep);
         self.tokens.truncate(keep);
         let mut logits = Vec::new();
-        for chunk in ids[keep..].chunks(PREFILL_CHUNK) {
+        for chunk in model::prefill_chunks(&ids[keep..]) {
             logits = self.engine.runner.forward(self.cache.as_mut(), chunk, Logits::Last)?;
             self.tokens.extend_from_slice(chunk);
         }

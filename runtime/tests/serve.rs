@@ -392,7 +392,6 @@ fn serve_logprobs_exact() {
 /// against `cairn eval`, stop strings, every error, the API key, 8 concurrent streams,
 /// a client leaving mid-stream, and three rounds of load with the server's memory.
 #[test]
-#[ignore = "open: a repeated prompt now reuses its stored logits (cached_tokens = prompt), which the request_forms section does not expect yet"]
 fn serve_openai_main() {
     let Some(py) = python() else { return };
     let _one = serial();
@@ -409,7 +408,6 @@ fn serve_openai_main() {
 /// The bounded queue: one slot busy, one request waiting, the next gets 503 with
 /// Retry-After; and `--timeout`, which ends a long request with finish_reason "length".
 #[test]
-#[ignore = "open: the slot of a cancelled queued request is reported busy (cairn_slots_busy 1 after the run); see the issue 15 note"]
 fn serve_queue_full() {
     let Some(py) = python() else { return };
     let _one = serial();
@@ -429,7 +427,6 @@ fn serve_queue_full() {
 /// more, a budget under the minimum refused; every stream completes. Then batched decode
 /// on the stack against one stream alone: batching must not lose throughput.
 #[test]
-#[ignore = "open: batched decode of BitStack rows is slower than one row at a time; see the issue 15 note"]
 fn serve_live_memory() {
     let Some(py) = python() else { return };
     let _one = serial();

@@ -18,6 +18,34 @@ use crate::weights::ModelFile;
 /// long prompts while keeping the matmuls wide.
 pub const PREFILL_CHUNK: usize = 512;
 
+/// How many of `remaining` prompt tokens the next prefill pass takes: at most `max`, but
+/// never leaving a single token for a pass of its own. A one-row pass takes the decode
+/// attention path, whose float sums run in another order than the batched path's, so
+/// the same prompt would get slightly different logits depending on where its chunks
+/// fall (enough to flip a greedy token at a near tie). Every row of a pass of two or
+/// more comes out the same whatever the rest of the pass is.
+pub fn prefill_take(remaining: usize, max: usize) -> usize {
+    let n = remaining.min(max);
+    if remaining - n == 1 && n > 2 {
+        n - 1
+    } else {
+        n
+    }
+}
+
+/// `ids` in prefill passes of at most [`PREFILL_CHUNK`] tokens, cut by [`prefill_take`].
+pub fn prefill_chunks(ids: &[u32]) -> impl Iterator<Item = &[u32]> {
+    let mut rest = ids;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (chunk, tail) = rest.split_at(prefill_take(rest.len(), PREFILL_CHUNK));
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -116,4 +144,24 @@ fn unsupported_arch(file: &ModelFile, arch: &str) -> Error {
         file.path.display(),
         SUPPORTED_ARCHS.join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_never_leaves_one_token_alone() {
+        assert_eq!(prefill_take(1, 512), 1);
+        assert_eq!(prefill_take(7, 512), 7);
+        assert_eq!(prefill_take(129, 128), 127);
+        assert_eq!(prefill_take(130, 128), 128);
+        let ids: Vec<u32> = (0..1025).collect();
+        let lens: Vec<usize> = prefill_chunks(&ids).map(<[u32]>::len).collect();
+        assert_eq!(lens, [512, 511, 2]);
+        let lens: Vec<usize> = prefill_chunks(&ids[..1024]).map(<[u32]>::len).collect();
+        assert_eq!(lens, [512, 512]);
+        assert_eq!(prefill_chunks(&ids[..1]).count(), 1);
+        assert_eq!(prefill_chunks(&[]).count(), 0);
+    }
 }

@@ -18,7 +18,7 @@ use crate::bitstack::MemoryPlan;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::longctx::Method;
-use crate::model::{KvState, Logits, Segment, PREFILL_CHUNK};
+use crate::model::{prefill_take, KvState, Logits, Segment, PREFILL_CHUNK};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::tokenizer::StreamDecoder;
 
@@ -137,6 +137,12 @@ struct Slot {
     /// token again alone (whose logits would differ from the batched ones by float
     /// rounding, enough to change a greedy answer at a near tie).
     end_logits: Option<(usize, Vec<f32>)>,
+    /// How many leading cached positions were evaluated in passes of two rows or more
+    /// (prefill), the only ones whose keys and values equal a fresh prefill's: a row
+    /// evaluated alone (a generated token) goes through the decode attention path,
+    /// whose float sums run in another order. Reusing only these keeps a greedy answer
+    /// identical to `cairn chat --temp 0` whatever the slot held before.
+    batched: usize,
 }
 
 pub struct Scheduler {
@@ -156,6 +162,7 @@ impl Scheduler {
                     run: None,
                     last_used: Instant::now(),
                     end_logits: None,
+                    batched: 0,
                 })
             })
             .collect::<Result<_>>()?;
@@ -204,6 +211,13 @@ impl Scheduler {
         }
     }
 
+    /// Take the request out of slot `i`, the gauges updated (see [`Scheduler::publish`]).
+    fn free(&mut self, i: usize) -> Option<Running> {
+        let run = self.slots[i].run.take();
+        self.publish();
+        run
+    }
+
     fn set_memory(&self, bytes: u64) -> Result<MemoryPlan> {
         let plan = self.engine.set_memory_budget(bytes)?;
         self.metrics.memory_budget.store(bytes, Ordering::Relaxed);
@@ -211,6 +225,9 @@ impl Scheduler {
         Ok(plan)
     }
 
+    /// The gauges of `/metrics` from the slots and the queue as they are now. Called at
+    /// every change, before the loop tells any client its request ended, so that a
+    /// client reading `/metrics` after its answer never sees its slot still busy.
     fn publish(&self) {
         let m = &self.metrics;
         m.busy_slots.store(self.slots.iter().filter(|s| s.run.is_some()).count() as u64, Ordering::Relaxed);
@@ -231,6 +248,9 @@ impl Scheduler {
             }
         }
         self.metrics.cancelled.fetch_add(cancelled as u64, Ordering::Relaxed);
+        if cancelled > 0 {
+            self.publish();
+        }
     }
 
     /// Move waiting requests into idle slots: each takes the idle slot whose cache shares
@@ -248,13 +268,14 @@ impl Scheduler {
             let Some((_, _, i)) = best else {
                 self.metrics.queued.fetch_add(1, Ordering::Relaxed);
                 self.waiting.push_front(job);
-                return;
+                break;
             };
             if let Err(e) = self.start(i, job) {
                 // `start` handed the error to the request.
                 log::debug!("request refused at admission: {e}");
             }
         }
+        self.publish();
     }
 
     fn start(&mut self, i: usize, job: Box<Job>) -> Result<()> {
@@ -283,9 +304,16 @@ impl Scheduler {
         };
         let common = common_prefix(&slot.tokens, &prompt);
         let repeat = common == prompt.len() && slot.end_logits.as_ref().is_some_and(|(n, _)| *n == prompt.len());
-        let keep = if repeat { common } else { common.min(prompt.len() - 1) };
+        // Anything else evaluates at least its last two tokens, in one pass of their own
+        // (see `prefill_take`), after positions a fresh prefill would compute the same.
+        let keep = if repeat { common } else { common.min(slot.batched).min(prompt.len().saturating_sub(2)) };
         let keep = slot.cache.truncate(keep);
         slot.tokens.truncate(keep);
+        slot.batched = slot.batched.min(keep);
+        // Stored logits past what is kept belong to tokens about to be overwritten.
+        if slot.end_logits.as_ref().is_some_and(|(n, _)| *n > keep) {
+            slot.end_logits = None;
+        }
         let primed = if keep == prompt.len() { slot.end_logits.as_ref().map(|(_, l)| l.clone()) } else { None };
         let sampler = Sampler::new(job.sampling.clone());
         slot.run = Some(Running {
@@ -302,9 +330,10 @@ impl Scheduler {
             cut: false,
             job,
         });
+        self.publish();
         if let Some(mut logits) = primed {
             if let Some(how) = self.sample(i, &mut logits, Instant::now()) {
-                if let Some(run) = self.slots[i].run.take() {
+                if let Some(run) = self.free(i) {
                     finish(run, how, &self.metrics);
                 }
             }
@@ -341,7 +370,7 @@ impl Scheduler {
                 });
                 plan.push((i, 1, true));
             } else if Some(i) == prefill {
-                let n = run.pending.len().min(chunk);
+                let n = prefill_take(run.pending.len(), chunk);
                 let last = n == run.pending.len();
                 batch.push(Segment {
                     cache: cache.as_mut(),
@@ -359,12 +388,14 @@ impl Scheduler {
                 // Checked at admission, so this is the model's failure: every request of
                 // the batch gets it, and their caches start over.
                 for &(i, _, _) in &plan {
-                    let slot = &mut self.slots[i];
-                    if let Some(run) = slot.run.take() {
+                    if let Some(run) = self.free(i) {
                         let _ = run.job.events.send(Event::Failed(e.clone_msg()));
                     }
+                    let slot = &mut self.slots[i];
                     slot.cache.truncate(0);
                     slot.tokens.clear();
+                    slot.batched = 0;
+                    slot.end_logits = None;
                 }
                 return;
             }
@@ -376,6 +407,9 @@ impl Scheduler {
             match run.next.take() {
                 Some(fed) => slot.tokens.push(fed),
                 None => {
+                    if n >= 2 && slot.batched == slot.tokens.len() {
+                        slot.batched += n;
+                    }
                     slot.tokens.extend(run.pending.drain(..n));
                     self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
                     if has_logits {
@@ -387,8 +421,7 @@ impl Scheduler {
                 continue;
             }
             if let Some(done) = self.sample(i, &mut logits, now) {
-                let slot = &mut self.slots[i];
-                if let Some(run) = slot.run.take() {
+                if let Some(run) = self.free(i) {
                     finish(run, done, &self.metrics);
                 }
             }
@@ -424,8 +457,10 @@ impl Scheduler {
         match run.decoder.push(tok, id) {
             Ok(piece) => run.text.push_str(&piece),
             Err(e) => {
-                let _ = run.job.events.send(Event::Failed(Error::Text(e.to_string())));
-                slot.run = None;
+                let e = Error::Text(e.to_string());
+                if let Some(run) = self.free(i) {
+                    let _ = run.job.events.send(Event::Failed(e));
+                }
                 return None;
             }
         }

@@ -83,7 +83,9 @@ def main():
     assert "e" not in waiting, f"the waiting request failed: {waiting.get('e')!r}"
     r = waiting["r"]
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0, r
-    wait_until(lambda: metrics()["cairn_slots_busy"] == 0, 5, "the slot to free")
+    # The gauges change before the loop answers: no waiting for them.
+    m = metrics()
+    assert m["cairn_slots_busy"] == 0 and m["cairn_queue_depth"] == 0, f"gauges right after the last answer: {m}"
     # And the server accepts again.
     r = C.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[{"role": "user", "content": "Hi."}])
     assert r.choices[0].finish_reason in ("stop", "length"), r
@@ -117,6 +119,9 @@ def main():
     took = time.monotonic() - t
     assert r.choices[0].finish_reason == "length", r.choices[0]
     assert 2.5 <= took < 8 and r.usage.completion_tokens < 1000, f"--timeout 3: {took:.1f}s, {r.usage}"
+    # The slot the departed clients used was really free (this one got it), and is again.
+    m = metrics()
+    assert m["cairn_slots_busy"] == 0 and m["cairn_queue_depth"] == 0, f"gauges after the last request: {m}"
     note("--timeout 3", f"a 1000-token request ended after {took:.1f}s with {r.usage.completion_tokens} tokens, finish length")
     note("total", f"{time.monotonic() - t0:.1f}s")
     print_summary("cairn serve, queue")
