@@ -8,6 +8,7 @@
 //! integer part and to float rounding in the sums.
 
 pub mod attn;
+pub mod lut;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 pub mod repack;
