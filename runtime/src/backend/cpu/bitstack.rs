@@ -275,8 +275,9 @@ pub fn stack_matvec_int8(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32
 }
 
 fn f16s_into(bytes: &[u8], out: &mut [f32]) {
-    let h: Vec<half::f16> = bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect();
-    h.convert_to_f32_slice(&mut out[..h.len()]);
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
 }
 
 /// `y += Σ_blocks (S ⊙ (u v)) x` through f32 tables: every block's tables first (in

@@ -245,18 +245,35 @@ unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u
     );
     // High nibbles (odd bytes) index the second group's 8 entries.
     let odd = _mm256_set1_epi16(0x0800);
-    let ones = _mm256_set1_epi8(1);
     let m4 = _mm_set1_epi8(0x0f);
     let tab = t.tab.as_ptr();
     let rows: [*const u8; 8] = std::array::from_fn(|d| signs.as_ptr().add((i0 + d) * rb));
     let mut facc = [_mm256_setzero_ps(); K];
     let mut pad = [0u8; 64];
+    // One column (sign byte `col` of the 8 rows, as 16 nibbles: row t low, row t high):
+    // the index and sign work is shared by every rank pair.
+    let column = |acc: &mut [__m256i; P], nib: __m128i, col: usize| {
+        let nb = _mm256_broadcastsi128_si256(nib);
+        let idx = _mm256_or_si256(_mm256_shuffle_epi8(idx_lut, nb), odd);
+        let sgn = _mm256_shuffle_epi8(sgn_lut, nb);
+        let tp = tab.add(col * K * 16);
+        for (p, ac) in acc.iter_mut().enumerate() {
+            let v = _mm256_shuffle_epi8(_mm256_loadu_si256(tp.add(p * 32).cast()), idx);
+            *ac = _mm256_add_epi16(*ac, _mm256_maddubs_epi16(v, sgn));
+        }
+    };
     let mut c = 0;
     while c < rb {
         let seg_end = (c + SEG).min(rb);
         let s = c / SEG;
         let mut acc = [_mm256_setzero_si256(); P];
-        let mut corr = _mm256_setzero_si256();
+        // The bias each row collects is 128 · Σ signs = 128 · (groups − 2 · negative
+        // groups); bit 3 of each nibble (0x88 of a byte) marks a negative group.
+        let bias: [i16; 8] = std::array::from_fn(|d| {
+            let row = std::slice::from_raw_parts(rows[d].add(c), seg_end - c);
+            let neg: u32 = row.iter().map(|&b| (b & 0x88).count_ones()).sum();
+            (128 * (2 * (seg_end - c) as i32 - 2 * neg as i32)) as i16
+        });
         while c < seg_end {
             let cols = (seg_end - c).min(8);
             // 8 bytes of each row; a short tail is copied into a zero-padded buffer.
@@ -284,29 +301,27 @@ unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u
                 _mm_unpacklo_epi32(b1, b3),
                 _mm_unpackhi_epi32(b1, b3),
             ];
-            for (a, &qa) in q.iter().enumerate().take(cols.div_ceil(2)) {
+            let nibs = |qa: __m128i| {
                 let lo = _mm_and_si128(qa, m4);
                 let hi = _mm_and_si128(_mm_srli_epi16(qa, 4), m4);
-                // Per column: 16 bytes (row t: low nibble, high nibble), in both lanes.
-                let nibs = [_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)];
-                for (h, &nib) in nibs.iter().enumerate().take(cols - 2 * a) {
-                    let col = c + 2 * a + h;
-                    let nb = _mm256_broadcastsi128_si256(nib);
-                    let idx = _mm256_or_si256(_mm256_shuffle_epi8(idx_lut, nb), odd);
-                    let sgn = _mm256_shuffle_epi8(sgn_lut, nb);
-                    let tp = tab.add(col * K * 16);
-                    for (p, ac) in acc.iter_mut().enumerate() {
-                        let tb = _mm256_loadu_si256(tp.add(p * 32).cast());
-                        let v = _mm256_shuffle_epi8(tb, idx);
-                        *ac = _mm256_add_epi16(*ac, _mm256_maddubs_epi16(v, sgn));
-                    }
-                    corr = _mm256_add_epi16(corr, _mm256_maddubs_epi16(ones, sgn));
+                [_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)]
+            };
+            if cols == 8 {
+                for (a, &qa) in q.iter().enumerate() {
+                    let [n0, n1] = nibs(qa);
+                    column(&mut acc, n0, c + 2 * a);
+                    column(&mut acc, n1, c + 2 * a + 1);
+                }
+            } else {
+                for h in 0..cols {
+                    column(&mut acc, nibs(q[h / 2])[h % 2], c + h);
                 }
             }
             c += cols;
         }
-        // Remove the +128 bias (128 · Σ signs per row) and scale the segment into f32.
-        let bias = _mm256_slli_epi16(corr, 7);
+        // Remove the bias and scale the segment into f32.
+        let b8 = _mm_loadu_si128(bias.as_ptr().cast());
+        let bias = _mm256_broadcastsi128_si256(b8);
         let sc = t.scale.as_ptr().add(s * K);
         for (p, &ac) in acc.iter().enumerate() {
             let a = _mm256_sub_epi16(ac, bias);
@@ -316,16 +331,11 @@ unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u
             facc[2 * p + 1] = _mm256_fmadd_ps(hi, _mm256_set1_ps(*sc.add(2 * p + 1)), facc[2 * p + 1]);
         }
     }
-    // y[d] += Σ_r u[i0+d, r]·facc[r][d]: u's 8 rows transposed to rank-major.
-    let mut ut = [0f32; 128];
-    for d in 0..8 {
-        for r in 0..K {
-            ut[r * 8 + d] = u[d * K + r];
-        }
-    }
+    // y[d] += Σ_r u[i0+d, r]·facc[r][d], gathering u's column r for the 8 rows.
+    let rows_k = _mm256_setr_epi32(0, K as i32, 2 * K as i32, 3 * K as i32, 4 * K as i32, 5 * K as i32, 6 * K as i32, 7 * K as i32);
     let mut y = _mm256_loadu_ps(y8.as_ptr());
     for (r, &f) in facc.iter().enumerate() {
-        y = _mm256_fmadd_ps(f, _mm256_loadu_ps(ut.as_ptr().add(r * 8)), y);
+        y = _mm256_fmadd_ps(f, _mm256_i32gather_ps::<4>(u.as_ptr().add(r), rows_k), y);
     }
     _mm256_storeu_ps(y8.as_mut_ptr(), y);
 }
