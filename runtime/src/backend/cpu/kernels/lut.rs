@@ -121,7 +121,7 @@ unsafe fn segment_avx2(v: &[u8], x: &[f32], n: usize, k: usize, s: usize, tb: &m
     };
     let (s0, s1, s2) = (sign(0), sign(1), sign(2));
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    for r in 0..k {
+    for (r, scr) in sc.iter_mut().enumerate().take(k) {
         let vp = v.as_ptr().add(2 * r * n);
         let mut j = j0;
         while j + 8 <= j1 {
@@ -143,7 +143,7 @@ unsafe fn segment_avx2(v: &[u8], x: &[f32], n: usize, k: usize, s: usize, tb: &m
         let m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         let d = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2))) / 127.0;
-        sc[r] = d;
+        *scr = d;
         let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         let bias = _mm_set1_epi8(-128);
         for g in 0..2 * nb {
