@@ -332,7 +332,16 @@ unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u
         }
     }
     // y[d] += Σ_r u[i0+d, r]·facc[r][d], gathering u's column r for the 8 rows.
-    let rows_k = _mm256_setr_epi32(0, K as i32, 2 * K as i32, 3 * K as i32, 4 * K as i32, 5 * K as i32, 6 * K as i32, 7 * K as i32);
+    let rows_k = _mm256_setr_epi32(
+        0,
+        K as i32,
+        2 * K as i32,
+        3 * K as i32,
+        4 * K as i32,
+        5 * K as i32,
+        6 * K as i32,
+        7 * K as i32,
+    );
     let mut y = _mm256_loadu_ps(y8.as_ptr());
     for (r, &f) in facc.iter().enumerate() {
         y = _mm256_fmadd_ps(f, _mm256_i32gather_ps::<4>(u.as_ptr().add(r), rows_k), y);
