@@ -4,7 +4,7 @@
 
 mod common;
 
-use cairn::backend::cpu::bitstack::{block_matvec, rebuild_rows};
+use cairn::backend::cpu::bitstack::{rebuild_rows, stack_matvec_f32, stack_matvec_int8};
 use cairn::backend::cpu::kernels::Isa;
 use cairn::backend::cpu::CpuBackend;
 use cairn::bitstack::build::{decompose, global_order, Proxy, StackStats};
@@ -140,10 +140,11 @@ fn kernels_match_the_scalar_reference() {
         }
         let x = random(1, n, 5);
         let want: Vec<f32> = dense.chunks(n).map(|r| r.iter().zip(&x).map(|(a, b)| a * b).sum()).collect();
+        // The f32 tables (the exact path) equal the dense product to float rounding.
         for isa in [Isa::Scalar, Isa::detect()] {
             let mut y = vec![0f32; m];
             for b in &blocks {
-                block_matvec(isa, b, &x, &mut y);
+                stack_matvec_f32(isa, std::slice::from_ref(b), &x, &mut y);
             }
             assert!(rel_diff(&y, &want) < 1e-5, "{m}x{n} k{k} {isa:?}: {}", rel_diff(&y, &want));
         }
@@ -154,6 +155,37 @@ fn kernels_match_the_scalar_reference() {
         let mut tile = vec![0f32; 7 * n];
         rebuild_rows(&blocks, &us, &vs, 3, &mut tile);
         assert!(rel_diff(&tile, &dense[3 * n..10 * n]) < 1e-6);
+    }
+}
+
+/// The int8 tables (kernels/lut.rs) on odd shapes: rows not a multiple of 8 (the scalar
+/// tail), sign rows not a multiple of 8 bytes (the padded tail), several scale segments,
+/// and ranks with and without an AVX2 instance. The SIMD rows equal the scalar reference
+/// to float rounding (1e-5 relative: the integer sums are exact, only the order of the
+/// f32 scale and u products differs); both stay within 2% of the f32 tables, the cost of
+/// rounding each table entry to int8 with a scale per rank and 256 inputs.
+#[test]
+fn int8_tables_match_the_scalar_reference() {
+    for (m, n, k) in [(70, 64, 16), (21, 72, 8), (37, 300, 16), (19, 1100, 4), (33, 20, 5), (16, 36, 8), (45, 520, 4)] {
+        let shape = BlockShape::new(m, n, k).unwrap();
+        let st = decompose("w", random(m, n, 31), shape, 3, None, IterOptions::default(), &|| {}).unwrap();
+        let blocks: Vec<Block<'_>> = st.blocks.iter().map(|b| Block::new(shape, b).unwrap()).collect();
+        let x = random(1, n, 7);
+        let mut exact = vec![0f32; m];
+        stack_matvec_f32(Isa::Scalar, &blocks, &x, &mut exact);
+        let mut reference = vec![0f32; m];
+        stack_matvec_int8(Isa::Scalar, &blocks, &x, &mut reference);
+        let int8_err = rel_diff(&reference, &exact);
+        assert!(int8_err < 2e-2, "{m}x{n} k{k}: int8 tables {int8_err} from f32");
+        assert!(int8_err > 0.0, "{m}x{n} k{k}: int8 tables should round");
+        for isa in Isa::available() {
+            // Accumulates into y, as every caller relies on.
+            let mut y = vec![0.5f32; m];
+            stack_matvec_int8(isa, &blocks, &x, &mut y);
+            let y: Vec<f32> = y.iter().map(|v| v - 0.5).collect();
+            let err = rel_diff(&y, &reference);
+            assert!(err < 1e-5, "{m}x{n} k{k} {isa:?}: {err} from the scalar int8 reference");
+        }
     }
 }
 

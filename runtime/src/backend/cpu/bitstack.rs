@@ -1,23 +1,26 @@
 //! BitStack matmuls: `y = Σ_blocks (S ⊙ (u v)) x` over the blocks a budget keeps.
 //!
 //! Decode (one token) never rebuilds a weight: per block, `t_r = v_r ⊙ x`, then for each
-//! run of 4 inputs a table of the 16 signed sums `Σ ±t_r[j]` for every rank `r` (16 × k
-//! floats, one cache line per entry at k = 16), so a row costs one table lookup and one
-//! k-wide add per 4 weights, then a k-wide dot with `u_i`. The tables of a 1536-wide
-//! block take 384 KiB and stay in L2. Prefill rebuilds 16-row tiles of the dense weight
-//! in f32 and runs dot products against every token: the rebuild is paid once for all
-//! tokens, where the table path would pay k sign-sums per weight per token.
+//! run of 4 inputs a table of the 16 signed sums `Σ ±t_r[j]` for every rank `r`, so a row
+//! costs one table lookup per 4 weights and rank, then a k-wide dot with `u_i`. The
+//! integer path (`Isa::Scalar` and x86) rounds the tables to int8 and looks them up in
+//! registers with `vpshufb` (kernels/lut.rs: 16 bytes per rank and sign byte, 8 rows ×
+//! 8 inputs per step for every rank); the f32 tables (16 × k floats per run of 4 inputs,
+//! 384 KiB for a 1536-wide block, so L2-bound) stay as the `--exact` path and on NEON.
+//! Prefill rebuilds 16-row tiles of the dense weight in f32 and runs dot products against
+//! every token: the rebuild is paid once for all tokens, where the table path would pay k
+//! sign-sums per weight per token.
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::kernels::{self, Isa, Q8Acts};
+use super::kernels::{self, lut, Isa, Q8Acts};
 use super::CpuTensor;
 use crate::bitstack::{DenseCopy, StackWeight};
 use cairn_formats::bitstack::Block;
 use cairn_formats::GgmlType;
 
-/// Rows per decode task.
+/// Rows per decode task on the f32 tables.
 const DECODE_ROWS: usize = 64;
 /// Rows of a rebuilt prefill tile.
 const TILE: usize = 16;
@@ -34,27 +37,45 @@ fn f16s(bytes: &[u8]) -> Vec<f32> {
 /// Up to this many rows run as one matvec per row rather than through rebuilt tiles.
 const MATVEC_BATCH: usize = 8;
 
+/// The row limit of the table path: [`MATVEC_BATCH`], or `CAIRN_STACK_MATVEC_ROWS` (a
+/// measurement knob: a large value scores whole perplexity windows through the decode
+/// tables, so that their rounding can be measured).
+fn matvec_rows() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("CAIRN_STACK_MATVEC_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(MATVEC_BATCH)
+    })
+}
+
+/// Whether decode on `isa` uses the int8 tables: the integer ISAs (`Isa::Scalar` is
+/// their reference) unless `CAIRN_STACK_TABLES=f32` asks for the f32 tables (A/B runs).
+/// NEON keeps the f32 tables until it has a `tbl` kernel.
+fn int8_tables(isa: Isa) -> bool {
+    static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let f32_only = *F32.get_or_init(|| std::env::var("CAIRN_STACK_TABLES").is_ok_and(|v| v == "f32"));
+    !f32_only && matches!(isa, Isa::Scalar | Isa::Avx2 | Isa::Avx512Vnni)
+}
+
 pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
     if let Some(d) = w.dense() {
         return dense_matmul(x, &d, w.shape.m, isa);
     }
     let blocks: Vec<Block<'_>> = (0..w.active()).map(|l| w.block(l)).collect();
     let m = w.shape.m;
-    match isa {
-        Some(isa) if x.rows == 1 => {
-            let mut y = vec![0f32; m];
-            stack_matvec(isa, &blocks, &x.data, &mut y);
-            CpuTensor { data: y, rows: 1, cols: m }
-        }
-        // A decode step of a few sequences: each row through the sign tables, since
-        // rebuilding dense tiles of the whole matrix costs more than a few matvecs.
-        Some(isa) if x.rows <= MATVEC_BATCH => {
-            let mut y = vec![0f32; x.rows * m];
-            for (xr, yr) in x.data.chunks_exact(x.cols).zip(y.chunks_exact_mut(m)) {
-                stack_matvec(isa, &blocks, xr, yr);
+    // A decode step (of one or a few sequences): each row through the sign tables, since
+    // rebuilding dense tiles of the whole matrix costs more than a few matvecs. The f32
+    // path (`isa` None) runs the f32 tables with this CPU's f32 row kernel.
+    if x.rows <= matvec_rows() {
+        let mut y = vec![0f32; x.rows * m];
+        for (xr, yr) in x.data.chunks_exact(x.cols).zip(y.chunks_exact_mut(m)) {
+            match isa {
+                Some(isa) => stack_matvec(isa, &blocks, xr, yr),
+                None => stack_matvec_f32(Isa::detect(), &blocks, xr, yr),
             }
-            CpuTensor { data: y, rows: x.rows, cols: m }
         }
+        return CpuTensor { data: y, rows: x.rows, cols: m };
+    }
+    match isa {
         Some(isa) if x.cols.is_multiple_of(32) && isa != Isa::Scalar => rebuild_matmul_q8(x, &blocks, m, isa),
         _ => rebuild_matmul(x, &blocks, m, isa.unwrap_or(Isa::Scalar)),
     }
@@ -210,10 +231,59 @@ pub fn block_matvec(isa: Isa, b: &Block<'_>, x: &[f32], y: &mut [f32]) {
     stack_matvec(isa, std::slice::from_ref(b), x, y)
 }
 
-/// `y += Σ_blocks (S ⊙ (u v)) x`: every block's tables first (in parallel), then one
-/// parallel pass over rows in which each run of rows visits every block, so a block's
-/// tables stay in cache for the whole run.
+/// `y += Σ_blocks (S ⊙ (u v)) x` on `isa`: the int8 tables where [`int8_tables`], else
+/// the f32 ones.
 pub fn stack_matvec(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32]) {
+    if int8_tables(isa) {
+        stack_matvec_int8(isa, blocks, x, y)
+    } else {
+        stack_matvec_f32(isa, blocks, x, y)
+    }
+}
+
+/// [`stack_matvec`] through int8 tables (kernels/lut.rs): every block's tables first
+/// (all blocks' segments in one parallel pass), then one parallel pass over runs of rows
+/// that visit every block; `Isa::Scalar` (or a rank without an AVX2 instance) runs the
+/// scalar reference.
+pub fn stack_matvec_int8(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32]) {
+    let vs: Vec<(&[u8], usize, usize)> = blocks.iter().map(|b| (b.v_bytes(), b.shape.n, b.shape.k)).collect();
+    let tabs = lut::build(isa, &vs, x);
+    let m = y.len();
+    let chunk = m.div_ceil(rayon::current_num_threads() * 4).next_multiple_of(8).max(8);
+    y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
+        let r0 = c * chunk;
+        let mut u = Vec::new();
+        for (b, t) in blocks.iter().zip(&tabs) {
+            let k = b.shape.k;
+            // This run's rows of u in f32.
+            u.resize(ys.len() * k, 0f32);
+            f16s_into(&b.u_bytes()[r0 * k * 2..(r0 + ys.len()) * k * 2], &mut u);
+            let signs = &b.bytes[..b.shape.m * b.shape.sign_row_bytes()];
+            let whole = match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 | Isa::Avx512Vnni if lut::avx2_rank(k) => {
+                    let w = ys.len() / 8 * 8;
+                    // SAFETY: `Isa::Avx2` and above are only chosen when the CPU has AVX2 and FMA.
+                    unsafe { lut::rows_avx2(t, signs, &u, r0, &mut ys[..w]) };
+                    w
+                }
+                _ => 0,
+            };
+            lut::rows_scalar(t, signs, &u[whole * k..], r0 + whole, &mut ys[whole..]);
+        }
+    });
+}
+
+fn f16s_into(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
+}
+
+/// `y += Σ_blocks (S ⊙ (u v)) x` through f32 tables: every block's tables first (in
+/// parallel), then one parallel pass over rows in which each run of rows visits every
+/// block, so a block's tables stay in cache for the whole run.
+pub fn stack_matvec_f32(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32]) {
     let prep: Vec<(Vec<f32>, Vec<f32>)> = blocks.par_iter().map(|b| (tables(b, x), f16s(b.u_bytes()))).collect();
     y.par_chunks_mut(DECODE_ROWS).enumerate().for_each(|(c, ys)| {
         let r0 = c * DECODE_ROWS;

@@ -9,6 +9,7 @@
 
 pub mod act;
 pub mod attn;
+pub mod lut;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 pub mod repack;
