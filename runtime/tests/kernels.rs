@@ -236,10 +236,27 @@ fn repacked_kernels_equal_scalar() {
     use cairn::backend::cpu::kernels::repack;
     let mut rng = SplitMix(6);
     let k_shapes = [(8, 1, 256), (16, 3, 512), (8, 8, 256), (24, 11, 768), (8, 16, 256)];
+    let shapes = [
+        (8, 1, 32),
+        (16, 1, 576),
+        (8, 2, 32),
+        (8, 3, 64),
+        (24, 4, 96),
+        (16, 7, 64),
+        (8, 8, 32),
+        (16, 9, 1536),
+        (8, 11, 96),
+        (64, 5, 576),
+        (16, 16, 576),
+        (8, 19, 64),
+    ];
+    let cases: Vec<(GgmlType, (usize, usize, usize))> = [GgmlType::Q4K, GgmlType::Q6K]
+        .into_iter()
+        .flat_map(|ty| k_shapes.into_iter().map(move |s| (ty, s)))
+        .chain(TYPES.into_iter().flat_map(|ty| shapes.into_iter().map(move |s| (ty, s))))
+        .collect();
     for isa in Isa::available().into_iter().filter(|&i| kernels::has_packed(i)) {
-        for (ty, (rows, n, cols)) in
-            [GgmlType::Q4K, GgmlType::Q6K].into_iter().flat_map(|ty| k_shapes.into_iter().map(move |s| (ty, s)))
-        {
+        for &(ty, (rows, n, cols)) in &cases {
             let w = weights(&mut rng, ty, rows, cols);
             let rb = w.len() / rows;
             let p = repack::repack(ty, &w, rows, rb).expect("repackable");
@@ -250,34 +267,6 @@ fn repacked_kernels_equal_scalar() {
             kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
             for i in 0..rows * n {
                 close(got[i], want[i], &format!("{} repacked {ty} {rows}x{n}x{cols} at {i}", isa.name()));
-            }
-        }
-        for ty in TYPES {
-            for (rows, n, cols) in [
-                (8, 1, 32),
-                (16, 1, 576),
-                (8, 2, 32),
-                (8, 3, 64),
-                (24, 4, 96),
-                (16, 7, 64),
-                (8, 8, 32),
-                (16, 9, 1536),
-                (8, 11, 96),
-                (64, 5, 576),
-                (16, 16, 576),
-                (8, 19, 64),
-            ] {
-                let w = weights(&mut rng, ty, rows, cols);
-                let rb = w.len() / rows;
-                let p = repack::repack(ty, &w, rows, rb).expect("repackable");
-                let mut q = Q8Acts::default();
-                q.quantize(&random(&mut rng, n * cols, 2.0), n, cols);
-                let (mut got, mut want) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-                kernels::packed(isa, ty, &p, rows, &q, &mut got);
-                kernels::matmul(Isa::Scalar, ty, &w, rb, &q, &mut want);
-                for i in 0..rows * n {
-                    close(got[i], want[i], &format!("{} repacked {ty} {rows}x{n}x{cols} at {i}", isa.name()));
-                }
             }
         }
     }
