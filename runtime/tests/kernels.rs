@@ -371,3 +371,57 @@ fn row_decoder_equals_reference() {
         }
     }
 }
+
+/// One BitStack block row added to a rebuilt row (`±Σ_r u_r v_r[j]`): every instruction
+/// set against plain f32 arithmetic, on widths with and without a tail of under 8.
+#[test]
+fn sign_rank_row_equals_plain_arithmetic() {
+    let mut rng = SplitMix(41);
+    for (n, k) in [(576, 4), (37, 16), (8, 1), (1539, 8), (5, 3)] {
+        let u = random(&mut rng, k, 1.0);
+        let v = random(&mut rng, k * n, 1.0);
+        let signs: Vec<u8> = (0..n.div_ceil(8)).map(|_| (rng.next_f32().abs() * 255.0) as u8).collect();
+        let base = random(&mut rng, n, 1.0);
+        let want: Vec<f32> = (0..n)
+            .map(|j| {
+                let t: f32 = (0..k).map(|r| u[r] * v[r * n + j]).sum();
+                base[j] + if signs[j / 8] >> (j % 8) & 1 == 1 { -t } else { t }
+            })
+            .collect();
+        for isa in Isa::available() {
+            let mut got = base.clone();
+            kernels::sign_rank_row(isa, &u, &v, &signs, &mut got);
+            for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                close(g, w, &format!("{} n{n} k{k} [{j}]", isa.name()));
+            }
+        }
+    }
+}
+
+/// Rebuilt tiles rounded to Q8_0: every instruction set's bytes decode to within half a
+/// step of the input plus the f16 rounding of the scale (at most 127 · 2⁻¹¹ of a step),
+/// the scales equal the reference's and the values differ from it by one at most.
+#[test]
+fn q8_0_tile_rounding_matches_the_reference() {
+    let mut rng = SplitMix(43);
+    let x = random(&mut rng, 7 * 64, 3.0);
+    let rb = 34;
+    let mut want = vec![0u8; x.len() / 32 * rb];
+    quant::quantize(GgmlType::Q8_0, &x, &mut want).unwrap();
+    for isa in Isa::available() {
+        let mut got = vec![0u8; want.len()];
+        kernels::quantize_q8_0(isa, &x, &mut got);
+        let mut back = vec![0f32; x.len()];
+        quant::dequantize(GgmlType::Q8_0, &got, &mut back).unwrap();
+        for (b, (gb, wb)) in got.chunks(rb).zip(want.chunks(rb)).enumerate() {
+            assert_eq!(gb[..2], wb[..2], "{} block {b}: scale", isa.name());
+            let d = half::f16::from_le_bytes([gb[0], gb[1]]).to_f32();
+            for j in 0..32 {
+                let i = b * 32 + j;
+                assert!((back[i] - x[i]).abs() <= 0.57 * d, "{} [{i}]: {} vs {}", isa.name(), back[i], x[i]);
+                let (g, w) = (gb[2 + j] as i8, wb[2 + j] as i8);
+                assert!((g as i32 - w as i32).abs() <= 1, "{} [{i}]: {g} vs reference {w}", isa.name());
+            }
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! The inference loop: one thread owns the model and a fixed set of slots (each a KV
 //! cache and the tokens in it). Every step it builds one batch from every busy slot,
-//! decode tokens of running sequences plus at most one prefill chunk of a new one, and
-//! runs it as one forward pass. HTTP handlers only enqueue requests and read the events
+//! decode tokens of running sequences plus prefill chunks of new ones (one chunk's worth
+//! of prompt tokens in all), and runs it as one forward pass. HTTP handlers only enqueue requests and read the events
 //! the loop sends back; a request whose receiver is gone (the client left) frees its
 //! slot at the next step.
 
@@ -344,18 +344,34 @@ impl Scheduler {
     /// One forward pass over every busy slot.
     fn step(&mut self) {
         let decoding = self.slots.iter().filter(|s| s.run.as_ref().is_some_and(|r| r.next.is_some())).count();
-        // The one prefill chunk of this step: the slot that has waited longest.
-        let prefill = self
+        // Prefill chunks of this step: the slots that have waited longest, in arrival
+        // order, up to one chunk's tokens in all, so that prompts arriving together share
+        // a pass (its weights read once; on BitStack, its tiles rebuilt once).
+        let mut waiting: Vec<(Instant, usize, usize)> = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.run.as_ref().is_some_and(|r| !r.pending.is_empty()))
-            .min_by_key(|(_, s)| s.run.as_ref().map(|r| r.job.arrived))
-            .map(|(i, _)| i);
-        if decoding == 0 && prefill.is_none() {
+            .filter_map(|(i, s)| {
+                s.run.as_ref().filter(|r| !r.pending.is_empty()).map(|r| (r.job.arrived, i, r.pending.len()))
+            })
+            .collect();
+        if decoding == 0 && waiting.is_empty() {
             return;
         }
-        let chunk = if decoding > 0 { SHARED_CHUNK } else { PREFILL_CHUNK };
+        waiting.sort_unstable();
+        let mut room = if decoding > 0 { SHARED_CHUNK } else { PREFILL_CHUNK };
+        // slot → tokens it prefills this step
+        let mut takes: Vec<(usize, usize)> = Vec::new();
+        for &(_, i, pending) in &waiting {
+            // A pass never gives a prompt a single row unless that is all it has left
+            // (see `prefill_take`).
+            if room == 0 || (room == 1 && pending > 1) {
+                break;
+            }
+            let n = prefill_take(pending, room);
+            takes.push((i, n));
+            room -= n;
+        }
         // (slot, tokens fed, whether logits come back)
         let mut plan: Vec<(usize, usize, bool)> = Vec::new();
         let mut batch: Vec<Segment<'_>> = Vec::new();
@@ -369,8 +385,7 @@ impl Scheduler {
                     logits: Some(Logits::Last),
                 });
                 plan.push((i, 1, true));
-            } else if Some(i) == prefill {
-                let n = prefill_take(run.pending.len(), chunk);
+            } else if let Some(&(_, n)) = takes.iter().find(|t| t.0 == i) {
                 let last = n == run.pending.len();
                 batch.push(Segment {
                     cache: cache.as_mut(),

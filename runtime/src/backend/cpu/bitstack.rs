@@ -93,10 +93,7 @@ pub fn dense_copy(w: &StackWeight) -> std::io::Result<DenseCopy> {
     bytes.par_chunks_mut(TILE * rb).enumerate().for_each(|(c, dst)| {
         let mut tile = vec![0f32; dst.len() / rb * n];
         rebuild_rows(&blocks, &us, &vs, c * TILE, &mut tile);
-        for (src, d) in tile.chunks_exact(n).zip(dst.chunks_exact_mut(rb)) {
-            // Lengths match by construction: Q8_0 rows of n values are rb bytes.
-            let _ = cairn_formats::quant::quantize(GgmlType::Q8_0, src, d);
-        }
+        kernels::quantize_q8_0(Isa::detect(), &tile, dst);
     });
     if kernels::has_packed(Isa::detect()) {
         if let Some(p) = kernels::repack::repack(GgmlType::Q8_0, &bytes, m, rb) {
@@ -174,10 +171,7 @@ fn rebuild_matmul_q8(x: &CpuTensor, blocks: &[Block<'_>], m: usize, isa: Isa) ->
         let mut tile = vec![0f32; rows * n];
         rebuild_rows(blocks, &us, &vs, c * TILE, &mut tile);
         let mut bytes = vec![0u8; rows * rb];
-        for (src, dst) in tile.chunks_exact(n).zip(bytes.chunks_exact_mut(rb)) {
-            // Lengths match by construction: Q8_0 rows of n values are rb bytes.
-            let _ = cairn_formats::quant::quantize(GgmlType::Q8_0, src, dst);
-        }
+        kernels::quantize_q8_0(isa, &tile, &mut bytes);
         kernels::matmul(isa, GgmlType::Q8_0, &bytes, rb, &q, o);
     });
     let mut out = vec![0f32; ntok * m];
@@ -396,42 +390,14 @@ fn rows_any(b: &Block<'_>, tab: &[f32], u: &[f32], r0: usize, ys: &mut [f32]) {
 
 /// Rows `r0..r0 + out.len() / n` of the weight the blocks sum to, in f32.
 pub fn rebuild_rows(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { rebuild_rows_avx2(blocks, us, vs, r0, out) };
-    }
-    rebuild_rows_body(blocks, us, vs, r0, out)
-}
-
-/// The same loops compiled for AVX2 + FMA (8-lane axpy).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rebuild_rows_avx2(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
-    rebuild_rows_body(blocks, us, vs, r0, out)
-}
-
-#[inline(always)]
-fn rebuild_rows_body(blocks: &[Block<'_>], us: &[Vec<f32>], vs: &[Vec<f32>], r0: usize, out: &mut [f32]) {
     out.fill(0.0);
     let Some(first) = blocks.first() else { return };
     let (n, k) = (first.shape.n, first.shape.k);
-    let mut tmp = vec![0f32; n];
+    let isa = Isa::detect();
     for ((b, u), v) in blocks.iter().zip(us).zip(vs) {
         for (di, row) in out.chunks_exact_mut(n).enumerate() {
             let i = r0 + di;
-            tmp.fill(0.0);
-            for r in 0..k {
-                let a = u[i * k + r];
-                for (t, &v) in tmp.iter_mut().zip(&v[r * n..(r + 1) * n]) {
-                    *t += a * v;
-                }
-            }
-            let signs = b.sign_row(i);
-            for (j, (o, &t)) in row.iter_mut().zip(&tmp).enumerate() {
-                let neg = (signs[j / 8] >> (j % 8)) & 1 != 0;
-                *o += if neg { -t } else { t };
-            }
+            kernels::sign_rank_row(isa, &u[i * k..(i + 1) * k], v, b.sign_row(i), row);
         }
     }
 }

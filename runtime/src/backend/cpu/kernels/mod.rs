@@ -294,6 +294,31 @@ pub fn values_f16(
     }
 }
 
+/// Rows of 32-value blocks (`src.len()` a multiple of 32) to ggml Q8_0 bytes, as a
+/// rebuilt BitStack tile is rounded for the integer kernels. The SIMD path scales by
+/// 127/amax with ties to even (as the activations), the scalar one is ggml's reference:
+/// they differ only at exact halves.
+pub fn quantize_q8_0(isa: Isa, src: &[f32], dst: &mut [u8]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::quantize_q8_0(src, dst),
+        // Lengths match by the caller's construction: Q8_0 rows of whole blocks.
+        _ => {
+            let _ = cairn_formats::quant::quantize(GgmlType::Q8_0, src, dst);
+        }
+    }
+}
+
+/// `out[j] += ±Σ_r u[r]·v[r·n + j]` (minus where bit `j` of `signs` is set): one row of
+/// a BitStack block `S ⊙ (u vᵀ)` added to a rebuilt row of `n = out.len()` values.
+pub fn sign_rank_row(isa: Isa, u: &[f32], v: &[f32], signs: &[u8], out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => x86::sign_rank_row(u, v, signs, out),
+        _ => scalar::sign_rank_row(u, v, signs, out),
+    }
+}
+
 /// Round every value to the nearest f16 (ties to even) and back, as the f16 cache path
 /// rounds queries and softmax weights.
 pub fn round_f16_slice(isa: Isa, x: &mut [f32]) {

@@ -143,3 +143,13 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
 }
+
+/// The reference of [`super::sign_rank_row`].
+pub fn sign_rank_row(u: &[f32], v: &[f32], signs: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let t: f32 = u.iter().enumerate().map(|(r, &a)| a * v[r * n + j]).sum();
+        let neg = (signs[j / 8] >> (j % 8)) & 1 != 0;
+        *o += if neg { -t } else { t };
+    }
+}

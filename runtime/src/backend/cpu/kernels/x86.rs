@@ -1223,3 +1223,55 @@ pub fn fine(isa: Isa, ft: FineType, w: &[u8], row_bytes: usize, x: &[Q8Row<'_>],
         }
     }
 }
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sign_rank_row_avx2(u: *const f32, k: usize, v: *const f32, n: usize, signs: *const u8, out: *mut f32) {
+    let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let sign_bit = _mm256_set1_epi32(i32::MIN);
+    let whole = n / 8;
+    for c in 0..whole {
+        let mut t = _mm256_setzero_ps();
+        for r in 0..k {
+            t = _mm256_fmadd_ps(_mm256_set1_ps(*u.add(r)), _mm256_loadu_ps(v.add(r * n + 8 * c)), t);
+        }
+        // Lane l is negative where bit l of the sign byte is set: flip its sign bit.
+        let b = _mm256_set1_epi32(*signs.add(c) as i32);
+        let neg = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(b, bits), bits), sign_bit);
+        t = _mm256_xor_ps(t, _mm256_castsi256_ps(neg));
+        let o = out.add(8 * c);
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), t));
+    }
+    for j in 8 * whole..n {
+        let mut t = 0f32;
+        for r in 0..k {
+            t += *u.add(r) * *v.add(r * n + j);
+        }
+        let neg = (*signs.add(j / 8) >> (j % 8)) & 1 != 0;
+        *out.add(j) += if neg { -t } else { t };
+    }
+}
+
+/// `out[j] += ±Σ_r u[r]·v[r·n + j]`, minus where bit `j` of `signs` is set: one row of
+/// a BitStack block (`S ⊙ (u vᵀ)`) added to a rebuilt row. Needs AVX2 and FMA.
+pub fn sign_rank_row(u: &[f32], v: &[f32], signs: &[u8], out: &mut [f32]) {
+    let (k, n) = (u.len(), out.len());
+    assert!(v.len() >= k * n && signs.len() >= n.div_ceil(8), "block row shapes");
+    // SAFETY: callers reach this only where AVX2 and FMA were detected; the reads stay
+    // within `u` (k), `v` (k·n), `signs` (⌈n/8⌉) and the writes within `out` (n), checked
+    // above.
+    unsafe { sign_rank_row_avx2(u.as_ptr(), k, v.as_ptr(), n, signs.as_ptr(), out.as_mut_ptr()) }
+}
+
+/// Rows of 32-value blocks to ggml Q8_0 (f16 scale, then 32 values), scale 127/amax with
+/// ties to even as the activations are rounded (ggml's reference rounds half away from
+/// zero: the two differ only at exact halves).
+pub fn quantize_q8_0(src: &[f32], dst: &mut [u8]) {
+    for (s, d) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(QK + 2)) {
+        let mut q = [0i8; QK];
+        let (amax, _, _) = quantize_block(s, &mut q);
+        d[..2].copy_from_slice(&half::f16::from_f32(amax / 127.0).to_le_bytes());
+        for (o, &v) in d[2..].iter_mut().zip(&q) {
+            *o = v as u8;
+        }
+    }
+}
