@@ -84,7 +84,7 @@ pub fn compose(seed: u64, vocab: u32) -> Vec<Seq> {
     (0..n)
         .map(|_| {
             let prefix_len = (r.next_u64() % 41) as usize;
-            let new_len = if r.next_u64() % 3 == 0 { 1 + (r.next_u64() % 24) as usize } else { 1 };
+            let new_len = if r.next_u64().is_multiple_of(3) { 1 + (r.next_u64() % 24) as usize } else { 1 };
             let logits = match r.next_u64() % 4 {
                 0 => None,
                 1 => Some(Logits::All),
