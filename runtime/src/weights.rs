@@ -126,13 +126,28 @@ impl ModelFile {
 
     /// Check every tensor's data checksum (`.cairn`; a GGUF has none): `Ok(n)` with the
     /// number verified.
+    ///
+    /// Each tensor's pages are dropped once it is checked, so checking a whole file
+    /// never makes it resident (`cairn info` on a BitStack file larger than its budget).
     pub fn verify_all(&self) -> Result<usize> {
         let Some(sums) = &self.checksums else { return Ok(0) };
         for (t, &sum) in self.tensors.iter().zip(sums) {
             container::verify_tensor(t, sum, self.tensor_bytes(t))
                 .map_err(|source| Error::Format { path: self.path.clone(), source })?;
+            self.release_range(t.offset as usize, t.size as usize);
         }
         Ok(sums.len())
+    }
+
+    /// Drop the resident pages wholly inside `offset..offset + len` of the mapping.
+    fn release_range(&self, offset: usize, len: usize) {
+        let Storage::Mapped(map) = &*self.storage else { return };
+        let (start, end) = (offset.next_multiple_of(4096), (offset + len) / 4096 * 4096);
+        if end > start && end <= map.len() {
+            // SAFETY: the mapping is private and read-only, so dropping its pages loses
+            // nothing: the kernel re-reads them from the file if they are touched again.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
     }
 
     /// The raw bytes of tensor `t` (unverified).

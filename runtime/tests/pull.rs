@@ -296,6 +296,7 @@ fn spec_for(name: &str, packages: &[&Package]) -> ModelSpec {
         parts: Box::leak(packages.iter().map(|p| p.part()).collect::<Vec<_>>().into_boxed_slice()),
         size: data.len() as u64,
         sha256: leak(sha_hex(&data)),
+        sampling: cairn::sampling::SamplingHints::NONE,
     }
 }
 

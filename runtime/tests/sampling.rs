@@ -230,3 +230,51 @@ fn penalties_apply_before_sampling_too() {
         assert_eq!(s.sample(&mut [5.0, 4.9, -10.0], &[0]), 1);
     }
 }
+
+#[cfg(feature = "cli")]
+/// Model defaults: `general.sampling.*` metadata first, then the registry entry the file
+/// matches (here by its file name), then built in; flags override all three.
+#[test]
+fn model_defaults_metadata_over_registry_flags_over_both() {
+    use cairn::sampling::{Origin, SamplingHints};
+    use cairn_formats::MetaValue;
+    let cfg = cairn::synthetic::SyntheticConfig::default();
+    let bytes = cairn::synthetic::llama_gguf(&cfg, 1).unwrap();
+    let mut file = cairn::weights::ModelFile::from_bytes("SmolLM2-135M-Instruct.Q4_1.gguf", bytes).unwrap();
+    assert_eq!(cairn::pull::spec_for_file(&file).map(|s| s.name), Some("smollm2-135m-instruct"));
+
+    // Registry only: the model card's temperature 0.2 and top-p 0.9, the rest built in.
+    let d = cairn::pull::model_sampling(&file, &SamplingHints::NONE, 7);
+    assert_eq!((d.config.temperature, d.config.top_p, d.config.top_k, d.config.seed), (0.2, 0.9, 40, 7));
+    assert_eq!(&d.origins[..3], &[Origin::Registry, Origin::BuiltIn, Origin::Registry]);
+
+    // Metadata wins over the registry; a bad value is ignored, not fatal.
+    file.metadata.push(("general.sampling.temp".into(), MetaValue::F32(0.6)));
+    file.metadata.push(("general.sampling.top_k".into(), MetaValue::U32(20)));
+    file.metadata.push(("general.sampling.min_p".into(), MetaValue::F32(7.0)));
+    file.metadata.push(("general.sampling.penalty_repeat".into(), MetaValue::F64(1.05)));
+    let d = cairn::pull::model_sampling(&file, &SamplingHints::NONE, 7);
+    let c = &d.config;
+    assert_eq!((c.temperature, c.top_k, c.top_p, c.min_p, c.repeat_penalty), (0.6, 20, 0.9, 0.05, 1.05));
+    assert_eq!(
+        &d.origins[..5],
+        &[Origin::Metadata, Origin::Metadata, Origin::Registry, Origin::BuiltIn, Origin::Metadata]
+    );
+    assert!(
+        d.describe().starts_with("temp 0.6 (metadata), top-k 20 (metadata), top-p 0.9 (registry)"),
+        "{}",
+        d.describe()
+    );
+
+    // Flags win over both.
+    let flags = SamplingHints { temperature: Some(0.0), top_p: Some(0.5), ..SamplingHints::NONE };
+    let d = cairn::pull::model_sampling(&file, &flags, 7);
+    assert_eq!((d.config.temperature, d.config.top_k, d.config.top_p), (0.0, 20, 0.5));
+    assert_eq!(&d.origins[..3], &[Origin::Flag, Origin::Metadata, Origin::Flag]);
+
+    // A file the registry does not know: metadata, else llama.cpp's defaults.
+    let other =
+        cairn::weights::ModelFile::from_bytes("mine.gguf", cairn::synthetic::llama_gguf(&cfg, 1).unwrap()).unwrap();
+    assert!(cairn::pull::spec_for_file(&other).is_none());
+    assert_eq!(cairn::pull::model_sampling(&other, &SamplingHints::NONE, 0x5EED).config, SamplerConfig::default());
+}

@@ -449,7 +449,7 @@ pub fn apply_budget(file: &ModelFile, c: &impl Footprint, ctx: usize, budget: u6
     let min = fixed + stack.prefix_cost(t.min_prefix());
     if budget < min {
         return Err(Error::input(format!(
-            "memory budget {} is below the minimum {} for this model (dense {} + KV cache {} for {} tokens + scratch {} + one block of every matrix {})",
+            "memory budget {} is below the minimum {} for this model (dense {} + KV cache {} for {} tokens + scratch {} + one block of every matrix {}); -c N reserves a cache of N tokens",
             show_bytes(budget), show_bytes(min), show_bytes(dense), show_bytes(kv), ctx, show_bytes(scratch),
             show_bytes(stack.prefix_cost(t.min_prefix()))
         )));

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::longctx::{FilterLayer, Method};
 use crate::needle::{self, NeedleOptions};
 use crate::pull::{self, PullOptions};
-use crate::sampling::{Sampler, SamplerConfig};
+use crate::sampling::{Sampler, SamplingHints};
 use crate::weights::ModelFile;
 
 fn model_path(m: &ModelArgs) -> Result<PathBuf> {
@@ -38,16 +38,14 @@ fn engine_options(m: &ModelArgs) -> Result<EngineOptions> {
 }
 
 fn load(m: &ModelArgs) -> Result<Engine> {
-    let memory = m.memory.as_deref().map(crate::bitstack::parse_size).transpose()?;
-    let dense_cache = crate::bitstack::DenseCache::parse(&m.dense_cache)?;
-    let opts = EngineOptions {
-        threads: m.threads,
-        exact: m.exact,
-        backend: m.backend,
-        memory,
-        context: m.ctx_size,
-        dense_cache,
-    };
+    load_for(m, m.ctx_size)
+}
+
+/// Load with a memory budget that reserves a cache of `context` tokens (0: the
+/// model's): what the command will actually hold, so a budget is neither refused for
+/// a context the command never uses nor exceeded by one it does.
+fn load_for(m: &ModelArgs, context: usize) -> Result<Engine> {
+    let opts = EngineOptions { context, ..engine_options(m)? };
     let engine = Engine::load(&model_path(m)?, &opts)?;
     if let Some(note) = &engine.backend_note {
         eprintln!("note: {note}");
@@ -75,7 +73,9 @@ pub fn pull(name: Option<&str>, verify: bool) -> Result<()> {
 /// How each answer is produced.
 pub struct Turn {
     pub max_new: usize,
-    pub cfg: SamplerConfig,
+    /// The sampling flags given; the rest come from the model ([`pull::model_sampling`]).
+    pub flags: SamplingHints,
+    pub seed: u64,
     pub method: Method,
     pub show_selected: bool,
 }
@@ -117,8 +117,15 @@ fn describe(engine: &Engine, method: Method) {
     }
 }
 
+/// The sampler for `engine`'s model under the user's `flags`.
+fn sampler_for(engine: &Engine, flags: &SamplingHints, seed: u64) -> Sampler {
+    let d = pull::model_sampling(&engine.file, flags, seed);
+    log::info!("sampling: {}", d.describe());
+    Sampler::new(d.config)
+}
+
 pub fn chat(m: &ModelArgs, prompt: Option<&str>, system: Option<&str>, turn: Turn) -> Result<()> {
-    let Turn { max_new, cfg, method, show_selected: show } = turn;
+    let Turn { max_new, flags, seed, method, show_selected: show } = turn;
     let engine = load(m)?;
     describe(&engine, method);
     let mut chat = Chat::new(&engine, m.ctx_size, system)?;
@@ -134,7 +141,7 @@ pub fn chat(m: &ModelArgs, prompt: Option<&str>, system: Option<&str>, turn: Tur
         }
         Ok(_) => {}
     }
-    let mut sampler = Sampler::new(cfg);
+    let mut sampler = sampler_for(&engine, &flags, seed);
     if let Some(p) = prompt {
         chat.reply(p, max_new, &mut sampler, flush)?;
         println!();
@@ -194,7 +201,7 @@ pub fn chat(m: &ModelArgs, prompt: Option<&str>, system: Option<&str>, turn: Tur
 }
 
 pub fn generate(m: &ModelArgs, prompt: &str, head: Option<usize>, turn: Turn, json: bool, stats: bool) -> Result<()> {
-    let Turn { max_new, cfg, method, show_selected: show } = turn;
+    let Turn { max_new, flags, seed, method, show_selected: show } = turn;
     let engine = load(m)?;
     describe(&engine, method);
     let mut ids = engine.tokenize(prompt)?;
@@ -206,7 +213,7 @@ pub fn generate(m: &ModelArgs, prompt: &str, head: Option<usize>, turn: Turn, js
     }
     let mut session = engine.new_session(m.ctx_size)?;
     session.set_method(method)?;
-    let mut sampler = Sampler::new(cfg);
+    let mut sampler = sampler_for(&engine, &flags, seed);
     let (t, cpu0) = (Instant::now(), cpu_seconds());
     let logits = session.prefill_method(&ids)?;
     let ttft = t.elapsed().as_secs_f64();
@@ -248,7 +255,8 @@ fn cpu_seconds() -> Option<f64> {
 }
 
 pub fn tokenize(m: &ModelArgs, text: &str, json: bool) -> Result<()> {
-    let engine = load(m)?;
+    // No cache at all: a budget need not reserve one.
+    let engine = load_for(m, m.ctx_size.max(1))?;
     let ids = engine.tokenize(text)?;
     if json {
         println!("{}", serde_json::json!({ "ids": ids }));
@@ -262,15 +270,22 @@ pub fn tokenize(m: &ModelArgs, text: &str, json: bool) -> Result<()> {
 }
 
 pub fn eval(m: &ModelArgs, ids: &[u32], top: usize, json: bool, method: Option<Method>) -> Result<()> {
-    let engine = load(m)?;
-    let vocab = engine.vocab();
+    let ctx = if m.ctx_size == 0 { ids.len() } else { m.ctx_size };
+    if ids.len() > ctx {
+        return Err(Error::input(format!("{} ids exceed the context of {ctx} tokens (-c)", ids.len())));
+    }
+    let engine = load_for(m, ctx)?;
     let sel: Vec<usize> = match method {
         Some(method) => engine.select(ids, method)?,
         None => (0..ids.len()).collect(),
     };
     let kept: Vec<u32> = sel.iter().filter_map(|&i| ids.get(i).copied()).collect();
-    let logits = engine.eval_all(&kept)?;
-    let tops: Vec<Vec<(u32, f32)>> = logits.chunks(vocab).map(|row| top_k(row, top)).collect();
+    // Only each row's top entries are kept, never every position's logits.
+    let mut tops: Vec<Vec<(u32, f32)>> = Vec::with_capacity(kept.len());
+    engine.for_each_logits(&kept, |_, row| {
+        tops.push(top_k(row, top));
+        Ok(())
+    })?;
     if json {
         let v: Vec<Vec<serde_json::Value>> =
             tops.iter().map(|t| t.iter().map(|&(id, l)| serde_json::json!([id, l])).collect()).collect();
@@ -296,7 +311,9 @@ pub fn needle(
     save_auto: bool,
 ) -> Result<()> {
     needle::check_methods(opts)?;
-    let engine = load(m)?;
+    // A case holds its full cache and one method's session beside it.
+    let longest = opts.lengths.iter().copied().max().unwrap_or(0) + opts.max_new;
+    let engine = load_for(m, if m.ctx_size == 0 { 2 * longest } else { m.ctx_size })?;
     let (hay, paths) = needle::haystack(haystack)?;
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     eprintln!("haystack: {} ({} bytes)", names.join(" + "), hay.len());
@@ -340,8 +357,19 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, row[i as usize])).collect()
 }
 
-pub fn perplexity(m: &ModelArgs, file: &Path, window: usize, windows: Option<usize>) -> Result<()> {
-    let engine = load(m)?;
+/// The window of perplexity and stack-eval: `-c`/`--ctx`, else 512 tokens.
+pub fn window(m: &ModelArgs) -> usize {
+    if m.ctx_size == 0 {
+        512
+    } else {
+        m.ctx_size
+    }
+}
+
+pub fn perplexity(m: &ModelArgs, file: &Path, windows: Option<usize>) -> Result<()> {
+    let window = window(m);
+    // The window is the one cache held: it is what a budget reserves.
+    let engine = load_for(m, window)?;
     let text = std::fs::read(file).map_err(|source| Error::Io { path: file.to_path_buf(), source })?;
     let text = String::from_utf8_lossy(&text);
     let t = Instant::now();
@@ -394,6 +422,11 @@ pub fn info(m: &ModelArgs) -> Result<()> {
             println!("{key}: {v}");
         }
     }
+    if let Some(spec) = pull::spec_for_file(&file) {
+        println!("registry: {}", spec.name);
+    }
+    // What chat and generate sample with when no flag is given (seed aside).
+    println!("sampling defaults: {}", pull::model_sampling(&file, &SamplingHints::NONE, 0).describe());
     match c {
         Ok(c) => {
             println!("layers {}, hidden {}, heads {} (kv {}), head dim {}, ffn {}, vocab {}, context {}, rope base {}, norm eps {:e}",
@@ -544,7 +577,8 @@ fn block_order(stack: &crate::bitstack::Stack, name: &str, file: &ModelFile) -> 
 /// byte budget is evaluated under every order (the longest prefix of that order that
 /// fits), so orders compare at equal bytes.
 pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option<&Path>) -> Result<()> {
-    let engine = load(m)?;
+    // One cache at a time: a window, or the decode-rate test's.
+    let engine = load_for(m, o.window.max(o.tg + 1))?;
     let Some(stack) = &engine.file.stack else {
         return Err(Error::input(format!(
             "{} has no BitStack (make one with `cairn stack`)",

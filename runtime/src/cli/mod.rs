@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
-use crate::sampling::SamplerConfig;
+use crate::sampling::SamplingHints;
 
 #[derive(Parser)]
 #[command(name = "cairn", version, about = "Portable on-device LLM inference")]
@@ -133,10 +133,7 @@ enum Command {
         model: ModelArgs,
         #[arg(short, long)]
         file: PathBuf,
-        /// Window size in tokens.
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        /// Evaluate at most this many windows.
+        /// Evaluate at most this many windows (of -c/--ctx tokens, default 512).
         #[arg(long)]
         windows: Option<usize>,
     },
@@ -217,10 +214,7 @@ enum Command {
         /// Budgets from the smallest prefix to every block.
         #[arg(long, default_value_t = 8)]
         points: usize,
-        /// Window size in tokens.
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        /// Windows per point (0: speed only).
+        /// Windows per point (0: speed only), of -c/--ctx tokens (default 512).
         #[arg(long, default_value_t = 4)]
         windows: usize,
         /// Generated tokens timed at each point (0: skip).
@@ -292,8 +286,9 @@ struct ModelArgs {
     /// CPU threads (default: all cores).
     #[arg(short, long, default_value_t = 0)]
     threads: usize,
-    /// Context length (default: the model's).
-    #[arg(short, long, default_value_t = 0)]
+    /// Context length: the tokens a cache holds and a memory budget reserves (default:
+    /// the model's; perplexity and stack-eval: their window, 512).
+    #[arg(short, long, visible_alias = "ctx", default_value_t = 0)]
     ctx_size: usize,
     /// f32 activations and dequantized weights (the reference path) instead of the
     /// 8-bit integer kernels.
@@ -351,48 +346,60 @@ impl LongArgs {
     }
 }
 
+/// Sampling flags; one left out takes the model's default (its metadata, else its
+/// registry entry, else built in: `cairn info` shows which).
 #[derive(Args)]
 struct SamplingArgs {
-    /// Temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temp: f32,
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
-    min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    repeat_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
-    presence_penalty: f32,
+    /// Temperature; 0 is greedy (default: the model's, else 0.8).
+    #[arg(long)]
+    temp: Option<f32>,
+    /// Keep the k most likely tokens; 0 keeps all (default: the model's, else 40).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling; 1 keeps all (default: the model's, else 0.95).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Drop tokens below this fraction of the best one's probability (default: the
+    /// model's, else 0.05).
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Penalty on tokens seen in the last 64; 1 disables (default: the model's, else 1).
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
+    #[arg(long)]
+    presence_penalty: Option<f32>,
     /// Random seed (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
 }
 
 impl SamplingArgs {
-    fn config(&self) -> Result<SamplerConfig> {
+    /// The flags given, checked, and the seed.
+    fn hints(&self) -> Result<(SamplingHints, u64)> {
         let bad = |m: &str| Err(Error::input(m.to_string()));
-        if !(self.temp.is_finite()) || self.temp < 0.0 {
+        if self.temp.is_some_and(|t| !t.is_finite() || t < 0.0) {
             return bad("--temp must be a number ≥ 0");
         }
-        if !(0.0..=1.0).contains(&self.top_p) || !(0.0..=1.0).contains(&self.min_p) {
+        let unit = |v: Option<f32>| v.is_none_or(|p| (0.0..=1.0).contains(&p));
+        if !unit(self.top_p) || !unit(self.min_p) {
             return bad("--top-p and --min-p must be between 0 and 1");
         }
-        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+        if self.repeat_penalty.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
             return bad("--repeat-penalty must be > 0");
         }
-        Ok(SamplerConfig {
+        if self.presence_penalty.is_some_and(|p| !p.is_finite()) {
+            return bad("--presence-penalty must be a number");
+        }
+        let hints = SamplingHints {
             temperature: self.temp,
             top_k: self.top_k,
             top_p: self.top_p,
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
+            repeat_last_n: None,
             presence_penalty: self.presence_penalty,
-            seed: self.seed.unwrap_or_else(crate::sampling::seed_from_time),
-            ..SamplerConfig::default()
-        })
+        };
+        Ok((hints, self.seed.unwrap_or_else(crate::sampling::seed_from_time)))
     }
 }
 
@@ -401,9 +408,9 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Pull { name, verify } => commands::pull(name.as_deref(), verify),
         Command::Chat { model, prompt, system, max_tokens, sampling, long } => {
-            let cfg = sampling.config()?;
-            let method = long.method(cfg.seed)?;
-            let turn = commands::Turn { max_new: max_tokens, cfg, method, show_selected: long.show_selected };
+            let (flags, seed) = sampling.hints()?;
+            let method = long.method(seed)?;
+            let turn = commands::Turn { max_new: max_tokens, flags, seed, method, show_selected: long.show_selected };
             commands::chat(&model, prompt.as_deref(), system.as_deref(), turn)
         }
         Command::Generate { model, prompt, prompt_file, head_tokens, max_tokens, sampling, long, json, stats } => {
@@ -415,9 +422,9 @@ pub fn run() -> Result<()> {
                 }
                 (None, None) => return Err(Error::input("give --prompt or --prompt-file")),
             };
-            let cfg = sampling.config()?;
-            let method = long.method(cfg.seed)?;
-            let turn = commands::Turn { max_new: max_tokens, cfg, method, show_selected: long.show_selected };
+            let (flags, seed) = sampling.hints()?;
+            let method = long.method(seed)?;
+            let turn = commands::Turn { max_new: max_tokens, flags, seed, method, show_selected: long.show_selected };
             commands::generate(&model, &prompt, head_tokens, turn, json, stats)
         }
         Command::Tokenize { model, json, text } => commands::tokenize(&model, &text, json),
@@ -452,7 +459,7 @@ pub fn run() -> Result<()> {
             let opts = crate::needle::NeedleOptions { lengths, depths, seeds, methods: method, k, layer, max_new: 12 };
             commands::needle(&model, &opts, haystack.as_deref(), output.as_deref(), save_auto)
         }
-        Command::Perplexity { model, file, ctx, windows } => commands::perplexity(&model, &file, ctx, windows),
+        Command::Perplexity { model, file, windows } => commands::perplexity(&model, &file, windows),
         Command::Bench { model, prompt, gen, reps, parallel, output } => {
             commands::bench(&model, prompt, gen, reps, parallel, &output)
         }
@@ -495,22 +502,10 @@ pub fn run() -> Result<()> {
             opts.iters.max_iters = iters.max(1);
             crate::bitstack::build::run(&input, &output, &opts)
         }
-        Command::StackEval {
-            model,
-            file,
-            points,
-            ctx,
-            windows,
-            tg,
-            json,
-            proxy_check,
-            max_bits,
-            proxy_bits,
-            order,
-        } => {
+        Command::StackEval { model, file, points, windows, tg, json, proxy_check, max_bits, proxy_bits, order } => {
             let opts = commands::StackEvalOptions {
                 points,
-                window: ctx,
+                window: commands::window(&model),
                 windows,
                 tg,
                 proxy_check,

@@ -98,6 +98,9 @@ impl Footprint for ModelConfig {
     }
 
     fn scratch_bytes(&self) -> usize {
-        PREFILL_CHUNK * (6 * self.dim + 3 * self.ffn_dim) * 4 + 2 * self.vocab * 4 + (4 << 20)
+        // Activations of a prefill chunk, the logits of one scoring pass, and slack.
+        PREFILL_CHUNK * (6 * self.dim + 3 * self.ffn_dim) * 4
+            + super::logit_rows(self.vocab) * self.vocab * 4
+            + (4 << 20)
     }
 }

@@ -46,6 +46,18 @@ pub fn prefill_chunks(ids: &[u32]) -> impl Iterator<Item = &[u32]> {
     })
 }
 
+/// Bytes of logits a pass over every position may hold: scoring a window runs its
+/// tokens in chunks of [`logit_rows`], so that all-position logits (512 × 49152 floats,
+/// 100 MB, for a SmolLM2 window) are never held at once, and the memory plan counts
+/// this much (`Footprint::scratch_bytes`).
+pub const LOGIT_BYTES: usize = 4 << 20;
+
+/// Positions per pass when every position's logits are wanted (at least 8, so that
+/// the matmuls stay batched even for a vocabulary of 262k).
+pub fn logit_rows(vocab: usize) -> usize {
+    (LOGIT_BYTES / (vocab.max(1) * 4)).clamp(8, PREFILL_CHUNK)
+}
+
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {

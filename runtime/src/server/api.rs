@@ -9,6 +9,16 @@ use crate::chat::Message;
 use crate::longctx::Method;
 use crate::sampling::SamplerConfig;
 
+/// The served model's default sampling ([`crate::pull::model_sampling`]) for the fields
+/// a request leaves out. Set once when the server loads its model (one per process);
+/// unset, llama.cpp's generic defaults.
+static DEFAULT_SAMPLING: std::sync::OnceLock<SamplerConfig> = std::sync::OnceLock::new();
+
+/// Use `cfg` (seed aside) for every field a request leaves out; the first call wins.
+pub fn set_default_sampling(cfg: SamplerConfig) {
+    let _ = DEFAULT_SAMPLING.set(cfg);
+}
+
 /// An error answer: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -208,7 +218,7 @@ pub fn parse(body: &[u8], ep: Endpoint) -> Res<Params> {
     if max_tokens == Some(0) {
         return Err(ApiError::invalid(Some("max_tokens"), "max_tokens must be at least 1"));
     }
-    let d = SamplerConfig::default();
+    let d = DEFAULT_SAMPLING.get().cloned().unwrap_or_default();
     let sampling = SamplerConfig {
         temperature: number(&o, "temperature", 0.0, 100.0)?.unwrap_or(d.temperature),
         top_k: count(&o, "top_k")?.map_or(d.top_k, |k| k as usize),

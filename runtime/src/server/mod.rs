@@ -176,6 +176,9 @@ fn load(opts: &ServeOptions, app: &App, tx: std::sync::mpsc::Sender<Msg>) -> Res
     let ctx = if opts.ctx == 0 { model_ctx.min(DEFAULT_SLOT_CTX) } else { opts.ctx.min(model_ctx) };
     let engine_opts = EngineOptions { context: ctx * opts.parallel, ..opts.engine.clone() };
     let engine = Arc::new(Engine::from_file(file, &engine_opts)?);
+    let sampling = crate::pull::model_sampling(&engine.file, &crate::sampling::SamplingHints::NONE, 0);
+    log::info!("serve: default sampling {}", sampling.describe());
+    api::set_default_sampling(sampling.config);
     if let Some(note) = &engine.backend_note {
         eprintln!("note: {note}");
     }
