@@ -159,7 +159,21 @@ pub struct CpuBackend {
     /// Calibration: per weight, the sum over calls of each input channel's L2 norm over
     /// the call's tokens, and the number of calls.
     recorder: Option<Arc<Recorder>>,
+    /// The angles of the last RoPE calls, newest first: every layer rotates the same
+    /// positions (q and k, two bases on Gemma), so a step computes them once.
+    rope_cache: Mutex<Vec<RopeAngles>>,
 }
+
+/// (cos, sin) of every pair of `head_dim` for each of `pos`, under `base`.
+struct RopeAngles {
+    head_dim: usize,
+    base: u32,
+    pos: Vec<usize>,
+    cs: Vec<(f32, f32)>,
+}
+
+/// Bases a step may alternate between (Gemma's local and global layers).
+const ROPE_CACHED: usize = 2;
 
 /// Input-channel statistics of every matmul and norm, by weight name (BitStack calibration).
 pub type Recorder = Mutex<HashMap<String, (Vec<f64>, usize)>>;
@@ -208,7 +222,7 @@ impl CpuBackend {
             .thread_name(|i| format!("cairn-cpu-{i}"))
             .build()
             .map_err(|e| Error::model(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(CpuBackend { pool, threads, isa, recorder: None })
+        Ok(CpuBackend { pool, threads, isa, recorder: None, rope_cache: Mutex::new(Vec::new()) })
     }
 
     pub fn threads(&self) -> usize {
@@ -356,28 +370,46 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &mut CpuTensor, head_dim: usize, pos0: usize, base: f32, style: RopeStyle) {
-        let cols = x.cols;
-        if x.rows == 1 {
-            ops::rope_row(&mut x.data, head_dim, pos0, base, style);
-            return;
-        }
-        self.pool.install(|| {
-            x.data.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
-                ops::rope_row(row, head_dim, pos0 + i, base, style);
-            });
-        });
+        let pos: Vec<usize> = (pos0..pos0 + x.rows).collect();
+        self.rope_at(x, head_dim, &pos, base, style)
     }
 
     fn rope_at(&self, x: &mut CpuTensor, head_dim: usize, pos: &[usize], base: f32, style: RopeStyle) {
         assert_eq!(pos.len(), x.rows, "rope_at: one position per row");
-        let cols = x.cols;
-        self.pool.install(|| {
-            x.data.par_chunks_mut(cols).zip(pos).for_each(|(row, &p)| ops::rope_row(row, head_dim, p, base, style));
-        });
+        let half = head_dim / 2;
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = cache.iter().position(|a| a.head_dim == head_dim && a.base == base.to_bits() && a.pos == pos);
+        let entry = match hit {
+            Some(i) => cache.remove(i),
+            None => {
+                let mut cs = vec![(0f32, 0f32); pos.len() * half];
+                for (&p, c) in pos.iter().zip(cs.chunks_exact_mut(half.max(1))) {
+                    ops::rope_angles(head_dim, p, base, c);
+                }
+                RopeAngles { head_dim, base: base.to_bits(), pos: pos.to_vec(), cs }
+            }
+        };
+        let (cols, cs) = (x.cols, &entry.cs);
+        if x.rows == 1 {
+            ops::rope_apply(&mut x.data, head_dim, cs, style);
+        } else {
+            self.pool.install(|| {
+                x.data
+                    .par_chunks_mut(cols)
+                    .zip(cs.par_chunks(half.max(1)))
+                    .for_each(|(row, c)| ops::rope_apply(row, head_dim, c, style));
+            });
+        }
+        cache.insert(0, entry);
+        cache.truncate(ROPE_CACHED);
     }
 
     fn swiglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
-        self.gated(gate, up, |o, u| o.iter_mut().zip(u).for_each(|(g, u)| *g = ops::silu(*g) * u))
+        match self.isa {
+            Some(isa) => self.gated(gate, up, |o, u| kernels::act::silu_mul(isa, o, u)),
+            // The reference path keeps libm's exp.
+            None => self.gated(gate, up, |o, u| o.iter_mut().zip(u).for_each(|(g, u)| *g = ops::silu(*g) * u)),
+        }
     }
 
     fn geglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {

@@ -8,17 +8,19 @@ pub fn rms_norm(row: &mut [f32], w: &[f32], eps: f32) {
     row.iter_mut().zip(w).for_each(|(v, w)| *v *= inv * w);
 }
 
-/// Rotate every head of one row at position `pos`. Angles follow ggml: the frequency of
-/// pair i is base^(-2i/d); they are computed once per row and shared by its heads.
-pub fn rope_row(row: &mut [f32], head_dim: usize, pos: usize, base: f32, style: RopeStyle) {
-    let half = head_dim / 2;
-    let mut cs = [(0f32, 0f32); 256];
-    let cs = &mut cs[..half.min(256)];
+/// The (cos, sin) of every pair of a head at position `pos`. Angles follow ggml: the
+/// frequency of pair i is base^(-2i/d).
+pub fn rope_angles(head_dim: usize, pos: usize, base: f32, cs: &mut [(f32, f32)]) {
     for (i, c) in cs.iter_mut().enumerate() {
         let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / head_dim as f64);
         let (sin, cos) = theta.sin_cos();
         *c = (cos as f32, sin as f32);
     }
+}
+
+/// Rotate every head of one row by the angles of its position ([`rope_angles`]).
+pub fn rope_apply(row: &mut [f32], head_dim: usize, cs: &[(f32, f32)], style: RopeStyle) {
+    let half = head_dim / 2;
     for head in row.chunks_mut(head_dim) {
         for (i, &(cos, sin)) in cs.iter().enumerate() {
             let (a, b) = match style {

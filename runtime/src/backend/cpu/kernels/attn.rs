@@ -110,7 +110,11 @@ pub(super) fn exp_neg<M: Madd>(x: f32) -> f32 {
     let under = x < -87.3;
     let x = x.max(-87.3);
     // Round to nearest by the 1.5·2²³ trick (|x·log2e| < 126 here).
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let t = x * LOG2E + 12_582_912.0;
+    let n = t - 12_582_912.0;
+    // n as an integer from the bits of t (where the trick left it), not by `as i32`,
+    // whose saturating conversion keeps the loop from vectorizing.
+    let ni = (t.to_bits() as i32).wrapping_sub(12_582_912f32.to_bits() as i32);
     let r = M::madd(n, -LN2_LO, M::madd(n, -LN2_HI, x));
     let mut p = 1.987_569_1e-4f32;
     p = M::madd(p, r, 1.398_199_9e-3);
@@ -119,7 +123,7 @@ pub(super) fn exp_neg<M: Madd>(x: f32) -> f32 {
     p = M::madd(p, r, 1.666_666_5e-1);
     p = M::madd(p, r, 0.5);
     let e = M::madd(p, r * r, r) + 1.0;
-    let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scaled = e * f32::from_bits(((ni + 127) as u32) << 23);
     if under {
         0.0
     } else {

@@ -238,7 +238,8 @@ pub fn halfs_to_f32(isa: Isa, src: &[half::f16], dst: &mut [f32]) {
 
 /// Decode attention's scores over an f16 cache: `out[h * n + j] = scale · q_h · k_j` for
 /// `heads` queries of `hd` values (contiguous in `q`) and `n` keys `stride` apart in `k`.
-/// Sums in [`dot_f32`]'s order, so it equals converting each key and calling it.
+/// Equals converting each key and calling [`dot_f32`] to float rounding (SIMD paths sum
+/// eight keys' products together, in another order).
 #[allow(clippy::too_many_arguments)]
 pub fn scores_f16(
     isa: Isa,

@@ -934,6 +934,30 @@ pub fn quantize_block(src: &[f32], q: &mut [i8]) -> (f32, i32, i32) {
 /// Longest head the f16 attention kernels convert on the stack.
 pub const MAX_HEAD: usize = 256;
 
+/// The eight lanes of each of `a[0..8]` summed: lane p of the result is `Σ a[p]`.
+#[inline(always)]
+unsafe fn hsum8(a: &[__m256; 8]) -> __m256 {
+    let t0 = _mm256_hadd_ps(a[0], a[1]);
+    let t1 = _mm256_hadd_ps(a[2], a[3]);
+    let t2 = _mm256_hadd_ps(a[4], a[5]);
+    let t3 = _mm256_hadd_ps(a[6], a[7]);
+    // Per 128-bit half: [Σ0, Σ1, Σ2, Σ3] of that half's lanes, then of a[4..8].
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31))
+}
+
+/// Positions the f16 attention kernels convert at once (then reuse for every head).
+const ATT_TILE: usize = 8;
+
+/// Keys or values `j..j + 8` converted to f32, `hd` apart in `tile`.
+#[inline(always)]
+unsafe fn convert_tile(src: *const u16, stride: usize, j: usize, hd: usize, tile: *mut f32) {
+    for p in 0..ATT_TILE {
+        f16_to_f32_inline(src.add((j + p) * stride), hd, tile.add(p * hd));
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn scores_f16_avx2(
@@ -946,23 +970,79 @@ unsafe fn scores_f16_avx2(
     scale: f32,
     out: *mut f32,
 ) {
-    let mut row = [0f32; MAX_HEAD];
-    for j in 0..n {
-        f16_to_f32_inline(k.add(j * stride), hd, row.as_mut_ptr());
+    let mut tile = [0f32; ATT_TILE * MAX_HEAD];
+    let tp = tile.as_mut_ptr();
+    let whole = hd / 8 * 8;
+    let mut j = 0;
+    // Eight keys at a time: each converted once for all heads, eight dot products per
+    // head reduced together.
+    while j + ATT_TILE <= n {
+        convert_tile(k, stride, j, hd, tp);
         for h in 0..heads {
-            *out.add(h * n + j) = dot_f32_inline(q.add(h * hd), row.as_ptr(), hd) * scale;
+            let qh = q.add(h * hd);
+            let mut acc = [_mm256_setzero_ps(); ATT_TILE];
+            let mut c = 0;
+            while c < whole {
+                let qv = _mm256_loadu_ps(qh.add(c));
+                for (p, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(tp.add(p * hd + c)), *a);
+                }
+                c += 8;
+            }
+            let mut s = [0f32; ATT_TILE];
+            _mm256_storeu_ps(s.as_mut_ptr(), hsum8(&acc));
+            for (p, s) in s.iter_mut().enumerate() {
+                for c in whole..hd {
+                    *s += *qh.add(c) * *tp.add(p * hd + c);
+                }
+                *out.add(h * n + j + p) = *s * scale;
+            }
+        }
+        j += ATT_TILE;
+    }
+    for j in j..n {
+        f16_to_f32_inline(k.add(j * stride), hd, tp);
+        for h in 0..heads {
+            *out.add(h * n + j) = dot_f32_inline(q.add(h * hd), tp, hd) * scale;
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn values_f16_avx2(p: *const f32, heads: usize, hd: usize, v: *const u16, stride: usize, n: usize, o: *mut f32) {
-    let mut row = [0f32; MAX_HEAD];
-    for j in 0..n {
-        f16_to_f32_inline(v.add(j * stride), hd, row.as_mut_ptr());
+    let mut tile = [0f32; ATT_TILE * MAX_HEAD];
+    let tp = tile.as_mut_ptr();
+    let whole = hd / 8 * 8;
+    let mut j = 0;
+    // Eight values at a time, each converted once for all heads; every output vector
+    // takes the eight products in order of position, as one axpy per position would.
+    while j + ATT_TILE <= n {
+        convert_tile(v, stride, j, hd, tp);
         for h in 0..heads {
-            axpy_inline(o.add(h * hd), *p.add(h * n + j), row.as_ptr(), hd);
+            let ws: [f32; ATT_TILE] = std::array::from_fn(|q| *p.add(h * n + j + q));
+            let wv: [__m256; ATT_TILE] = std::array::from_fn(|q| _mm256_set1_ps(ws[q]));
+            let oh = o.add(h * hd);
+            let mut c = 0;
+            while c < whole {
+                let mut a = _mm256_loadu_ps(oh.add(c));
+                for (q, w) in wv.iter().enumerate() {
+                    a = _mm256_fmadd_ps(*w, _mm256_loadu_ps(tp.add(q * hd + c)), a);
+                }
+                _mm256_storeu_ps(oh.add(c), a);
+                c += 8;
+            }
+            for c in whole..hd {
+                for (q, w) in ws.iter().enumerate() {
+                    *oh.add(c) += w * *tp.add(q * hd + c);
+                }
+            }
+        }
+        j += ATT_TILE;
+    }
+    for j in j..n {
+        f16_to_f32_inline(v.add(j * stride), hd, tp);
+        for h in 0..heads {
+            axpy_inline(o.add(h * hd), *p.add(h * n + j), tp, hd);
         }
     }
 }
