@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `cairn serve` against llama.cpp's llama-server under the same concurrent streamed chat
-# load (benches/serve_load.py), same GGUF, same threads. A benchmark: never run by CI.
+# load (benches/serve_load.rs), same GGUF, same threads. A benchmark: never run by CI.
 # Usage:
 #
 #   benches/serve_bench.sh [-m MODEL_GGUF] [-t THREADS] [-c "1 4 8"] [-n MAX_TOKENS]
@@ -11,10 +11,17 @@
 # 4 requests per client, 2048 context per slot, 1 round, both servers.
 #
 # For each concurrency C, each server is started with C slots, /health is awaited, C
-# clients send C*R streamed requests in all (serve_load.py), and the server is stopped;
+# clients send C*R streamed requests in all (serve-load), and the server is stopped;
 # the order of the servers alternates between rounds. llama-server's -c is the total
 # context its slots share (so it gets CTX*C); cairn's -c is per slot. The table shows,
 # per C and server, the round with the highest aggregate tok/s.
+#
+# The load comes from benches/serve_load.rs (target/release/serve-load): a thread per
+# client and a minimal HTTP/SSE reader, about 0.02 of a core at 600 tok/s, where the
+# Python openai client (LOAD=python: benches/serve_load.py, same prompts and JSON) takes
+# about 0.3: on two cores a co-runner that size preempts a decode thread and stalls
+# every barrier of the step (a 30%-duty busy loop cuts `cairn bench --parallel 8` by
+# about 37%), so it measured the client as much as the server.
 #
 # Builds the peer (benches/peer_server.sh), target/serve-venv (openai) and cairn
 # (NO_BUILD=1 skips cargo; CAIRN=path picks another binary); cairn is skipped with a
@@ -57,7 +64,13 @@ if ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
     echo "setting up $VENV with openai" >&2
     python3 -m venv "$VENV" && "$VENV/bin/pip" install -q openai==3.57.0   # as .ci/run
 fi
-[[ -n "${NO_BUILD:-}" ]] || nice -n 19 cargo build --release -p cairn
+[[ -n "${NO_BUILD:-}" ]] || nice -n 19 cargo build --release -p cairn -p cairn-benches --bin cairn --bin serve-load
+if [[ ${LOAD:-rust} == python ]]; then
+    LOADGEN=("$VENV/bin/python" benches/serve_load.py)
+else
+    LOADGEN=(target/release/serve-load)
+    [[ -x ${LOADGEN[0]} ]] || cargo build --release -p cairn-benches --bin serve-load
+fi
 if [[ $HAVE_CAIRN == 1 ]] && ! "$CAIRN" serve --help >/dev/null 2>&1; then
     echo "note: '$CAIRN serve --help' fails: cairn serve is skipped, llama-server runs alone" >&2
     HAVE_CAIRN=0
@@ -106,7 +119,7 @@ bench() {
         local model t0 t1
         model=$(curl -s "$url/v1/models" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])' || echo default)
         t0=$(cpu $pid)
-        "$VENV/bin/python" benches/serve_load.py --base-url "$url/v1" --model "$model" \
+        "${LOADGEN[@]}" --base-url "$url/v1" --model "$model" \
             --concurrency "$c" --requests $((c * REQS)) --max-tokens "$NTOK" \
             --json-out "$OUTDIR/$name-c$c.json" >"$OUTDIR/last.json" || true
         t1=$(cpu $pid)

@@ -414,16 +414,20 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit; the lowest index among equals; 0 for an empty slice.
+/// Index of the largest logit; the lowest index among equals; NaN never wins; 0 for an
+/// empty slice. Two passes that vectorize (the maximum, then its first index): a serving
+/// step runs this over the whole vocabulary for every greedy slot.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &l) in logits.iter().enumerate() {
-        // Strictly greater keeps the first of equal maxima; NaN never wins.
-        if l > logits[best] || (logits[best].is_nan() && !l.is_nan()) {
-            best = i;
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = logits.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 /// Probabilities of `logits / temperature`, in f64 so that long tails still sum to ~1.

@@ -25,6 +25,16 @@ fn greedy_is_argmax_with_lowest_id_on_ties() {
     assert_eq!(s.sample(&mut [f32::NAN, -1.0, f32::NAN], &[]), 1);
     assert_eq!(s.sample(&mut [], &[]), 0);
     assert_eq!(argmax(&[-1.0, -1.0]), 0);
+    // Ties in different lanes and in the tail, NaN, all -inf: the first maximum, NaN never.
+    let mut v = vec![0f32; 37];
+    v[35] = 2.0;
+    v[19] = 2.0;
+    assert_eq!(argmax(&v), 19);
+    v[3] = f32::NAN;
+    v[36] = f32::INFINITY;
+    assert_eq!(argmax(&v), 36);
+    assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY]), 1);
+    assert_eq!(argmax(&[f32::NEG_INFINITY; 20]), 0);
     // Negative temperature is greedy too.
     let mut s = Sampler::new(cfg(-1.0, 0, 1.0, 0.0, 7));
     assert_eq!(s.sample(&mut [0.0, 0.5, 0.4], &[]), 1);

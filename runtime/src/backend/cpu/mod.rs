@@ -172,6 +172,10 @@ struct RopeAngles {
     cs: Vec<(f32, f32)>,
 }
 
+/// Below this many values an element-wise op (RoPE, gated activations) runs on the
+/// calling thread: a decode step's few rows take less time than waking the pool.
+const PARALLEL_ELEMS: usize = 1 << 15;
+
 /// Bases a step may alternate between (Gemma's local and global layers).
 const ROPE_CACHED: usize = 2;
 
@@ -240,7 +244,7 @@ impl CpuBackend {
     /// decode step's feed-forward is thousands of exponentials).
     fn gated(&self, gate: &CpuTensor, up: &CpuTensor, act_mul: impl Fn(&mut [f32], &[f32]) + Sync) -> CpuTensor {
         let mut out = gate.clone();
-        if gate.rows == 1 {
+        if gate.data.len() < PARALLEL_ELEMS {
             act_mul(&mut out.data, &up.data);
         } else {
             let cols = gate.cols;
@@ -390,8 +394,10 @@ impl Backend for CpuBackend {
             }
         };
         let (cols, cs) = (x.cols, &entry.cs);
-        if x.rows == 1 {
-            ops::rope_apply(&mut x.data, head_dim, cs, style);
+        if x.data.len() < PARALLEL_ELEMS {
+            for (row, c) in x.data.chunks_exact_mut(cols).zip(cs.chunks(half.max(1))) {
+                ops::rope_apply(row, head_dim, c, style);
+            }
         } else {
             self.pool.install(|| {
                 x.data
