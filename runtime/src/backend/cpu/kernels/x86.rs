@@ -728,26 +728,28 @@ unsafe fn packed_body<D: Lanes, const T: u8>(packed: &[u8], rows: usize, nb: usi
     let blocks = if T == Q4K || T == Q6K { nb / 8 } else { nb };
     let gbytes = blocks * R8 * type_size(T);
     let (n, o) = (x.rows, out.as_mut_ptr());
+    // The tokens' rows once, not for every group of 8 weight rows.
+    let xr: Vec<Q8Row<'_>> = (0..n).map(|t| x.row(t)).collect();
     for g in 0..rows / R8 {
         let p = packed.as_ptr().add(g * gbytes);
         let at = |c: usize| o.add(c * rows + g * R8);
         let mut c = 0;
         while D::TILE >= 8 && c + 8 <= n {
-            let xs = std::array::from_fn::<_, 8, _>(|i| x.row(c + i));
+            let xs = std::array::from_fn::<_, 8, _>(|i| xr[c + i]);
             packed_group::<D, T, 8>(p, nb, xs, at(c), rows);
             c += 8;
         }
         while c + 4 <= n {
-            let xs = [x.row(c), x.row(c + 1), x.row(c + 2), x.row(c + 3)];
+            let xs = [xr[c], xr[c + 1], xr[c + 2], xr[c + 3]];
             packed_group::<D, T, 4>(p, nb, xs, at(c), rows);
             c += 4;
         }
         if c + 2 <= n {
-            packed_group::<D, T, 2>(p, nb, [x.row(c), x.row(c + 1)], at(c), rows);
+            packed_group::<D, T, 2>(p, nb, [xr[c], xr[c + 1]], at(c), rows);
             c += 2;
         }
         if c < n {
-            packed_group::<D, T, 1>(p, nb, [x.row(c)], at(c), rows);
+            packed_group::<D, T, 1>(p, nb, [xr[c]], at(c), rows);
         }
     }
 }
