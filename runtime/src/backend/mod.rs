@@ -185,6 +185,22 @@ pub trait Backend: Send + Sync {
         p: AttnParams,
     ) -> Result<Self::Tensor>;
 
+    /// Append `k`, `v` to the cache without attending: a pass that stops at this layer
+    /// (GemFilter's first) needs its keys, not its output. The default attends and
+    /// drops the result; `q` is the layer's query rows.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_append(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        kv: &mut Self::Kv,
+        pos0: usize,
+        p: AttnParams,
+    ) -> Result<()> {
+        self.attention(q, k, v, kv, pos0, p).map(|_| ())
+    }
+
     /// [`Backend::attention`] of every segment of a batched step, each over its own
     /// cache, with the parameters of one layer. A backend may run them at once: decode
     /// steps of short contexts are too small to split one segment across threads.

@@ -95,6 +95,13 @@ impl Probe {
     pub fn stops_before(&self, i: usize) -> bool {
         self.stop_after.is_some_and(|s| i > s)
     }
+
+    /// Whether layer `i` of `n_layers` is an early stop: it only caches its keys and
+    /// values (and records its queries); its attention output and feed-forward would
+    /// feed no later layer and no logits.
+    pub fn keys_only(&self, i: usize, n_layers: usize) -> bool {
+        self.stop_after == Some(i) && i + 1 < n_layers && self.mass.is_none()
+    }
 }
 
 /// One sequence's share of a batched pass: its cache and where its rows start.
@@ -210,7 +217,7 @@ impl<B: Backend> Attention<B> {
         h: &B::Tensor,
         segs: &mut [Seg<'_, B>],
         probe: &mut Probe,
-    ) -> Result<B::Tensor> {
+    ) -> Result<Option<B::Tensor>> {
         let [mut q, mut k, v]: [B::Tensor; 3] = be
             .matmul_many(h, &[&self.wq, &self.wk, &self.wv])
             .try_into()
@@ -223,7 +230,10 @@ impl<B: Backend> Attention<B> {
         }
         let a = match segs {
             // One sequence: its tensors as they are, with the probe's hooks.
-            [seg] => self.attend(be, c, at, seg, q, k, &v, probe)?,
+            [seg] => match self.attend(be, c, at, seg, q, k, &v, probe)? {
+                Some(a) => a,
+                None => return Ok(None),
+            },
             _ => {
                 if probe.queries_from.is_some() || probe.mass.is_some() {
                     return Err(Error::input("attention probes watch one sequence, not a batch"));
@@ -246,10 +256,12 @@ impl<B: Backend> Attention<B> {
                 be.concat(&parts)
             }
         };
-        Ok(be.matmul(&a, &self.wo))
+        Ok(Some(be.matmul(&a, &self.wo)))
     }
 
-    /// RoPE and attention of one segment's rows over its cache.
+    /// RoPE and attention of one segment's rows over its cache; `None` where the probe
+    /// stops at this layer ([`Probe::keys_only`]: the cache takes the keys, nothing is
+    /// attended).
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -261,7 +273,7 @@ impl<B: Backend> Attention<B> {
         mut k: B::Tensor,
         v: &B::Tensor,
         probe: &mut Probe,
-    ) -> Result<B::Tensor> {
+    ) -> Result<Option<B::Tensor>> {
         let (s, pos0, rope0, rows) = (at.spec, seg.pos0, seg.rope0(), seg.rows);
         be.rope(&mut q, c.head_dim, rope0, s.rope_base, s.rope_style);
         be.rope(&mut k, c.head_dim, rope0, s.rope_base, s.rope_style);
@@ -279,6 +291,10 @@ impl<B: Backend> Attention<B> {
         }
         let p = params(c, s);
         let kv = layer_cache(seg, at.layer)?;
+        if probe.keys_only(at.layer, c.n_layers) {
+            be.kv_append(&q, &k, v, kv, pos0, p)?;
+            return Ok(None);
+        }
         match probe.mass.as_mut() {
             Some(mass) => {
                 if mass.len() <= at.layer {
@@ -286,9 +302,9 @@ impl<B: Backend> Attention<B> {
                 }
                 let m = &mut mass[at.layer];
                 m.resize(c.n_kv_heads, Vec::new());
-                be.attention_mass(&q, &k, v, kv, pos0, p, m)
+                be.attention_mass(&q, &k, v, kv, pos0, p, m).map(Some)
             }
-            None => be.attention(&q, &k, v, kv, pos0, p),
+            None => be.attention(&q, &k, v, kv, pos0, p).map(Some),
         }
     }
 }

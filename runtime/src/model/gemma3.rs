@@ -86,7 +86,8 @@ impl<B: Backend> Architecture<B> for Gemma3Layers<B> {
             let spec = self.spec(c, i);
             let at = At { layer: i, spec: &spec };
             let h = be.rms_norm(x, &layer.attn_norm, c.norm_eps);
-            let a = layer.attn.forward(be, c, at, &h, segs, probe)?;
+            // None: the probe stops at this layer once its keys are cached.
+            let Some(a) = layer.attn.forward(be, c, at, &h, segs, probe)? else { break };
             be.add_assign(x, &be.rms_norm(&a, &layer.post_attn_norm, c.norm_eps));
             let h = be.rms_norm(x, &layer.ffn_norm, c.norm_eps);
             let f = layer.ffn.forward(be, &h)?;

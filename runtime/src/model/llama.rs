@@ -55,7 +55,9 @@ impl<B: Backend> Architecture<B> for LlamaLayers<B> {
             }
             let at = At { layer: i, spec: &spec };
             let h = be.rms_norm(x, &layer.attn_norm, c.norm_eps);
-            be.add_assign(x, &layer.attn.forward(be, c, at, &h, segs, probe)?);
+            // None: the probe stops at this layer once its keys are cached.
+            let Some(a) = layer.attn.forward(be, c, at, &h, segs, probe)? else { break };
+            be.add_assign(x, &a);
             let h = be.rms_norm(x, &layer.ffn_norm, c.norm_eps);
             be.add_assign(x, &layer.ffn.forward(be, &h)?);
         }

@@ -455,6 +455,25 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    fn kv_append(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        kv: &mut CpuKv,
+        pos0: usize,
+        p: AttnParams,
+    ) -> Result<()> {
+        super::check_append(pos0, q.rows, kv.len, kv.capacity)?;
+        kv.k.push(&k.data);
+        kv.v.push(&v.data);
+        kv.len += q.rows;
+        if let Some(w) = p.window {
+            kv.slide(w);
+        }
+        Ok(())
+    }
+
     fn attention_batch(&self, jobs: &mut [AttnJob<'_, Self>], p: AttnParams) -> Result<Vec<CpuTensor>> {
         // Segments own their caches, so they run side by side.
         self.pool.install(|| jobs.par_iter_mut().map(|j| self.attention(&j.q, &j.k, &j.v, j.kv, j.pos0, p)).collect())
