@@ -113,6 +113,15 @@ impl CpuKv {
         self.start == 0 || self.window.is_some_and(|w| (len + 1).saturating_sub(w) >= self.start)
     }
 
+    /// Cache `k`, `v` (rows at positions `pos0..`) after what it holds.
+    fn append(&mut self, k: &CpuTensor, v: &CpuTensor, pos0: usize) -> Result<()> {
+        super::check_append(pos0, k.rows, self.len, self.capacity)?;
+        self.k.push(&k.data);
+        self.v.push(&v.data);
+        self.len += k.rows;
+        Ok(())
+    }
+
     /// After positions up to `len` are cached, forget those a window of `w` hides from
     /// every later query; in batches of at least a window, so the shift is amortised.
     fn slide(&mut self, w: usize) {
@@ -444,10 +453,7 @@ impl Backend for CpuBackend {
         pos0: usize,
         p: AttnParams,
     ) -> Result<CpuTensor> {
-        super::check_append(pos0, q.rows, kv.len, kv.capacity)?;
-        kv.k.push(&k.data);
-        kv.v.push(&v.data);
-        kv.len += q.rows;
+        kv.append(k, v, pos0)?;
         let out = self.pool.install(|| attention::attention(q, kv, pos0, &p, self.isa, None));
         if let Some(w) = p.window {
             kv.slide(w);
@@ -457,17 +463,14 @@ impl Backend for CpuBackend {
 
     fn kv_append(
         &self,
-        q: &CpuTensor,
+        _q: &CpuTensor,
         k: &CpuTensor,
         v: &CpuTensor,
         kv: &mut CpuKv,
         pos0: usize,
         p: AttnParams,
     ) -> Result<()> {
-        super::check_append(pos0, q.rows, kv.len, kv.capacity)?;
-        kv.k.push(&k.data);
-        kv.v.push(&v.data);
-        kv.len += q.rows;
+        kv.append(k, v, pos0)?;
         if let Some(w) = p.window {
             kv.slide(w);
         }
@@ -495,9 +498,7 @@ impl Backend for CpuBackend {
         if pos0 != kv.len || kv.len + q.rows > kv.capacity {
             return self.attention(q, k, v, kv, pos0, p);
         }
-        kv.k.push(&k.data);
-        kv.v.push(&v.data);
-        kv.len += q.rows;
+        kv.append(k, v, pos0)?;
         for m in mass.iter_mut() {
             m.resize(kv.len, 0.0);
         }
