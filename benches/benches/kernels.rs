@@ -101,5 +101,40 @@ fn attention_and_small_ops(c: &mut Criterion) {
     g.bench_function("swiglu 1536", |b| b.iter(|| be.swiglu(&gate, &gate)));
 }
 
-criterion_group!(benches, matvec, matmul, attention_and_small_ops);
+/// BitStack decode through int8 register tables: one block of rank k at SmolLM2's
+/// shapes, the table build and the row pass (one thread) apart.
+fn bitstack_lut(c: &mut Criterion) {
+    use kernels::lut;
+    let mut g = c.benchmark_group("bitstack_lut");
+    let mut rng = SplitMix(3);
+    let isa = Isa::detect();
+    for k in [4usize, 8, 16] {
+        for (m, n) in [(576usize, 576usize), (1536, 576), (576, 1536)] {
+            let v: Vec<u8> =
+                random(&mut rng, k * n).iter().flat_map(|&f| half::f16::from_f32(f).to_le_bytes()).collect();
+            let rb = n.div_ceil(8);
+            let signs: Vec<u8> = (0..m * rb).map(|_| (rng.next_f32() * 256.0) as u8).collect();
+            let u = random(&mut rng, m * k);
+            let x = random(&mut rng, n);
+            let mut y = vec![0f32; m];
+            g.throughput(Throughput::Elements((m * n) as u64));
+            g.bench_function(BenchmarkId::new(format!("build/k{k}"), format!("{m}x{n}")), |b| {
+                b.iter(|| lut::build(isa, &[(&v, n, k)], &x))
+            });
+            let t = lut::build(isa, &[(&v, n, k)], &x).remove(0);
+            #[cfg(target_arch = "x86_64")]
+            if isa != Isa::Scalar && lut::avx2_rank(k) {
+                g.bench_function(BenchmarkId::new(format!("rows_avx2/k{k}"), format!("{m}x{n}")), |b| {
+                    // SAFETY: an ISA above scalar on x86 has AVX2 and FMA.
+                    b.iter(|| unsafe { lut::rows_avx2(&t, &signs, &u, 0, &mut y) })
+                });
+            }
+            g.bench_function(BenchmarkId::new(format!("rows_scalar/k{k}"), format!("{m}x{n}")), |b| {
+                b.iter(|| lut::rows_scalar(&t, &signs, &u, 0, &mut y))
+            });
+        }
+    }
+}
+
+criterion_group!(benches, matvec, matmul, attention_and_small_ops, bitstack_lut);
 criterion_main!(benches);

@@ -217,17 +217,17 @@ fn live_budget_changes_equal_a_fresh_load() {
     let small = dense + kv + scratch + t.prefix_bytes(t.min_prefix() + 5);
     let big = dense + kv + scratch + t.prefix_bytes(t.entries.len());
 
-    let p = apply_budget(&a, &cfg, 64, small).unwrap();
+    let p = apply_budget(&a, &cfg, 64, 0, small).unwrap();
     assert_eq!(p.blocks, t.min_prefix() + 5);
     let at_small = logits(runner.as_ref(), &ids);
-    let grown = apply_budget(&a, &cfg, 64, big).unwrap();
+    let grown = apply_budget(&a, &cfg, 64, 0, big).unwrap();
     // Only the blocks that joined were read.
     let joined: u64 = t.entries[p.blocks..].iter().map(|e| a.tensors[e.tensor as usize].size).sum();
     assert_eq!(grown.change.bytes_read, joined);
     assert_eq!(grown.blocks, t.entries.len());
     let at_big = logits(runner.as_ref(), &ids);
     assert_ne!(at_small, at_big, "more blocks change the model");
-    let shrunk = apply_budget(&a, &cfg, 64, small).unwrap();
+    let shrunk = apply_budget(&a, &cfg, 64, 0, small).unwrap();
     assert_eq!(shrunk.change.bytes_read, 0);
     assert!(shrunk.change.bytes_released > 0);
     let after = logits(runner.as_ref(), &ids);
@@ -240,7 +240,7 @@ fn live_budget_changes_equal_a_fresh_load() {
     // A fresh load at the small budget gives the same logits, bit for bit.
     let b = stacked(&src, 4);
     let fresh = model::load(&b, CpuBackend::new(2).unwrap()).unwrap();
-    apply_budget(&b, &cfg, 64, small).unwrap();
+    apply_budget(&b, &cfg, 64, 0, small).unwrap();
     assert_eq!(after, logits(fresh.as_ref(), &ids));
     assert_eq!(after, at_small);
 
@@ -262,9 +262,9 @@ fn bad_budgets_are_refused_with_the_minimum() {
     let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 64);
     let t = &a.stack.as_ref().unwrap().table;
     let min = dense + kv + scratch + t.prefix_bytes(t.min_prefix());
-    let err = apply_budget(&a, &cfg, 64, min - 1).unwrap_err().to_string();
+    let err = apply_budget(&a, &cfg, 64, 0, min - 1).unwrap_err().to_string();
     assert!(err.contains("below the minimum") && err.contains(&format!("{:.1} MB", min as f64 / 1e6)), "{err}");
-    assert_eq!(apply_budget(&a, &cfg, 64, min).unwrap().blocks, t.min_prefix());
+    assert_eq!(apply_budget(&a, &cfg, 64, 0, min).unwrap().blocks, t.min_prefix());
     for bad in ["", "MB", "12 parsecs", "-5MB", "0"] {
         assert!(parse_size(bad).is_err(), "{bad:?} accepted");
     }
@@ -286,7 +286,7 @@ proptest::proptest! {
         let t = &a.stack.as_ref().unwrap().table;
         let min = dense + kv + scratch + t.prefix_bytes(t.min_prefix());
         let budget = if below { min.saturating_sub(1 + extra) } else { min + extra };
-        match apply_budget(&a, &cfg, 32, budget) {
+        match apply_budget(&a, &cfg, 32, 0, budget) {
             Err(e) => proptest::prop_assert!(budget < min, "refused {budget} ≥ minimum {min}: {e}"),
             Ok(p) => {
                 proptest::prop_assert!(budget >= min);
@@ -322,7 +322,7 @@ fn dense_copies_match_the_blocks_and_survive_live_changes() {
     let (dense, kv, scratch) = cairn::bitstack::fixed_bytes(&a, &cfg, 64);
     let t = &a.stack.as_ref().unwrap().table;
     let all = dense + kv + scratch + t.prefix_bytes(t.entries.len());
-    apply_budget(&a, &cfg, 64, all).unwrap();
+    apply_budget(&a, &cfg, 64, 0, all).unwrap();
     let from_blocks = logits(ra.as_ref(), &ids);
 
     // The same budget with copies: every matrix whose blocks outweigh a Q8_0 copy runs
@@ -330,7 +330,7 @@ fn dense_copies_match_the_blocks_and_survive_live_changes() {
     let b = stacked_with(&src, 4, DenseCache::Auto);
     let stack = b.stack.as_ref().unwrap();
     let rb = model::load(&b, CpuBackend::new(2).unwrap()).unwrap();
-    let plan = apply_budget(&b, &cfg, 64, all).unwrap();
+    let plan = apply_budget(&b, &cfg, 64, 0, all).unwrap();
     assert!(plan.change.dense_matrices > 0);
     assert!(plan.change.stack_bytes < t.prefix_bytes(t.entries.len()));
     for w in &stack.weights {
@@ -368,16 +368,16 @@ fn dense_copies_match_the_blocks_and_survive_live_changes() {
     // Shrink until matrices leave their copies, then grow back: the same logits as
     // before, and a fresh load at the small budget agrees bit for bit.
     let small = dense + kv + scratch + stack.prefix_cost(t.min_prefix() + 3);
-    let shrunk = apply_budget(&b, &cfg, 64, small).unwrap();
+    let shrunk = apply_budget(&b, &cfg, 64, 0, small).unwrap();
     assert!(shrunk.change.dense_matrices < plan.change.dense_matrices);
     assert!(shrunk.change.bytes_released > 0);
     let at_small = logits(rb.as_ref(), &ids);
-    let regrown = apply_budget(&b, &cfg, 64, all).unwrap();
+    let regrown = apply_budget(&b, &cfg, 64, 0, all).unwrap();
     assert_eq!(regrown.change.dense_matrices, plan.change.dense_matrices);
     assert_eq!(logits(rb.as_ref(), &ids), from_copies);
     let c = stacked_with(&src, 4, DenseCache::Auto);
     let rc = model::load(&c, CpuBackend::new(2).unwrap()).unwrap();
-    apply_budget(&c, &cfg, 64, small).unwrap();
+    apply_budget(&c, &cfg, 64, 0, small).unwrap();
     assert_eq!(logits(rc.as_ref(), &ids), at_small);
 
     // The f32 reference path runs the copies too, close to the integer path.
@@ -402,7 +402,7 @@ proptest::proptest! {
         let t = &stack.table;
         let fixed = dense + kv + scratch;
         let budget = fixed + stack.prefix_cost(t.min_prefix()) + extra;
-        let p = apply_budget(&a, &cfg, 32, budget).unwrap();
+        let p = apply_budget(&a, &cfg, 32, 0, budget).unwrap();
         // What is really held: copies' bytes plus active blocks' pages.
         let held: u64 = stack.weights.iter().map(|w| match w.dense() {
             Some(d) => d.held_bytes(),

@@ -6,6 +6,7 @@ use cairn::synthetic::SplitMix;
 use cairn_formats::{quant, GgmlType};
 
 const TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
+const K_TYPES: [GgmlType; 3] = [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K];
 
 fn random(rng: &mut SplitMix, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.next_f32() * scale).collect()
@@ -219,7 +220,7 @@ fn repack_round_trips_and_refuses_odd_shapes() {
         let w = weights(&mut rng, ty, 12, 64);
         assert!(repack::repack(ty, &w, 12, w.len() / 12).is_none(), "12 rows are not whole groups of 8");
     }
-    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+    for ty in K_TYPES {
         for (rows, cols) in [(8, 256), (16, 768)] {
             let w = weights(&mut rng, ty, rows, cols);
             let rb = w.len() / rows;
@@ -252,7 +253,7 @@ fn repacked_kernels_equal_scalar() {
         (16, 16, 576),
         (8, 19, 64),
     ];
-    let cases: Vec<(GgmlType, (usize, usize, usize))> = [GgmlType::Q4K, GgmlType::Q6K]
+    let cases: Vec<(GgmlType, (usize, usize, usize))> = K_TYPES
         .into_iter()
         .flat_map(|ty| k_shapes.into_iter().map(move |s| (ty, s)))
         .chain(TYPES.into_iter().flat_map(|ty| shapes.into_iter().map(move |s| (ty, s))))
@@ -274,14 +275,15 @@ fn repacked_kernels_equal_scalar() {
     }
 }
 
-/// The k-quants (Q4_K: a scale and min per 32 values; Q6_K: a scale per 16) through the
-/// same kernels: the scalar reference against f32 math on the dequantized weights, and
-/// every SIMD version against the scalar reference.
+/// The k-quants (Q4_K, Q5_K: a scale and min per 32 values; Q6_K: a scale per 16)
+/// through the same kernels: the scalar reference against f32 math on the dequantized
+/// weights (1e-4 of Σ|w·x|), and every SIMD version against the scalar reference (1e-5
+/// relative, [`close`]), on row counts off the tiles of 4 and 8.
 #[test]
 fn k_quant_kernels() {
     let mut rng = SplitMix(7);
-    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
-        for (rows, n, cols) in [(1, 1, 256), (5, 3, 512), (8, 4, 1536), (13, 6, 256)] {
+    for ty in K_TYPES {
+        for (rows, n, cols) in [(1, 1, 256), (5, 3, 512), (8, 4, 1536), (13, 6, 256), (3, 9, 768)] {
             let w = weights(&mut rng, ty, rows, cols);
             let rb = w.len() / rows;
             let mut q = Q8Acts::default();
@@ -423,6 +425,62 @@ fn q8_0_tile_rounding_matches_the_reference() {
                 assert!((back[i] - x[i]).abs() <= 0.57 * d, "{} [{i}]: {} vs {}", isa.name(), back[i], x[i]);
                 let (g, w) = (gb[2 + j] as i8, wb[2 + j] as i8);
                 assert!((g as i32 - w as i32).abs() <= 1, "{} [{i}]: {g} vs reference {w}", isa.name());
+            }
+        }
+    }
+}
+
+/// BitStack's int8 sign tables (kernels/lut.rs) on every instruction set: each table
+/// builder equals the scalar one byte for byte and scale for scale; the row kernels'
+/// integer sums equal the scalar reference's exactly (with every scale and u set to 1,
+/// each result is a sum of integers, exact in f32 in any order), and with the real
+/// scales and u they agree to 1e-5 relative ([`close`]: only the order of the f32 scale
+/// and u products differs). Odd shapes: row counts off the groups of 8 (the scalar tail),
+/// a first row off a group, sign rows not a multiple of 8 bytes (the padded tail),
+/// several scale segments, ranks with and without a SIMD instance.
+#[test]
+fn lut_kernels_equal_scalar() {
+    use cairn::backend::cpu::kernels::lut;
+    let mut rng = SplitMix(17);
+    let shapes: [(usize, usize, usize); 8] = [
+        (70, 64, 16),
+        (21, 72, 8),
+        (37, 300, 16),
+        (19, 1100, 4),
+        (33, 20, 5),
+        (16, 36, 8),
+        (45, 520, 4),
+        (11, 2056, 16),
+    ];
+    for (m, n, k) in shapes {
+        let bytes = n.div_ceil(8);
+        let v: Vec<u8> =
+            random(&mut rng, k * n, 0.5).into_iter().flat_map(|f| half::f16::from_f32(f).to_le_bytes()).collect();
+        let x = random(&mut rng, n, 2.0);
+        let signs: Vec<u8> = (0..m * bytes).map(|_| (rng.next_u64() >> 56) as u8).collect();
+        let u = random(&mut rng, m * k, 1.0);
+        let want_t = lut::build(Isa::Scalar, &[(&v, n, k)], &x).remove(0);
+        let mut ones = want_t.clone();
+        ones.scale.fill(1.0);
+        let u1 = vec![1f32; m * k];
+        let mut exact = vec![0f32; m];
+        lut::rows_scalar(&ones, &signs, &u1, 0, &mut exact);
+        assert!(exact.iter().all(|v| v.fract() == 0.0 && v.abs() < 1e6), "integer sums");
+        let i0 = 3;
+        let mut want = vec![0.25f32; m - i0];
+        lut::rows_scalar(&want_t, &signs, &u[i0 * k..], i0, &mut want);
+        for isa in Isa::available() {
+            let what = format!("{} {m}x{n} k{k}", isa.name());
+            let t = lut::build(isa, &[(&v, n, k)], &x).remove(0);
+            assert_eq!(t.tab, want_t.tab, "{what}: table entries");
+            assert_eq!(t.scale, want_t.scale, "{what}: table scales");
+            let mut got = vec![0f32; m];
+            lut::rows(isa, &ones, &signs, &u1, 0, &mut got);
+            assert_eq!(got, exact, "{what}: integer sums");
+            let mut got = vec![0.25f32; m - i0];
+            lut::rows(isa, &t, &signs, &u[i0 * k..], i0, &mut got);
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                close(g, w, &format!("{what} row {}", i0 + i));
             }
         }
     }

@@ -372,6 +372,9 @@ impl Stack {
 #[derive(Debug, Clone)]
 pub struct MemoryPlan {
     pub budget: u64,
+    /// The process's own resident memory before the weights loaded (binary, tokenizer,
+    /// heap), when the budget covers the whole process; 0 otherwise.
+    pub process: u64,
     /// Tensors no budget shrinks (embeddings, norms; all of a model without a stack).
     pub dense: u64,
     pub kv: u64,
@@ -388,8 +391,9 @@ impl std::fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "memory {}: dense {} + KV cache {} + scratch {} + BitStack {} ({} of {} blocks, {}; {} matrices as Q8_0 copies, {}); read {}, released {}",
+            "memory {}: {}dense {} + KV cache {} + scratch {} + BitStack {} ({} of {} blocks, {}; {} matrices as Q8_0 copies, {}); read {}, released {}",
             show_bytes(self.budget),
+            if self.process > 0 { format!("process {} + ", show_bytes(self.process)) } else { String::new() },
             show_bytes(self.dense),
             show_bytes(self.kv),
             show_bytes(self.scratch),
@@ -423,19 +427,22 @@ pub fn fixed_bytes(file: &ModelFile, c: &impl Footprint, ctx: usize) -> (u64, u6
 }
 
 /// Fit a model into `budget` bytes: the longest prefix of its BitStack that fits beside
-/// [`fixed_bytes`]. A budget below the minimum is refused, naming the minimum.
-pub fn apply_budget(file: &ModelFile, c: &impl Footprint, ctx: usize, budget: u64) -> Result<MemoryPlan> {
+/// [`fixed_bytes`] and `process` (the rest of the process, when the budget covers it).
+/// A budget below the minimum is refused, naming the minimum.
+pub fn apply_budget(file: &ModelFile, c: &impl Footprint, ctx: usize, process: u64, budget: u64) -> Result<MemoryPlan> {
     let (dense, kv, scratch) = fixed_bytes(file, c, ctx);
-    let fixed = dense + kv + scratch;
+    let fixed = process + dense + kv + scratch;
+    let process_note = if process > 0 { format!("process {} + ", show_bytes(process)) } else { String::new() };
     let Some(stack) = &file.stack else {
         if budget < fixed {
             return Err(Error::input(format!(
-                "memory budget {} is below this model's minimum {} (weights {} + KV cache {} + scratch {}); it has no BitStack to shrink",
+                "memory budget {} is below this model's minimum {} ({process_note}weights {} + KV cache {} + scratch {}); it has no BitStack to shrink",
                 show_bytes(budget), show_bytes(fixed), show_bytes(dense), show_bytes(kv), show_bytes(scratch)
             )));
         }
         return Ok(MemoryPlan {
             budget,
+            process,
             dense,
             kv,
             scratch,
@@ -449,7 +456,7 @@ pub fn apply_budget(file: &ModelFile, c: &impl Footprint, ctx: usize, budget: u6
     let min = fixed + stack.prefix_cost(t.min_prefix());
     if budget < min {
         return Err(Error::input(format!(
-            "memory budget {} is below the minimum {} for this model (dense {} + KV cache {} for {} tokens + scratch {} + one block of every matrix {}); -c N reserves a cache of N tokens",
+            "memory budget {} is below the minimum {} for this model ({process_note}dense {} + KV cache {} for {} tokens + scratch {} + one block of every matrix {}); -c N reserves a cache of N tokens",
             show_bytes(budget), show_bytes(min), show_bytes(dense), show_bytes(kv), ctx, show_bytes(scratch),
             show_bytes(stack.prefix_cost(t.min_prefix()))
         )));
@@ -458,6 +465,7 @@ pub fn apply_budget(file: &ModelFile, c: &impl Footprint, ctx: usize, budget: u6
     let change = stack.set_prefix(n)?;
     Ok(MemoryPlan {
         budget,
+        process,
         dense,
         kv,
         scratch,

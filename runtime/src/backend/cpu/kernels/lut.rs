@@ -13,6 +13,11 @@
 //! a segment an int16 lane sums at most `SEG · 510` (16 320), so it stays exact; the
 //! segment's sums then go to f32 with the segment scale.
 //!
+//! NEON has no `vpmaddubsw`: its kernel looks the entries up with `tbl` (one 16-byte
+//! table per rank, as above), takes the bias off and applies the sign per byte with an
+//! xor and a subtract, and `sadalp` adds a byte's two groups into the row's int16 lane;
+//! the integer sums per segment are the same (and stay under `SEG · 254`).
+//!
 //! The sign bits keep their v1 row-major layout: the kernel loads 8 bytes from each of
 //! 8 rows and transposes them in registers, so no re-encoding of the file is needed and
 //! the index work is shared by every rank.
@@ -21,6 +26,8 @@ use rayon::prelude::*;
 
 /// Sign bytes (8 inputs each) per table scale.
 pub const SEG: usize = 32;
+// The AVX2 kernel sums a segment's signs per nibble position in int8.
+const _: () = assert!(SEG < 128);
 
 /// A block's int8 tables for one input vector.
 #[derive(Debug, Clone, Default)]
@@ -36,9 +43,9 @@ pub struct Tables {
 }
 
 /// The int8 tables of every block (`(v as f16 bytes, n, k)`, `v` being `k × n`) for
-/// input `x`, all blocks' segments built in one parallel pass; `isa` picks the AVX2
-/// builder or the scalar one (the two round identically: the same adds in the same
-/// order, and `cvtps2dq` rounds ties to even as the scalar code does).
+/// input `x`, all blocks' segments built in one parallel pass; `isa` picks the AVX2 or
+/// NEON builder or the scalar one (all round identically: the same adds in the same
+/// order, and `cvtps2dq` / `fcvtns` round ties to even as the scalar code does).
 pub fn build(isa: super::Isa, blocks: &[(&[u8], usize, usize)], x: &[f32]) -> Vec<Tables> {
     let mut out: Vec<Tables> = blocks
         .iter()
@@ -58,6 +65,11 @@ pub fn build(isa: super::Isa, blocks: &[(&[u8], usize, usize)], x: &[f32]) -> Ve
         if matches!(isa, super::Isa::Avx2 | super::Isa::Avx512Vnni) {
             // SAFETY: `Isa::Avx2` and above are only chosen when the CPU has AVX2, FMA and F16C.
             return unsafe { segment_avx2(v, x, n, k, s, tb, sc) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if isa == super::Isa::NeonDot {
+            // SAFETY: NEON is part of every aarch64 target.
+            return unsafe { segment_neon(v, x, n, k, s, tb, sc) };
         }
         let _ = isa;
         segment_scalar(v, x, n, k, s, tb, sc)
@@ -155,6 +167,56 @@ unsafe fn segment_avx2(v: &[u8], x: &[f32], n: usize, k: usize, s: usize, tb: &m
     }
 }
 
+/// [`segment_scalar`] in NEON: t as the scalar code computes it, each group's 8 entries
+/// as two vectors of signed sums (the same adds in the same order: `±t` products are
+/// exact, so each fused add rounds as the scalar add does), quantized with `fcvtns`
+/// (ties to even, as the scalar rounding).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn segment_neon(v: &[u8], x: &[f32], n: usize, k: usize, s: usize, tb: &mut [u8], sc: &mut [f32]) {
+    use std::arch::aarch64::*;
+    let nb = tb.len() / (k * 16);
+    let (j0, j1) = inputs(n, s, nb);
+    // SAFETY (every load and store below): t holds the segment's SEG·8 inputs and ent its
+    // 2·SEG groups of 8; v is k × n f16 and x n long (checked); tb holds nb·k·16 bytes.
+    assert!(nb <= SEG && v.len() >= 2 * k * n && x.len() >= n && sc.len() >= k, "LUT build operands");
+    let mut t = [0f32; SEG * 8];
+    let mut ent = [0f32; SEG * 16];
+    // Entries b = 4h..4h + 4: the sign of input q (minus where bit q of b is set).
+    let sign = |q: usize, h: usize| {
+        let f: [f32; 4] = std::array::from_fn(|i| if (4 * h + i) >> q & 1 != 0 { -1.0 } else { 1.0 });
+        vld1q_f32(f.as_ptr())
+    };
+    let sg: [[float32x4_t; 3]; 2] = std::array::from_fn(|h| [sign(0, h), sign(1, h), sign(2, h)]);
+    for (r, scr) in sc.iter_mut().enumerate().take(k) {
+        for j in j0..j1 {
+            let at = 2 * (r * n + j);
+            t[j - j0] = half::f16::from_le_bytes([v[at], v[at + 1]]).to_f32() * x[j];
+        }
+        let mut amax = vdupq_n_f32(0.0);
+        for g in 0..2 * nb {
+            let tg = &t[4 * g..4 * g + 4];
+            for (h, sg) in sg.iter().enumerate() {
+                let e = vmulq_n_f32(sg[0], tg[0]);
+                let e = vfmaq_n_f32(e, sg[1], tg[1]);
+                let e = vfmaq_n_f32(e, sg[2], tg[2]);
+                let e = vaddq_f32(e, vdupq_n_f32(tg[3]));
+                vst1q_f32(ent.as_mut_ptr().add(8 * g + 4 * h), e);
+                amax = vmaxq_f32(amax, vabsq_f32(e));
+            }
+        }
+        let d = vmaxvq_f32(amax) / 127.0;
+        *scr = d;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for g in 0..2 * nb {
+            let q = |h: usize| vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(ent.as_ptr().add(8 * g + 4 * h)), inv));
+            let w = vcombine_s16(vqmovn_s32(q(0)), vqmovn_s32(q(1)));
+            let b = veor_u8(vreinterpret_u8_s8(vqmovn_s16(w)), vdup_n_u8(0x80));
+            vst1_u8(tb.as_mut_ptr().add((g / 2 * k + r) * 16 + g % 2 * 8), b);
+        }
+    }
+}
+
 /// The signed table value of nibble `e` of group `h` (0 low, 1 high) at byte `c`, rank `r`.
 #[inline(always)]
 fn entry(t: &Tables, c: usize, r: usize, h: usize, e: u8) -> i32 {
@@ -192,6 +254,156 @@ pub fn rows_scalar(t: &Tables, signs: &[u8], u: &[f32], i0: usize, ys: &mut [f32
 /// Whether [`rows8_avx2`] has an instance for rank `k`.
 pub fn avx2_rank(k: usize) -> bool {
     matches!(k, 4 | 8 | 16)
+}
+
+/// Whether [`rows_neon`] has an instance for rank `k`.
+pub fn neon_rank(k: usize) -> bool {
+    matches!(k, 4 | 8 | 16)
+}
+
+/// Rows `i0..i0 + ys.len()` on `isa`: whole groups of 8 rows through the SIMD kernel
+/// where `isa` has one for rank `t.k` ([`rows_avx2`], [`rows_neon`]), every other row
+/// through [`rows_scalar`]; `u` holds those rows of u in f32.
+pub fn rows(isa: super::Isa, t: &Tables, signs: &[u8], u: &[f32], i0: usize, ys: &mut [f32]) {
+    let whole = match isa {
+        #[cfg(target_arch = "x86_64")]
+        super::Isa::Avx2 | super::Isa::Avx512Vnni if avx2_rank(t.k) => {
+            let w = ys.len() / 8 * 8;
+            // SAFETY: `Isa::Avx2` and above are only chosen when the CPU has AVX2 and FMA.
+            unsafe { rows_avx2(t, signs, u, i0, &mut ys[..w]) };
+            w
+        }
+        #[cfg(target_arch = "aarch64")]
+        super::Isa::NeonDot if neon_rank(t.k) => {
+            let w = ys.len() / 8 * 8;
+            rows_neon(t, signs, u, i0, &mut ys[..w]);
+            w
+        }
+        _ => 0,
+    };
+    rows_scalar(t, signs, &u[whole * t.k..], i0 + whole, &mut ys[whole..]);
+}
+
+/// Rows `i0..i0 + 8·(ys.len()/8)` through NEON `tbl` lookups (whole groups of 8 rows,
+/// as [`rows_avx2`]); `k` must satisfy [`neon_rank`].
+#[cfg(target_arch = "aarch64")]
+pub fn rows_neon(t: &Tables, signs: &[u8], u: &[f32], i0: usize, ys: &mut [f32]) {
+    for (g, y8) in ys.chunks_exact_mut(8).enumerate() {
+        let i = i0 + 8 * g;
+        // SAFETY: NEON is part of every aarch64 target; the bounds are checked inside.
+        unsafe {
+            match t.k {
+                4 => rows8_neon::<4>(t, signs, &u[8 * g * 4..], i, y8),
+                8 => rows8_neon::<8>(t, signs, &u[8 * g * 8..], i, y8),
+                16 => rows8_neon::<16>(t, signs, &u[8 * g * 16..], i, y8),
+                _ => unreachable!("rows_neon without an instance for rank {}", t.k),
+            }
+        }
+    }
+}
+
+/// Byte j of transposed column pair a: row `j % 8`, column `2a + j / 8` of eight rows of
+/// eight sign bytes laid out row after row.
+#[cfg(target_arch = "aarch64")]
+const fn transpose_pair(a: usize) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    let mut j = 0;
+    while j < 16 {
+        p[j] = (8 * (j % 8) + 2 * a + j / 8) as u8;
+        j += 1;
+    }
+    p
+}
+
+/// Eight rows at rank `K`, one rank at a time: a `tbl` per rank looks up the 16 nibbles
+/// of a column (row t's low group in byte 2t, its high group in 2t + 1) in that rank's
+/// 16 entries, the sign is applied to the unbiased entry (`(e ^ 0x80 ^ n) − n` with n =
+/// −1 for a negative group), and `sadalp` adds each row's two groups into its int16 lane.
+/// A segment's lane sums at most `SEG · 2 · 127` (8128) in magnitude, so it is exact and
+/// equals `rows_scalar`'s integer sum; the segment then goes to f32 with its scale.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn rows8_neon<const K: usize>(t: &Tables, signs: &[u8], u: &[f32], i0: usize, y8: &mut [f32]) {
+    use std::arch::aarch64::*;
+    let rb = t.bytes;
+    // SAFETY (every load below): the rows, tables, scales and u (rows i0.. of it) are
+    // checked here to cover rows i0..i0+8, every sign byte and every rank.
+    assert!(
+        t.k == K
+            && y8.len() == 8
+            && signs.len() >= (i0 + 8) * rb
+            && t.tab.len() >= rb * K * 16
+            && t.scale.len() >= rb.div_ceil(SEG) * K
+            && u.len() >= 8 * K,
+        "LUT kernel operands too short"
+    );
+    const IDX: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0];
+    const ODD: [u8; 16] = [0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8];
+    const TR: [[u8; 16]; 4] = [transpose_pair(0), transpose_pair(1), transpose_pair(2), transpose_pair(3)];
+    // nibble → table index (bit 3 set: entry !e & 7); high nibbles (odd bytes) index the
+    // second group's 8 entries.
+    let idx_lut = vld1q_u8(IDX.as_ptr());
+    let odd = vld1q_u8(ODD.as_ptr());
+    let tr = TR.map(|p| vld1q_u8(p.as_ptr()));
+    let (m4, bit3, top) = (vdupq_n_u8(0x0f), vdupq_n_u8(8), vdupq_n_u8(0x80));
+    let tab = t.tab.as_ptr();
+    let rows: [*const u8; 8] = std::array::from_fn(|d| signs.as_ptr().add((i0 + d) * rb));
+    let mut facc = [[vdupq_n_f32(0.0); 2]; K];
+    let mut pad = [0u8; 64];
+    let mut c = 0;
+    while c < rb {
+        let seg_end = (c + SEG).min(rb);
+        let s = c / SEG;
+        let mut acc = [vdupq_n_s16(0); K];
+        while c < seg_end {
+            let cols = (seg_end - c).min(8);
+            // 8 bytes of each row; a short tail is copied into a zero-padded buffer.
+            let src: [*const u8; 8] = if cols == 8 {
+                rows.map(|p| p.add(c))
+            } else {
+                for (d, p) in rows.iter().enumerate() {
+                    std::ptr::copy_nonoverlapping(p.add(c), pad.as_mut_ptr().add(8 * d), cols);
+                }
+                std::array::from_fn(|d| pad.as_ptr().add(8 * d))
+            };
+            let ld2 = |d: usize| vcombine_u8(vld1_u8(src[d]), vld1_u8(src[d + 1]));
+            let m = uint8x16x4_t(ld2(0), ld2(2), ld2(4), ld2(6));
+            for (a, &tra) in tr.iter().enumerate().take(cols.div_ceil(2)) {
+                let q = vqtbl4q_u8(m, tra);
+                let (lo, hi) = (vandq_u8(q, m4), vshrq_n_u8::<4>(q));
+                let nibs = [vzip1q_u8(lo, hi), vzip2q_u8(lo, hi)];
+                for (h, &nib) in nibs.iter().enumerate().take(cols - 2 * a) {
+                    let idx = vorrq_u8(vqtbl1q_u8(idx_lut, nib), odd);
+                    let neg = vtstq_u8(nib, bit3);
+                    let flip = veorq_u8(neg, top);
+                    let tp = tab.add((c + 2 * a + h) * K * 16);
+                    for (r, ac) in acc.iter_mut().enumerate() {
+                        let v = vqtbl1q_u8(vld1q_u8(tp.add(16 * r)), idx);
+                        let sv = vsubq_s8(vreinterpretq_s8_u8(veorq_u8(v, flip)), vreinterpretq_s8_u8(neg));
+                        *ac = vpadalq_s8(*ac, sv);
+                    }
+                }
+            }
+            c += cols;
+        }
+        // Scale the segment into f32.
+        let sc = t.scale.as_ptr().add(s * K);
+        for (r, &ac) in acc.iter().enumerate() {
+            let lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(ac)));
+            let hi = vcvtq_f32_s32(vmovl_high_s16(ac));
+            facc[r][0] = vfmaq_n_f32(facc[r][0], lo, *sc.add(r));
+            facc[r][1] = vfmaq_n_f32(facc[r][1], hi, *sc.add(r));
+        }
+    }
+    // y[d] += Σ_r u[i0+d, r]·facc[r][d], gathering u's column r for each 4 rows.
+    for h in 0..2 {
+        let mut y = vld1q_f32(y8.as_ptr().add(4 * h));
+        for (r, f) in facc.iter().enumerate() {
+            let ur: [f32; 4] = std::array::from_fn(|d| u[(4 * h + d) * K + r]);
+            y = vfmaq_f32(y, f[h], vld1q_f32(ur.as_ptr()));
+        }
+        vst1q_f32(y8.as_mut_ptr().add(4 * h), y);
+    }
 }
 
 /// Rows `i0..i0 + 8·(ys.len()/8)` through AVX2 (whole groups of 8 rows; the caller runs
@@ -252,10 +464,13 @@ unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u
     let mut pad = [0u8; 64];
     // One column (sign byte `col` of the 8 rows, as 16 nibbles: row t low, row t high):
     // the index and sign work is shared by every rank pair.
-    let column = |acc: &mut [__m256i; P], nib: __m128i, col: usize| {
+    // The signs of each nibble position are also summed (in int8: a segment has at most
+    // SEG < 128 columns) for the bias below.
+    let column = |acc: &mut [__m256i; P], sacc: &mut __m128i, nib: __m128i, col: usize| {
         let nb = _mm256_broadcastsi128_si256(nib);
         let idx = _mm256_or_si256(_mm256_shuffle_epi8(idx_lut, nb), odd);
         let sgn = _mm256_shuffle_epi8(sgn_lut, nb);
+        *sacc = _mm_add_epi8(*sacc, _mm256_castsi256_si128(sgn));
         let tp = tab.add(col * K * 16);
         for (p, ac) in acc.iter_mut().enumerate() {
             let v = _mm256_shuffle_epi8(_mm256_loadu_si256(tp.add(p * 32).cast()), idx);
@@ -267,13 +482,7 @@ unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u
         let seg_end = (c + SEG).min(rb);
         let s = c / SEG;
         let mut acc = [_mm256_setzero_si256(); P];
-        // The bias each row collects is 128 · Σ signs = 128 · (groups − 2 · negative
-        // groups); bit 3 of each nibble (0x88 of a byte) marks a negative group.
-        let bias: [i16; 8] = std::array::from_fn(|d| {
-            let row = std::slice::from_raw_parts(rows[d].add(c), seg_end - c);
-            let neg: u32 = row.iter().map(|&b| (b & 0x88).count_ones()).sum();
-            (128 * (2 * (seg_end - c) as i32 - 2 * neg as i32)) as i16
-        });
+        let mut sacc = _mm_setzero_si128();
         while c < seg_end {
             let cols = (seg_end - c).min(8);
             // 8 bytes of each row; a short tail is copied into a zero-padded buffer.
@@ -309,18 +518,19 @@ unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u
             if cols == 8 {
                 for (a, &qa) in q.iter().enumerate() {
                     let [n0, n1] = nibs(qa);
-                    column(&mut acc, n0, c + 2 * a);
-                    column(&mut acc, n1, c + 2 * a + 1);
+                    column(&mut acc, &mut sacc, n0, c + 2 * a);
+                    column(&mut acc, &mut sacc, n1, c + 2 * a + 1);
                 }
             } else {
                 for h in 0..cols {
-                    column(&mut acc, nibs(q[h / 2])[h % 2], c + h);
+                    column(&mut acc, &mut sacc, nibs(q[h / 2])[h % 2], c + h);
                 }
             }
             c += cols;
         }
-        // Remove the bias and scale the segment into f32.
-        let b8 = _mm_loadu_si128(bias.as_ptr().cast());
+        // Remove the bias, 128 · Σ signs per row (the row's two nibble positions added
+        // into its int16 lane), and scale the segment into f32.
+        let b8 = _mm_slli_epi16(_mm_maddubs_epi16(_mm_set1_epi8(1), sacc), 7);
         let bias = _mm256_broadcastsi128_si256(b8);
         let sc = t.scale.as_ptr().add(s * K);
         for (p, &ac) in acc.iter().enumerate() {

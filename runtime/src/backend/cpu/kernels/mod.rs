@@ -4,8 +4,14 @@
 //! Every weight type with a kernel here is reduced to the same shape per block: 32
 //! unsigned bytes `u`, a scale `d` and an offset `m`, so that a block contributes
 //! `d·dx·Σ u·x + m·dx·Σ x` (Q4_0: m = −8d; Q5_0: −16d; Q8_0: u = w + 128, m = −128d).
+//! The k-quants (Q4_K, Q5_K, Q6_K) are runs of 32 of the same shape inside super-blocks
+//! of 256, with a scale (and for Q4_K/Q5_K a min) per run, Q6_K a scale per 16 values.
 //! The scalar code is the reference; SIMD versions must agree with it exactly in the
 //! integer part and to float rounding in the sums.
+//!
+//! Where rows come in whole groups of 8 the backend repacks them at load (`repack`, one
+//! layout per type for every architecture) and the AVX2, AVX-512 VNNI and NEON kernels
+//! read that layout ([`packed`]); [`matvec`] and [`matmul`] take the ggml rows as stored.
 
 pub mod act;
 pub mod attn;
@@ -86,13 +92,22 @@ impl Isa {
 }
 
 /// Whether `ty` has integer kernels on `isa` (otherwise the backend dequantizes to f32).
+/// Every instruction set has the same types today (the scalar reference included); the
+/// parameter stays for the day one does not.
 pub fn supports(isa: Isa, ty: GgmlType) -> bool {
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => true,
-        GgmlType::Q4K | GgmlType::Q6K => isa != Isa::NeonDot,
-        GgmlType::Fine(_) => true,
-        _ => false,
-    }
+    let _ = isa;
+    matches!(
+        ty,
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::Fine(_)
+    )
 }
 
 /// Rows of activations quantized to 8 bits the way ggml's `q8_1` does it on x86
@@ -353,7 +368,7 @@ pub fn matvec(isa: Isa, ty: GgmlType, w: &[u8], row_bytes: usize, x: Q8Row<'_>, 
 
 /// Whether this instruction set has kernels for weights repacked by [`repack::repack`].
 pub fn has_packed(isa: Isa) -> bool {
-    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni | Isa::NeonDot)
 }
 
 /// Repacked weights × every row of `x` (`out[t * rows + r]`); only where [`has_packed`].
@@ -361,6 +376,8 @@ pub fn packed(isa: Isa, ty: GgmlType, packed: &[u8], rows: usize, x: &Q8Acts, ou
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => x86::packed(isa, ty, packed, rows, x, out),
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => neon::packed(ty, packed, rows, x, out),
         _ => {
             let _ = (ty, packed, rows, x, out);
             unreachable!("no repacked kernels for {}", isa.name())

@@ -2,7 +2,9 @@
 //! 256-bit weight vector, 32-bit lane r holds four bytes of row r, so that a dot
 //! product instruction against four activation bytes broadcast to every lane sums
 //! straight into one lane per row, with no horizontal adds; the per-block scales of
-//! all eight rows arrive as one vector (an f16 load and a conversion).
+//! all eight rows arrive as one vector (an f16 load and a conversion). The layout does
+//! not depend on the architecture: NEON reads each 256-bit vector as two 128-bit ones
+//! (rows 0–3, rows 4–7) and broadcasts the activation bytes with the by-element `sdot`.
 //!
 //! Per group of 8 rows and per block b (same bytes as the ggml layout, reordered):
 //! - Q4_0: `d[8]` (f16) · `qs[4][8][4]`: vector k, lane r = row r's ggml bytes
@@ -17,6 +19,10 @@
 //! - Q4_K (per super-block of 256): `d[8]` · `dmin[8]` (f16) · `scales[12][8]` (byte q
 //!   of row r at `8q + r`) · `qs[4][8][8][4]`: pair p, vector k, lane r = row r's bytes
 //!   `32p + 4k..32p + 4k + 4` (low nibbles: run 2p, values `4k..`; high: run 2p + 1);
+//! - Q5_K (per super-block of 256): as Q4_K, with the high bits between the scales
+//!   and the quants: `d[8]` · `dmin[8]` · `scales[12][8]` · `qh[8][8][4]` (vector k,
+//!   lane r = row r's `qh` bytes `4k..4k + 4`; bit j of a byte is the fifth bit of
+//!   that value in run j) · `qs[4][8][8][4]` as Q4_K's;
 //! - Q6_K (per super-block of 256, the 6-bit values decoded and stored anew):
 //!   `d[8]` · `scales[16][8]` (i8) · per run of 32: `ql[4][8][4]` (vector k, lane r, byte
 //!   i: value `4k + i` in the low nibble, `16 + 4k + i` in the high one), then `h0[8][4]`
@@ -40,6 +46,7 @@ pub fn repackable(ty: GgmlType) -> bool {
             | GgmlType::Q5_1
             | GgmlType::Q8_0
             | GgmlType::Q4K
+            | GgmlType::Q5K
             | GgmlType::Q6K
     )
 }
@@ -106,9 +113,15 @@ fn pack_block<'a>(ty: GgmlType, blk: &dyn Fn(usize) -> &'a [u8], d: &mut [u8]) {
     match ty {
         GgmlType::Q4K => {
             for r in 0..R8 {
-                let (from, to) = q4k_moves(r);
-                for (i, &j) in from.iter().zip(to.iter()) {
-                    d[j] = blk(r)[*i];
+                for (i, &j) in k_moves::<144>(r).iter().enumerate() {
+                    d[j] = blk(r)[i];
+                }
+            }
+        }
+        GgmlType::Q5K => {
+            for r in 0..R8 {
+                for (i, &j) in k_moves::<176>(r).iter().enumerate() {
+                    d[j] = blk(r)[i];
                 }
             }
         }
@@ -136,9 +149,13 @@ fn pack_block<'a>(ty: GgmlType, blk: &dyn Fn(usize) -> &'a [u8], d: &mut [u8]) {
 fn unpack_block(ty: GgmlType, p: &[u8], r: usize, dst: &mut [u8]) {
     match ty {
         GgmlType::Q4K => {
-            let (from, to) = q4k_moves(r);
-            for (i, &j) in from.iter().zip(to.iter()) {
-                dst[*i] = p[j];
+            for (i, &j) in k_moves::<144>(r).iter().enumerate() {
+                dst[i] = p[j];
+            }
+        }
+        GgmlType::Q5K => {
+            for (i, &j) in k_moves::<176>(r).iter().enumerate() {
+                dst[i] = p[j];
             }
         }
         GgmlType::Q6K => unpack_q6k(p, r, dst),
@@ -157,9 +174,10 @@ fn unpack_block(ty: GgmlType, p: &[u8], r: usize, dst: &mut [u8]) {
     }
 }
 
-/// Q4_K is a byte permutation: where each of row r's 144 bytes goes in the group-block.
-fn q4k_moves(r: usize) -> ([usize; 144], [usize; 144]) {
-    let mut to = [0usize; 144];
+/// Q4_K (N = 144) and Q5_K (N = 176, with `qh`) are byte permutations: where each of
+/// row r's N bytes goes in the group-block.
+fn k_moves<const N: usize>(r: usize) -> [usize; N] {
+    let mut to = [0usize; N];
     for i in 0..2 {
         to[i] = 2 * r + i; // d
         to[2 + i] = 16 + 2 * r + i; // dmin
@@ -167,10 +185,17 @@ fn q4k_moves(r: usize) -> ([usize; 144], [usize; 144]) {
     for q in 0..12 {
         to[4 + q] = 32 + 8 * q + r;
     }
-    for (p, k, i) in (0..4).flat_map(|p| (0..8).flat_map(move |k| (0..4).map(move |i| (p, k, i)))) {
-        to[16 + 32 * p + 4 * k + i] = 128 + 256 * p + 32 * k + 4 * r + i;
+    // Q5_K's qh: 32 bytes per row, four to a lane, as one pair of nibbles is.
+    let (qs, at) = if N == 176 { (48, 384) } else { (16, 128) };
+    if N == 176 {
+        for (k, i) in (0..8).flat_map(|k| (0..4).map(move |i| (k, i))) {
+            to[16 + 4 * k + i] = 128 + 32 * k + 4 * r + i;
+        }
     }
-    (std::array::from_fn(|i| i), to)
+    for (p, k, i) in (0..4).flat_map(|p| (0..8).flat_map(move |k| (0..4).map(move |i| (p, k, i)))) {
+        to[qs + 32 * p + 4 * k + i] = at + 256 * p + 32 * k + 4 * r + i;
+    }
+    to
 }
 
 /// Value `v` (0..256) of a ggml Q6_K super-block as its unsigned 6 bits.

@@ -59,7 +59,7 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 /// The `b`-th run of 32 values of a row as signed integers, the scales of its two
 /// halves, and its offset: legacy blocks are one run each; a k-quant super-block of 256
-/// holds eight (Q4_K: a scale and min per run; Q6_K: a scale per 16 values).
+/// holds eight (Q4_K, Q5_K: a scale and min per run; Q6_K: a scale per 16 values).
 pub fn unpack32(ty: GgmlType, row: &[u8], b: usize) -> ([i16; QK], [f32; 2], f32) {
     let mut w = [0i16; QK];
     match ty {
@@ -70,6 +70,21 @@ pub fn unpack32(ty: GgmlType, row: &[u8], b: usize) -> ([i16; QK], [f32; 2], f32
             let qs = &sb[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
             for i in 0..QK {
                 w[i] = if j.is_multiple_of(2) { qs[i] & 0x0F } else { qs[i] >> 4 } as i16;
+            }
+            let d = f16_at(sb, 0) * sc as f32;
+            (w, [d, d], -f16_at(sb, 2) * m as f32)
+        }
+        GgmlType::Q5K => {
+            // Q4_K's layout plus `qh[32]` before the nibbles: bit j of qh[i] is the
+            // fifth bit of value i of run j.
+            let sb = &row[(b / 8) * 176..(b / 8 + 1) * 176];
+            let j = b % 8;
+            let (sc, m) = scale_min_k4(j, &sb[4..16]);
+            let qs = &sb[48 + 32 * (j / 2)..48 + 32 * (j / 2) + 32];
+            let qh = &sb[16..48];
+            for i in 0..QK {
+                let lo = if j.is_multiple_of(2) { qs[i] & 0x0F } else { qs[i] >> 4 };
+                w[i] = (lo | (((qh[i] >> j) & 1) << 4)) as i16;
             }
             let d = f16_at(sb, 0) * sc as f32;
             (w, [d, d], -f16_at(sb, 2) * m as f32)

@@ -40,6 +40,7 @@ const Q5_1: u8 = 3;
 const Q8_0: u8 = 4;
 const Q4K: u8 = 5;
 const Q6K: u8 = 6;
+const Q5K: u8 = 7;
 
 #[inline(always)]
 unsafe fn f16x2(p: *const u8) -> (f32, f32) {
@@ -84,6 +85,29 @@ unsafe fn block<const T: u8>(row: *const u8, b: usize) -> (__m256i, __m256, f32)
             } else {
                 _mm256_and_si256(_mm256_srli_epi16(qs, 4), mask)
             };
+            (u, _mm256_set1_ps(d * sc as f32), -dmin * m as f32)
+        }
+        Q5K => {
+            let sb = row.add((b / 8) * 176);
+            let j = b % 8;
+            let (d, dmin) = f16x2(sb);
+            let scales = std::slice::from_raw_parts(sb.add(4), 12);
+            let (sc, m) = super::scalar::scale_min_k4(j, scales);
+            let qs = _mm256_loadu_si256(sb.add(48 + 32 * (j / 2)) as *const __m256i);
+            let lo = if j.is_multiple_of(2) {
+                _mm256_and_si256(qs, mask)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16(qs, 4), mask)
+            };
+            // Bit j of qh[i] to bit 4 of byte i (16-bit shifts: bit 4 of each byte only
+            // ever takes a bit of the same byte).
+            let qh = _mm256_loadu_si256(sb.add(16) as *const __m256i);
+            let hi = if j <= 4 {
+                _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - j as i32))
+            } else {
+                _mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32 - 4))
+            };
+            let u = _mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
             (u, _mm256_set1_ps(d * sc as f32), -dmin * m as f32)
         }
         Q6K => {
@@ -149,6 +173,7 @@ const fn type_size(t: u8) -> usize {
         Q5_0 => 22,
         Q5_1 => 24,
         Q4K => 144,
+        Q5K => 176,
         Q6K => 210,
         _ => 34,
     }
@@ -157,13 +182,31 @@ const fn type_size(t: u8) -> usize {
 /// Runs of 32 values in a row of `row_bytes`.
 const fn runs(t: u8, row_bytes: usize) -> usize {
     match t {
-        Q4K | Q6K => row_bytes / type_size(t) * 8,
+        Q4K | Q5K | Q6K => row_bytes / type_size(t) * 8,
         _ => row_bytes / type_size(t),
     }
 }
 
 /// Bytes ahead of the current block to prefetch (a few cache lines).
 const PREFETCH: usize = 2048;
+
+/// Run `j`'s 6-bit scale and min of eight repacked Q4_K/Q5_K rows (one row per lane),
+/// from `q(i)`, byte `i` of their packed scales, and `six` = 63 in every lane. A macro, so
+/// that it expands inside each kernel's target features.
+macro_rules! k_scales {
+    ($q:ident, $j:expr, $six:expr) => {{
+        let j = $j;
+        if j < 4 {
+            (_mm256_and_si256($q(j), $six), _mm256_and_si256($q(j + 4), $six))
+        } else {
+            let top = |v: __m256i| _mm256_slli_epi32(_mm256_srli_epi32(v, 6), 4);
+            (
+                _mm256_or_si256(_mm256_and_si256($q(j + 4), _mm256_set1_epi32(15)), top($q(j - 4))),
+                _mm256_or_si256(_mm256_srli_epi32($q(j + 4), 4), top($q(j))),
+            )
+        }
+    }};
+}
 
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -577,15 +620,7 @@ unsafe fn packed_q4k<D: Lanes, const C: usize>(p: *const u8, nsb: usize, xs: [Q8
         // Byte q of the eight rows' packed 6-bit scales, one row per lane.
         let q = |i: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(blk.add(32 + 8 * i) as *const __m128i));
         for j in 0..8 {
-            let (sc, m) = if j < 4 {
-                (_mm256_and_si256(q(j), six), _mm256_and_si256(q(j + 4), six))
-            } else {
-                let top = |v: __m256i| _mm256_slli_epi32(_mm256_srli_epi32(v, 6), 4);
-                (
-                    _mm256_or_si256(_mm256_and_si256(q(j + 4), _mm256_set1_epi32(15)), top(q(j - 4))),
-                    _mm256_or_si256(_mm256_srli_epi32(q(j + 4), 4), top(q(j))),
-                )
-            };
+            let (sc, m) = k_scales!(q, j, six);
             let ds = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(sc));
             let dm = _mm256_mul_ps(mv, _mm256_cvtepi32_ps(m));
             let pair = blk.add(128 + 256 * (j / 2));
@@ -600,6 +635,59 @@ unsafe fn packed_q4k<D: Lanes, const C: usize>(p: *const u8, nsb: usize, xs: [Q8
             let b = 8 * s + j;
             for c in 0..C {
                 let sums = D::rows4(&lo, &hi, xs[c].qs.as_ptr().add(b * QK) as *const u8);
+                let dx = *xs[c].d.get_unchecked(b);
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ds, _mm256_set1_ps(dx)), acc[c]);
+                let sx = dx * *xs[c].sum.get_unchecked(b) as f32;
+                acc[c] = _mm256_fnmadd_ps(dm, _mm256_set1_ps(sx), acc[c]);
+            }
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(c * ld), *a);
+    }
+}
+
+/// Eight repacked Q5_K rows × C tokens, `nsb` super-blocks (see `repack`): Q4_K's
+/// loop with each run's fifth bits taken from the shared `qh` vectors.
+///
+/// Safety: as `packed_q4k`.
+#[inline(always)]
+unsafe fn packed_q5k<D: Lanes, const C: usize>(p: *const u8, nsb: usize, xs: [Q8Row<'_>; C], out: *mut f32, ld: usize) {
+    const GB: usize = 1408;
+    let (mask, six, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi32(63), _mm256_set1_epi8(0x10));
+    let mut acc = [_mm256_setzero_ps(); C];
+    for s in 0..nsb {
+        let blk = p.add(s * GB);
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        let mv = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
+        let q = |i: usize| _mm256_cvtepu8_epi32(_mm_loadl_epi64(blk.add(32 + 8 * i) as *const __m128i));
+        let qh: [__m256i; 8] = std::array::from_fn(|k| _mm256_loadu_si256(blk.add(128 + 32 * k) as *const __m256i));
+        for j in 0..8 {
+            let (sc, m) = k_scales!(q, j, six);
+            let ds = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(sc));
+            let dm = _mm256_mul_ps(mv, _mm256_cvtepi32_ps(m));
+            let pair = blk.add(384 + 256 * (j / 2));
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(pair.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
+            // Bit j of every qh byte to bit 4 (16-bit shifts: as in `block`).
+            let fifth = |h: __m256i| {
+                let v = if j <= 4 {
+                    _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - j as i32))
+                } else {
+                    _mm256_srl_epi16(h, _mm_cvtsi32_si128(j as i32 - 4))
+                };
+                _mm256_and_si256(v, bit4)
+            };
+            let w: [__m256i; 8] = std::array::from_fn(|k| {
+                let v = _mm256_loadu_si256(pair.add(32 * k) as *const __m256i);
+                let lo = _mm256_and_si256(if j % 2 == 0 { v } else { _mm256_srli_epi16(v, 4) }, mask);
+                _mm256_or_si256(lo, fifth(qh[k]))
+            });
+            let (lo, hi) = ([w[0], w[1], w[2], w[3]], [w[4], w[5], w[6], w[7]]);
+            let b = 8 * s + j;
+            for c in 0..C {
+                let sums = D::rows5(&lo, &hi, xs[c].qs.as_ptr().add(b * QK) as *const u8);
                 let dx = *xs[c].d.get_unchecked(b);
                 acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ds, _mm256_set1_ps(dx)), acc[c]);
                 let sx = dx * *xs[c].sum.get_unchecked(b) as f32;
@@ -712,6 +800,8 @@ unsafe fn packed_group<D: Lanes, const T: u8, const C: usize>(
         packed_q8::<D, C>(p, nb, xs, out, ld)
     } else if T == Q4K {
         packed_q4k::<D, C>(p, nb / 8, xs, out, ld)
+    } else if T == Q5K {
+        packed_q5k::<D, C>(p, nb / 8, xs, out, ld)
     } else if T == Q6K {
         packed_q6k::<D, C>(p, nb / 8, xs, out, ld)
     } else if T == Q5_0 || T == Q5_1 {
@@ -725,7 +815,7 @@ unsafe fn packed_group<D: Lanes, const T: u8, const C: usize>(
 #[inline(always)]
 unsafe fn packed_body<D: Lanes, const T: u8>(packed: &[u8], rows: usize, nb: usize, x: &Q8Acts, out: &mut [f32]) {
     // Blocks per row: runs of 32, or super-blocks of 256 for the k-quants.
-    let blocks = if T == Q4K || T == Q6K { nb / 8 } else { nb };
+    let blocks = if T == Q4K || T == Q5K || T == Q6K { nb / 8 } else { nb };
     let gbytes = blocks * R8 * type_size(T);
     let (n, o) = (x.rows, out.as_mut_ptr());
     // The tokens' rows once, not for every group of 8 weight rows.
@@ -765,6 +855,7 @@ macro_rules! entry {
                 GgmlType::Q5_1 => $body::<$dot, Q5_1>($($arg),*),
                 GgmlType::Q8_0 => $body::<$dot, Q8_0>($($arg),*),
                 GgmlType::Q4K => $body::<$dot, Q4K>($($arg),*),
+                GgmlType::Q5K => $body::<$dot, Q5K>($($arg),*),
                 GgmlType::Q6K => $body::<$dot, Q6K>($($arg),*),
                 _ => unreachable!("no integer kernel for {ty}"),
             }
@@ -1116,7 +1207,7 @@ pub fn packed(isa: Isa, ty: GgmlType, packed: &[u8], rows: usize, x: &Q8Acts, ou
     let row_bytes = ty.row_bytes(x.cols as u64).unwrap_or(0) as usize;
     assert_eq!(packed.len(), rows * row_bytes, "repacked {ty} weights of the wrong size");
     assert!(
-        !matches!(ty, GgmlType::Q4K | GgmlType::Q6K) || nb.is_multiple_of(8),
+        !matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K) || nb.is_multiple_of(8),
         "k-quant rows are whole super-blocks"
     );
     assert!(out.len() >= rows * x.rows, "output too short");
