@@ -32,7 +32,7 @@ impl From<cairn::Error> for Failure {
     fn from(e: cairn::Error) -> Failure {
         use cairn::Error as E;
         let status = match &e {
-            E::Io { .. } | E::Fetch(_) => crate::CAIRN_ERR_IO,
+            E::Io { .. } | E::Fetch(_) | E::Energy(_) => crate::CAIRN_ERR_IO,
             E::Format { .. } => crate::CAIRN_ERR_FORMAT,
             E::Model(_) => crate::CAIRN_ERR_MODEL,
             E::Input(_) => crate::CAIRN_ERR_INVALID_ARGUMENT,

@@ -17,6 +17,8 @@ pub enum Error {
     Text(String),
     /// Fetching a model failed.
     Fetch(String),
+    /// An energy counter is absent, unreadable, or reads nonsense.
+    Energy(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -45,7 +47,7 @@ impl fmt::Display for Error {
         match self {
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Format { path, source } => write!(f, "{}: {source}", path.display()),
-            Error::Model(m) | Error::Input(m) | Error::Text(m) | Error::Fetch(m) => f.write_str(m),
+            Error::Model(m) | Error::Input(m) | Error::Text(m) | Error::Fetch(m) | Error::Energy(m) => f.write_str(m),
         }
     }
 }
