@@ -75,6 +75,7 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
             memory: o.memory,
             dense_cache: o.dense_cache,
             context: held,
+            budget_counts_process: true,
             ..Default::default()
         },
     )?;
@@ -131,10 +132,11 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     let peak_rss_bytes = peak_rss();
     let threads = if o.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { o.threads };
     let (model_bytes, backend) = (engine.file.file_bytes(), engine.runner.backend_name());
-    // The model goes first, and under a budget the buffer fits in it: the process
-    // stays within its budget through the bandwidth test too.
+    // The model goes first, and under a budget the buffer fits in what the process
+    // does not hold by then: it stays within its budget through the bandwidth test too.
     drop(engine);
-    let read_gbps = read_bandwidth_in(threads, o.memory.map_or(BANDWIDTH_BYTES, |b| (b as usize).min(BANDWIDTH_BYTES)));
+    let room = o.memory.map(|b| b.saturating_sub(current_rss().unwrap_or(0)) as usize);
+    let read_gbps = read_bandwidth_in(threads, room.map_or(BANDWIDTH_BYTES, |r| r.min(BANDWIDTH_BYTES)));
     let tg_tps = (!tg.is_empty()).then(|| Stat::of(&tg));
     Ok(BenchReport {
         model: path.display().to_string(),
@@ -193,22 +195,7 @@ fn read_bandwidth_in(threads: usize, bytes: usize) -> f64 {
     best
 }
 
-/// Peak resident set size (Linux: VmHWM).
-pub fn peak_rss() -> Option<u64> {
-    status_kb("VmHWM:")
-}
-
-/// Current resident set size (Linux: VmRSS).
-pub fn current_rss() -> Option<u64> {
-    status_kb("VmRSS:")
-}
-
-fn status_kb(key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with(key))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use crate::engine::{current_rss, peak_rss};
 
 impl BenchReport {
     pub fn markdown(&self) -> String {

@@ -30,6 +30,10 @@ pub struct EngineOptions {
     pub context: usize,
     /// Whether BitStack matrices may run from dense Q8_0 copies.
     pub dense_cache: crate::bitstack::DenseCache,
+    /// Whether `memory` bounds the whole process (the CLI: binary, tokenizer and heap
+    /// included, measured before the weights load) or only the model (a library inside
+    /// an app, whose own memory is not the model's to spend).
+    pub budget_counts_process: bool,
 }
 
 pub struct Engine {
@@ -42,6 +46,8 @@ pub struct Engine {
     pub backend_note: Option<String>,
     /// Context length that memory budgets reserve a KV cache for.
     memory_ctx: usize,
+    /// Resident bytes of the process before the weights loaded, when the budget counts them.
+    process_bytes: u64,
 }
 
 fn load_cpu(file: &ModelFile, opts: &EngineOptions) -> Result<Box<dyn Runner>> {
@@ -74,25 +80,42 @@ fn gpu_present() -> bool {
     false
 }
 
+fn load_cuda(file: &ModelFile, opts: &EngineOptions) -> Result<Box<dyn Runner>> {
+    if opts.exact {
+        return Err(Error::input("--exact runs on the CPU backend only"));
+    }
+    model::load(file, crate::backend::cuda::CudaBackend::new()?)
+}
+
 /// The model on the backend `opts` asks for, and a note when `auto` fell back.
 fn load_runner(file: &ModelFile, opts: &EngineOptions) -> Result<(Box<dyn Runner>, Option<String>)> {
     match opts.backend {
         BackendKind::Cpu => Ok((load_cpu(file, opts)?, None)),
         BackendKind::Wgpu => Ok((load_wgpu(file, opts)?, None)),
+        BackendKind::Cuda => Ok((load_cuda(file, opts)?, None)),
         BackendKind::Auto if opts.exact => {
             Ok((load_cpu(file, opts)?, Some("--exact: using the CPU backend".to_string())))
         }
-        // A CPU emulation of Vulkan (llvmpipe) is slower than the CPU backend itself.
-        BackendKind::Auto if !gpu_present() => {
-            Ok((load_cpu(file, opts)?, Some("no GPU found: using the CPU backend".to_string())))
+        BackendKind::Auto => {
+            let cuda = match load_cuda(file, opts) {
+                Ok(r) => return Ok((r, None)),
+                Err(e) => e,
+            };
+            // A CPU emulation of Vulkan (llvmpipe) is slower than the CPU backend itself.
+            if !gpu_present() {
+                let note = format!("no CUDA device ({cuda}) and no other GPU: using the CPU backend");
+                return Ok((load_cpu(file, opts)?, Some(note)));
+            }
+            match load_wgpu(file, opts) {
+                Ok(r) => Ok((r, Some(format!("no CUDA device ({cuda}): using wgpu")))),
+                Err(e) => Ok((
+                    load_cpu(file, opts)?,
+                    Some(format!(
+                        "no CUDA device ({cuda}) and the wgpu backend is unavailable ({e}): using the CPU backend"
+                    )),
+                )),
+            }
         }
-        BackendKind::Auto => match load_wgpu(file, opts) {
-            Ok(r) => Ok((r, None)),
-            Err(e) => Ok((
-                load_cpu(file, opts)?,
-                Some(format!("the wgpu backend is unavailable ({e}): using the CPU backend")),
-            )),
-        },
     }
 }
 
@@ -102,10 +125,15 @@ impl Engine {
     }
 
     pub fn from_file(file: ModelFile, opts: &EngineOptions) -> Result<Engine> {
-        let (runner, backend_note) = load_runner(&file, opts)?;
         let meta = &file.metadata;
-        let tokenizer =
-            Tokenizer::from_metadata(meta).map_err(|e| Error::model(format!("{}: {e}", file.path.display())))?;
+        // The tokenizer is built first so that the measurement below includes it; its
+        // error waits until the weights have loaded, so that a broken model is reported
+        // as such rather than by its tokenizer.
+        let tokenizer = Tokenizer::from_metadata(meta);
+        // Before any weight is touched: what the process holds besides the model.
+        let process_bytes = if opts.budget_counts_process { current_rss().unwrap_or(0) } else { 0 };
+        let (runner, backend_note) = load_runner(&file, opts)?;
+        let tokenizer = tokenizer.map_err(|e| Error::model(format!("{}: {e}", file.path.display())))?;
         if tokenizer.vocab_size() > runner.config().vocab {
             return Err(Error::model(format!(
                 "{}: the tokenizer has {} tokens but the embedding only {} rows",
@@ -116,7 +144,7 @@ impl Engine {
         }
         let template = ChatTemplate::from_metadata(meta).map_err(|e| e.to_string());
         let memory_ctx = if opts.context == 0 { runner.config().context } else { opts.context };
-        let engine = Engine { file, runner, tokenizer, template, backend_note, memory_ctx };
+        let engine = Engine { file, runner, tokenizer, template, backend_note, memory_ctx, process_bytes };
         if let Some(s) = &engine.file.stack {
             s.set_dense_cache(opts.dense_cache);
         }
@@ -137,7 +165,7 @@ impl Engine {
     /// use: the next forward pass uses the new blocks, and only the blocks that change
     /// are read or released. A budget below the minimum is refused, naming the minimum.
     pub fn set_memory_budget(&self, budget: u64) -> Result<MemoryPlan> {
-        bitstack::apply_budget(&self.file, self.runner.config(), self.memory_ctx, budget)
+        bitstack::apply_budget(&self.file, self.runner.config(), self.memory_ctx, self.process_bytes, budget)
     }
 
     pub fn vocab(&self) -> usize {
@@ -704,4 +732,22 @@ pub fn perplexity(
 fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+}
+
+// Process memory, read here because memory budgets count it (`bench` re-exports these).
+/// Peak resident set size (Linux: VmHWM).
+pub fn peak_rss() -> Option<u64> {
+    status_kb("VmHWM:")
+}
+
+/// Current resident set size (Linux: VmRSS).
+pub fn current_rss() -> Option<u64> {
+    status_kb("VmRSS:")
+}
+
+fn status_kb(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -15,6 +15,7 @@ pub mod chat;
 pub mod cli;
 #[cfg(feature = "cli")]
 pub mod convert;
+pub mod energy;
 pub mod engine;
 pub mod error;
 pub mod longctx;
@@ -22,6 +23,7 @@ pub mod model;
 pub mod needle;
 #[cfg(feature = "cli")]
 pub mod pull;
+pub mod route;
 pub mod sampling;
 #[cfg(feature = "server")]
 pub mod server;

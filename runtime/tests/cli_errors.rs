@@ -391,3 +391,24 @@ fn convert_refuses_bad_arguments_and_inputs() {
     check(&dir, &["info", "-m", &bad], &["output_norm.weight", "checksum"]);
     check(&dir, &["generate", "-m", &bad, "-p", "hi"], &["checksum"]);
 }
+
+/// Without an NVIDIA driver (this machine, CI): `--backend cuda` is one clear error,
+/// `auto` falls back and says so, `info --devices` says why there is no CUDA device.
+#[test]
+fn cuda_without_a_driver() {
+    if cairn::backend::cuda::CudaBackend::new().is_ok() {
+        eprintln!("skipping: a CUDA device is present");
+        return;
+    }
+    let dir = TempDir::new();
+    let path = common::model_path();
+    let m = path.to_str().expect("utf-8 model path");
+    let msg = check(&dir, &["generate", "-t", "1", "-m", m, "-p", "hi", "-n", "1", "--backend", "cuda"], &["cuda"]);
+    assert!(msg.contains("driver") || msg.contains("feature"), "{msg}");
+    let o = cairn(&dir, &["generate", "-t", "1", "-m", m, "-p", "hi", "-n", "1", "--temp", "0", "--backend", "auto"]);
+    assert_eq!(o.code, Some(0), "auto falls back: {}", o.stderr);
+    assert!(o.stderr.contains("no CUDA device") && o.stderr.contains("CPU backend"), "{}", o.stderr);
+    let o = cairn(&dir, &["info", "--devices"]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stdout.contains("no CUDA devices"), "{}", o.stdout);
+}

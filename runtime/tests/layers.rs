@@ -12,9 +12,8 @@ use std::path::Path;
 /// The layers, bottom up, and the module paths in each. A path of a file inside a
 /// directory (`bitstack::build`) overrides the directory's layer, for a directory
 /// that mixes layers: the longest entry that is a prefix of a module's path wins.
-/// `server` and `route` do not exist yet; they are front ends when they do.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("storage", &["error", "weights", "bitstack", "synthetic", "tokenizer", "chat", "sampling"]),
+    ("storage", &["error", "weights", "bitstack", "synthetic", "tokenizer", "chat", "sampling", "energy"]),
     ("backends", &["backend"]),
     ("model", &["model"]),
     ("long prompts", &["longctx"]),

@@ -10,6 +10,7 @@ mod common;
 
 use std::sync::OnceLock;
 
+use common::weights::{norm_weight, random, weight_file};
 use common::{ids, max_rel_diff};
 
 use cairn::backend::cpu::CpuBackend;
@@ -19,9 +20,9 @@ use cairn::bitstack::apply_budget;
 use cairn::convert::{self, Quant};
 use cairn::engine::{Engine, EngineOptions};
 use cairn::model::{self, Logits};
-use cairn::synthetic::{llama_gguf, SplitMix, SyntheticConfig};
+use cairn::synthetic::{llama_gguf, SyntheticConfig};
 use cairn::weights::ModelFile;
-use cairn_formats::{quant, CairnBuilder, FineType, GgmlType, GgufBuilder};
+use cairn_formats::{FineType, GgmlType};
 use common::stack::{logits, small_model, stacked};
 
 /// Matmul and element-wise results: f32 on both sides, only the summation order differs.
@@ -60,30 +61,6 @@ fn gpu() -> Option<&'static WgpuBackend> {
 
 fn cpu_ref() -> CpuBackend {
     CpuBackend::reference(2).unwrap()
-}
-
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = SplitMix(seed);
-    (0..n).map(|_| r.next_f32()).collect()
-}
-
-/// A file holding `w` (`[k, m]`: m rows of k values) as `ty`: a GGUF, or a `.cairn` for
-/// the FineQuant types (which GGUF cannot store).
-fn weight_file(ty: GgmlType, k: usize, m: usize, seed: u64) -> ModelFile {
-    let x = random(k * m, seed);
-    let rb = ty.row_bytes(k as u64).unwrap() as usize;
-    let mut bytes = vec![0u8; rb * m];
-    // Row by row: a FineQuant row's last group may be short, so rows encode one at a time.
-    for (src, dst) in x.chunks(k).zip(bytes.chunks_mut(rb)) {
-        quant::quantize(ty, src, dst).unwrap();
-    }
-    let dims = [k as u64, m as u64];
-    if let GgmlType::Fine(_) = ty {
-        let c = CairnBuilder::new().tensor("w", &dims, ty, bytes).unwrap().build();
-        return ModelFile::from_bytes("w.cairn", c).unwrap();
-    }
-    let g = GgufBuilder::new().tensor("w", &dims, ty, bytes).unwrap().build();
-    ModelFile::from_bytes("w.gguf", g).unwrap()
 }
 
 const TYPES: [GgmlType; 9] = [
@@ -218,7 +195,7 @@ fn bitstack_matches_the_cpu() {
     let ids: Vec<u32> = (0..12).map(|i| (i * 5 % 90) as u32).collect();
     let mut seen = Vec::new();
     for budget in [small, big, small] {
-        apply_budget(&a, &cfg, 64, budget).unwrap();
+        apply_budget(&a, &cfg, 64, 0, budget).unwrap();
         let (got, want) = (logits(gpu.as_ref(), &ids), logits(cpu.as_ref(), &ids));
         let d = max_rel_diff(&got, &want);
         eprintln!("BitStack at {budget} bytes: GPU vs CPU logits, largest relative difference {d:.2e}");
@@ -271,16 +248,6 @@ fn embed_every_type() {
         let err = g.embed(&wg, &[30], 1.0).err().expect("id past the vocabulary");
         assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     }
-}
-
-fn norm_weight(len: usize) -> ModelFile {
-    let w: Vec<f32> = random(len, 5).iter().map(|v| 1.0 + v).collect();
-    let g = GgufBuilder::new().tensor("n", &[len as u64], GgmlType::F32, bytemuck_f32(&w)).unwrap().build();
-    ModelFile::from_bytes("n.gguf", g).unwrap()
-}
-
-fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 #[test]

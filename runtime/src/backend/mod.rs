@@ -3,6 +3,7 @@
 //! (CPU, wgpu, CUDA) or a weight storage type never needs its own copy of a model.
 
 pub mod cpu;
+pub mod cuda;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
@@ -17,7 +18,10 @@ pub enum BackendKind {
     Cpu,
     /// The wgpu backend on the first GPU adapter (an error if there is none).
     Wgpu,
-    /// wgpu on a real GPU if one is present, else the CPU; any fallback is announced.
+    /// The CUDA backend on the first NVIDIA device (an error without driver or device).
+    Cuda,
+    /// CUDA if a device is present, else wgpu on a real GPU, else the CPU; any fallback
+    /// is announced.
     Auto,
 }
 
@@ -27,8 +31,9 @@ impl std::str::FromStr for BackendKind {
         match s {
             "cpu" => Ok(BackendKind::Cpu),
             "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
+            "cuda" => Ok(BackendKind::Cuda),
             "auto" => Ok(BackendKind::Auto),
-            _ => Err(format!("unknown backend {s:?} (cpu, wgpu or auto)")),
+            _ => Err(format!("unknown backend {s:?} (cpu, cuda, wgpu or auto)")),
         }
     }
 }
@@ -77,6 +82,35 @@ pub(crate) fn check_append(pos0: usize, rows: usize, len: usize, capacity: usize
         )));
     }
     Ok(())
+}
+
+/// How many of the first `len` positions a cache holding `held` positions in `slots`
+/// slots (a ring when `slots` is short of the context) can keep: the next query, at
+/// `len`, must still find the keys its window reaches back to. Shared by the GPU caches.
+pub(crate) fn ring_keepable(len: usize, held: usize, slots: usize, window: Option<usize>) -> usize {
+    let len = len.min(held);
+    let oldest = held.saturating_sub(slots);
+    let needed = window.map_or(0, |w| (len + 1).saturating_sub(w));
+    if needed < oldest {
+        0
+    } else {
+        len
+    }
+}
+
+/// RoPE's (cos, sin) pairs for `n` rows from `pos0`, `[row][head_dim / 2]`, angles in f64
+/// as the CPU computes them: the GPU backends upload this table.
+pub(crate) fn rope_table(pos0: usize, n: usize, hd: usize, base: f32) -> Vec<f32> {
+    let half = hd / 2;
+    let mut t = Vec::with_capacity(n * half * 2);
+    for r in 0..n {
+        for i in 0..half {
+            let theta = (pos0 + r) as f64 * (base as f64).powf(-2.0 * i as f64 / hd as f64);
+            let (sin, cos) = theta.sin_cos();
+            t.extend([cos as f32, sin as f32]);
+        }
+    }
+    t
 }
 
 /// One layer's cache, as the model sees it.

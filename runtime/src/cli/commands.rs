@@ -34,6 +34,8 @@ fn engine_options(m: &ModelArgs) -> Result<EngineOptions> {
         memory,
         context: m.ctx_size,
         dense_cache,
+        // `--memory` bounds what the command's process holds (its peak RSS).
+        budget_counts_process: true,
     })
 }
 
@@ -382,6 +384,26 @@ pub fn perplexity(m: &ModelArgs, file: &Path, windows: Option<usize>) -> Result<
 
 /// The GPU adapters the wgpu backend can use, with what it needs to know of them.
 pub fn devices() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    match crate::backend::cuda::driver::devices() {
+        Ok(list) => {
+            for d in list {
+                println!(
+                    "cuda [{}] {} (compute {}.{}, {} MiB, {}{})",
+                    d.ordinal,
+                    d.name,
+                    d.compute.0,
+                    d.compute.1,
+                    d.memory >> 20,
+                    if d.integrated { "integrated" } else { "discrete" },
+                    if d.host_register { ", host memory usable in place" } else { "" }
+                );
+            }
+        }
+        Err(e) => println!("no CUDA devices: {e}; --backend cuda is unavailable"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    println!("this build of cairn has no CUDA backend (built without the `cuda` feature)");
     #[cfg(feature = "wgpu")]
     {
         let list = crate::backend::wgpu::list_adapters();
@@ -593,6 +615,10 @@ pub fn stack_eval(m: &ModelArgs, file: &Path, o: &StackEvalOptions, json: Option
     if let Some(b) = o.max_bits {
         hi = hi.min((b * params as f64 / 8.0) as u64).max(lo);
     }
+    // Under --memory the curve stays within the budget: its largest point is the plan's.
+    if m.memory.is_some() {
+        hi = hi.min(stack.prefix_cost(stack.prefix())).max(lo);
+    }
     let orders: Vec<BlockOrder> =
         o.orders.iter().map(|n| block_order(stack, n, &engine.file)).collect::<Result<_>>()?;
     let points = o.points.max(2);
@@ -779,4 +805,15 @@ pub fn serve(m: &ModelArgs, a: ServeArgs) -> Result<()> {
         body_limit: 4 << 20,
     };
     crate::server::run(opts)
+}
+
+/// `cairn route solve`: one JSON line on stdout.
+pub fn route_solve(path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let inst =
+        crate::route::Instance::from_json(&text).map_err(|e| Error::input(format!("{}: {e}", path.display())))?;
+    let answer = inst.solve()?;
+    let line = serde_json::to_string(&answer).map_err(|e| Error::model(format!("cannot print the answer: {e}")))?;
+    println!("{line}");
+    Ok(())
 }

@@ -188,7 +188,15 @@ fn load(opts: &ServeOptions, app: &App, tx: std::sync::mpsc::Sender<Msg>) -> Res
     if let Some(b) = opts.engine.memory {
         app.metrics.memory_budget.store(b, Ordering::Relaxed);
     }
-    let sched = Scheduler::new(engine.clone(), opts.parallel, ctx, app.metrics.clone())?;
+    let mut sched = Scheduler::new(engine.clone(), opts.parallel, ctx, app.metrics.clone())?;
+    // Energy per request for /metrics: the first real counter, else the estimate.
+    // CAIRN_SYSFS_ROOT stands for `/` (a fixture tree in tests).
+    let root = std::env::var_os("CAIRN_SYSFS_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from);
+    let energy = crate::energy::detect(&root);
+    eprintln!("serve: {}", energy.note);
+    sched.set_energy(energy.reader);
+    // The power gauge (a Jetson's board power) reads its own reader at each scrape.
+    app.metrics.set_power_reader(crate::energy::detect(&root).reader);
     eprintln!(
         "serve: {} on {} in {:.1}s; {} slots × {ctx} tokens (KV cache at most {:.1} MiB), queue {}",
         app.model_name,

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Metrics;
 use crate::bitstack::MemoryPlan;
+use crate::energy::EnergyReader;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::longctx::Method;
@@ -124,6 +125,8 @@ struct Running {
     first_token: Option<Instant>,
     /// Whether a stop string cut the text.
     cut: bool,
+    /// Its share of the energy of the passes it was in.
+    energy_j: f64,
 }
 
 struct Slot {
@@ -150,6 +153,8 @@ pub struct Scheduler {
     slots: Vec<Slot>,
     waiting: VecDeque<Box<Job>>,
     metrics: Arc<Metrics>,
+    /// Read around every forward pass; `None`: energy is not followed.
+    energy: Option<Box<dyn EnergyReader>>,
 }
 
 impl Scheduler {
@@ -166,7 +171,25 @@ impl Scheduler {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Scheduler { engine, slots, waiting: VecDeque::new(), metrics })
+        Ok(Scheduler { engine, slots, waiting: VecDeque::new(), metrics, energy: None })
+    }
+
+    /// Follow energy with `reader`: each forward pass's joules go to `/metrics` and are
+    /// shared by the requests in the pass, by tokens fed.
+    pub fn set_energy(&mut self, reader: Box<dyn EnergyReader>) {
+        self.metrics.set_energy_source(reader.name(), reader.is_estimate());
+        self.energy = Some(reader);
+    }
+
+    /// The reader's joules now; a failed read is logged and the pass goes uncounted.
+    fn read_energy(&mut self) -> Option<f64> {
+        match self.energy.as_mut()?.read_joules() {
+            Ok(j) => Some(j),
+            Err(e) => {
+                log::debug!("energy: {e}");
+                None
+            }
+        }
     }
 
     /// Serve until every sender of `rx` is gone and no request is left.
@@ -328,6 +351,7 @@ impl Scheduler {
             cached: keep,
             first_token: None,
             cut: false,
+            energy_j: 0.0,
             job,
         });
         self.publish();
@@ -395,8 +419,19 @@ impl Scheduler {
                 plan.push((i, n, last));
             }
         }
+        let j0 = self.energy.as_mut().and_then(|r| r.read_joules().ok());
         let out = self.engine.runner.forward_batch(&mut batch);
         drop(batch);
+        if let (Some(j0), Some(j1)) = (j0, self.read_energy()) {
+            let joules = (j1 - j0).max(0.0);
+            self.metrics.add_energy(joules);
+            let rows: usize = plan.iter().map(|p| p.1).sum();
+            for &(i, n, _) in &plan {
+                if let Some(run) = self.slots[i].run.as_mut() {
+                    run.energy_j += joules * n as f64 / rows.max(1) as f64;
+                }
+            }
+        }
         let logits = match out {
             Ok(l) => l,
             Err(e) => {
@@ -531,6 +566,7 @@ fn finish(mut run: Running, how: Finish, metrics: &Metrics) {
         ttft: run.first_token.map(|t| t - run.job.arrived),
     };
     metrics.finished.fetch_add(1, Ordering::Relaxed);
+    metrics.observe_request_energy(run.energy_j);
     let _ = ev.send(Event::Done(summary));
 }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 pub mod batch;
 #[cfg(feature = "cli")]
 pub mod stack;
+pub mod weights;
 
 /// The default model, fetched through the project's own pull code (cached under
 /// `$CAIRN_HOME`, so reruns find it).

@@ -123,6 +123,19 @@ def main():
     m = metrics()
     assert m["cairn_slots_busy"] == 0 and m["cairn_queue_depth"] == 0, f"gauges after the last request: {m}"
     note("--timeout 3", f"a 1000-token request ended after {took:.1f}s with {r.usage.completion_tokens} tokens, finish length")
+
+    # Energy per request (`crate::energy::detect`: a real counter, else the CPU-time
+    # estimate, labelled so): one source, every finished request counted, and their
+    # shares never more than the passes' total.
+    m = metrics()
+    total = [k for k in m if k.startswith("cairn_energy_joules_total{")]
+    assert len(total) == 1, f"one energy source expected: {total}"
+    labels = total[0][len("cairn_energy_joules_total"):]
+    assert 'estimate="true"' in labels or 'estimate="false"' in labels, labels
+    count, esum = m["cairn_request_energy_joules_count" + labels], m["cairn_request_energy_joules_sum" + labels]
+    assert count == m["cairn_requests_finished_total"] and count >= 3, f"{count} requests with energy, {m['cairn_requests_finished_total']} finished"
+    assert 0 < esum <= m[total[0]] + 1e-3, f"request energy {esum} J, passes {m[total[0]]} J"
+    note("energy", f"{labels}: {m[total[0]]:.2f} J over passes, {esum:.2f} J over {count:.0f} finished requests")
     note("total", f"{time.monotonic() - t0:.1f}s")
     print_summary("cairn serve, queue")
 

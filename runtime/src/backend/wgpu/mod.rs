@@ -289,15 +289,7 @@ pub struct GpuKv {
 
 impl KvLayer for GpuKv {
     fn keepable(&self, len: usize) -> usize {
-        let len = len.min(self.len);
-        // The next query (at `len`) must still find the keys its window reaches back to.
-        let oldest = self.len.saturating_sub(self.slots);
-        let needed = self.window.map_or(0, |w| (len + 1).saturating_sub(w));
-        if needed < oldest {
-            0
-        } else {
-            len
-        }
+        super::ring_keepable(len, self.len, self.slots, self.window)
     }
     fn truncate(&mut self, len: usize) -> usize {
         self.len = self.keepable(len);
@@ -782,15 +774,7 @@ impl WgpuBackend {
                 return b.clone();
             }
         }
-        let half = hd / 2;
-        let mut t = Vec::with_capacity(n * half * 2);
-        for r in 0..n {
-            for i in 0..half {
-                let theta = (pos0 + r) as f64 * (base as f64).powf(-2.0 * i as f64 / hd as f64);
-                let (sin, cos) = theta.sin_cos();
-                t.extend([cos as f32, sin as f32]);
-            }
-        }
+        let t = super::rope_table(pos0, n, hd, base);
         use wgpu::BufferUsages as U;
         let buf = Arc::new(self.new_buffer((t.len() * 4).max(16) as u64, U::STORAGE | U::COPY_DST, false));
         self.write(&buf, bytemuck::cast_slice(&t));
