@@ -182,6 +182,18 @@ impl Engine {
         Ok(ids)
     }
 
+    /// The prompt of a chat: `messages` in the model's template with the assistant's
+    /// turn opened, or their plain text for a model without one.
+    pub fn chat_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        match &self.template {
+            Ok(template) => {
+                let prompt = template.render(messages, true).map_err(|e| Error::Text(e.to_string()))?;
+                Ok(self.tokenizer.encode(&prompt, true)?)
+            }
+            Err(_) => self.tokenize(&messages.iter().map(|m| m.content.as_str()).collect::<String>()),
+        }
+    }
+
     pub fn new_session(&self, context: usize) -> Result<Session<'_>> {
         let context = if context == 0 { self.runner.config().context } else { context };
         Ok(Session {
@@ -490,8 +502,9 @@ impl<'e> Session<'e> {
         Ok(())
     }
 
-    /// Evaluate one generated token (H2O: accumulating attention, then evicting).
-    fn step(&mut self, id: u32) -> Result<Vec<f32>> {
+    /// Evaluate one generated token (H2O: accumulating attention, then evicting) and
+    /// return the next logits.
+    pub fn step(&mut self, id: u32) -> Result<Vec<f32>> {
         let runner = &self.engine.runner;
         let logits = match self.h2o.take() {
             Some((k, mass)) => {
@@ -647,14 +660,7 @@ impl<'e> Chat<'e> {
     }
 
     fn prompt_ids(&self) -> Result<Vec<u32>> {
-        let engine = self.session.engine;
-        match &engine.template {
-            Ok(template) => {
-                let prompt = template.render(&self.messages, true).map_err(|e| Error::Text(e.to_string()))?;
-                Ok(engine.tokenizer.encode(&prompt, true)?)
-            }
-            Err(_) => engine.tokenize(&self.messages.iter().map(|m| m.content.as_str()).collect::<String>()),
-        }
+        self.session.engine.chat_ids(&self.messages)
     }
 
     /// Add the user's message, generate the reply (streamed through `on_text`) and keep
@@ -750,4 +756,10 @@ fn status_kb(key: &str) -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+// TEMP-STUB
+impl Engine {
+    pub fn embed(&self, _ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(vec![0.0; 4])
+    }
 }

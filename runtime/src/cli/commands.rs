@@ -817,3 +817,209 @@ pub fn route_solve(path: &Path) -> Result<()> {
     println!("{line}");
     Ok(())
 }
+
+/// A `--route` request's settings.
+pub struct Routed {
+    pub registry: PathBuf,
+    pub budget: crate::route::router::Budget,
+    pub fallback: crate::route::router::Fallback,
+    pub json: bool,
+}
+
+fn open_router(r: &Routed) -> Result<(crate::route::registry::Registry, crate::route::router::Router)> {
+    let reg = crate::route::registry::Registry::load(&r.registry)?;
+    let gate = crate::route::load_gate(&reg)?;
+    let router = crate::route::open(&reg, gate)?;
+    Ok((reg, router))
+}
+
+/// The routing report: one JSON line, or a short line for people.
+fn print_report(r: &crate::route::router::Report, json: bool) {
+    if json {
+        let v = serde_json::json!({
+            "chosen": r.chosen,
+            "weights": r.weights,
+            "answered": r.answered,
+            "dropped": r.dropped.iter().map(|(n, why)| serde_json::json!({"expert": n, "why": why})).collect::<Vec<_>>(),
+            "fallback": r.fallback,
+            "expected_loss": r.expected_loss,
+            "predicted": {"latency_s": r.predicted.latency_s, "energy_j": r.predicted.energy_j},
+            "measured": {"latency_s": r.measured.latency_s, "energy_j": r.measured.energy_j, "energy_estimate": r.energy_estimate},
+            "prompt_tokens": r.prompt_tokens,
+            "new_tokens": r.new_tokens,
+        });
+        eprintln!("{v}");
+        return;
+    }
+    if let Some(f) = &r.fallback {
+        eprintln!("note: {f}; it answers anyway (--fallback refuse to refuse)");
+    }
+    for (n, why) in &r.dropped {
+        eprintln!("note: dropped {n}: {why}");
+    }
+    let est = if r.energy_estimate { " (estimated)" } else { "" };
+    eprintln!(
+        "route: {} (weights {}); predicted {:.2} s, {:.2} J; measured {:.2} s, {:.2} J{est}",
+        r.answered.join(" + "),
+        r.weights.iter().map(|w| format!("{w:.2}")).collect::<Vec<_>>().join("/"),
+        r.predicted.latency_s,
+        r.predicted.energy_j,
+        r.measured.latency_s,
+        r.measured.energy_j
+    );
+}
+
+/// Save the profiles the requests refined (moving averages), beside the registry.
+fn save_profiles(reg: &crate::route::registry::Registry, router: &crate::route::router::Router) {
+    let path = reg.side_file("profile");
+    let mut ps = match crate::route::profile::Profiles::load(&path) {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    for (name, p) in router.names().iter().zip(router.profiles()) {
+        ps.experts.insert(name.clone(), p);
+    }
+    if let Err(e) = ps.save(&path) {
+        eprintln!("note: the refined profiles were not saved: {e}");
+    }
+}
+
+/// `generate --route`: one routed raw completion.
+pub fn route_generate(
+    r: &Routed,
+    prompt: &str,
+    max_new: usize,
+    flags: &SamplingHints,
+    seed: u64,
+    json: bool,
+) -> Result<()> {
+    use crate::route::router::Prompt;
+    let (reg, router) = open_router(r)?;
+    let sampling = crate::sampling::SamplingDefaults::resolve(&[(crate::sampling::Origin::Flag, flags)], seed).config;
+    let a = router.answer(Prompt::Text(prompt), max_new, &sampling, r.budget, r.fallback, |t| {
+        if !json {
+            let _ = flush(t);
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::json!({"text": a.text, "chosen": a.report.chosen}));
+    } else {
+        println!();
+    }
+    print_report(&a.report, r.json);
+    save_profiles(&reg, &router);
+    Ok(())
+}
+
+/// `chat --route`: each turn routed anew over the whole history.
+pub fn route_chat(
+    r: &Routed,
+    prompt: Option<&str>,
+    system: Option<&str>,
+    max_new: usize,
+    flags: &SamplingHints,
+    seed: u64,
+) -> Result<()> {
+    use crate::chat::Message;
+    use crate::route::router::Prompt;
+    let (reg, router) = open_router(r)?;
+    let sampling = crate::sampling::SamplingDefaults::resolve(&[(crate::sampling::Origin::Flag, flags)], seed).config;
+    let mut messages: Vec<Message> = system.map(|s| Message::new("system", s)).into_iter().collect();
+    let turn = |messages: &mut Vec<Message>, user: &str| -> Result<()> {
+        messages.push(Message::new("user", user));
+        match router.answer(Prompt::Chat(messages), max_new, &sampling, r.budget, r.fallback, |t| {
+            let _ = flush(t);
+        }) {
+            Ok(a) => {
+                println!();
+                print_report(&a.report, r.json);
+                messages.push(Message::new("assistant", a.text.trim()));
+                Ok(())
+            }
+            Err(e) => {
+                messages.pop();
+                Err(e)
+            }
+        }
+    };
+    if let Some(p) = prompt {
+        turn(&mut messages, p)?;
+        save_profiles(&reg, &router);
+        return Ok(());
+    }
+    eprintln!(
+        "Chatting with the router over {} ({} experts). Type /exit or Ctrl-D to quit.",
+        r.registry.display(),
+        router.names().len()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).map_err(|e| Error::Input(e.to_string()))? == 0 {
+            eprintln!();
+            break;
+        }
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            l => {
+                if let Err(e) = turn(&mut messages, l) {
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+    }
+    save_profiles(&reg, &router);
+    Ok(())
+}
+
+/// `cairn route profile`: measure each expert in turn, print a table, save the file.
+pub fn route_profile(path: &Path, reps: usize, remote_watts: f64) -> Result<()> {
+    use crate::route::registry::{Place, Registry};
+    use crate::route::{profile, remote};
+    let reg = Registry::load(path)?;
+    let mut energy = crate::energy::detect(Path::new("/"));
+    eprintln!("{}", energy.note);
+    let out = reg.side_file("profile");
+    let mut ps = profile::Profiles::load(&out).unwrap_or_else(|_| profile::Profiles::new());
+    let n = reg.experts.len();
+    println!(
+        "{:<16} {:>9} {:>9} {:>8} {:>10} {:>10} {:>8} {:>9}  energy",
+        "expert", "pp t/s", "tg t/s", "start ms", "pp mJ/tok", "tg mJ/tok", "rtt ms", "MB/s"
+    );
+    for (k, e) in reg.experts.iter().enumerate() {
+        eprintln!("[{}/{n}] profiling {} ...", k + 1, e.name);
+        let p = match &e.place {
+            Place::Local { .. } => {
+                let engine = crate::route::load_local(e)?;
+                profile::measure_local(&engine, energy.reader.as_mut(), reps)?
+            }
+            Place::Remote { url, model, api_key, tokenizer } => {
+                let tok_expert = tokenizer.as_deref().and_then(|t| reg.find(t)).unwrap_or(reg.embedder);
+                let engine = crate::route::load_local(&reg.experts[tok_expert])?;
+                let r = remote::Remote::new(url, model, api_key.as_deref());
+                remote::measure(&r, &|t| engine.tokenize(t), reps, remote_watts)
+                    .map_err(|err| Error::input(format!("expert {}: {err}", e.name)))?
+            }
+        };
+        println!(
+            "{:<16} {:>9.1} {:>9.1} {:>8.1} {:>10.2} {:>10.2} {:>8} {:>9}  {}{}",
+            e.name,
+            p.prefill_tps,
+            p.decode_tps,
+            p.start_s * 1e3,
+            p.prefill_j_per_token * 1e3,
+            p.decode_j_per_token * 1e3,
+            p.rtt_s.map_or("-".into(), |r| format!("{:.2}", r * 1e3)),
+            p.transfer_bps.map_or("-".into(), |r| format!("{:.1}", r / 1e6)),
+            p.energy_source,
+            if p.energy_estimate { " (estimate)" } else { "" }
+        );
+        ps.experts.insert(e.name.clone(), p);
+    }
+    ps.experts.retain(|name, _| reg.find(name).is_some());
+    ps.save(&out)?;
+    eprintln!("saved {}", out.display());
+    Ok(())
+}

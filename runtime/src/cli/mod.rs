@@ -43,6 +43,8 @@ enum Command {
         sampling: SamplingArgs,
         #[command(flatten)]
         long: LongArgs,
+        #[command(flatten)]
+        route: RouteArgs,
     },
     /// Raw completion of a prompt, without a chat template.
     Generate {
@@ -70,6 +72,8 @@ enum Command {
         /// Print time to first token and peak memory as one JSON line on stderr.
         #[arg(long)]
         stats: bool,
+        #[command(flatten)]
+        route: RouteArgs,
     },
     /// Print the token ids of a text (special tokens parsed).
     Tokenize {
@@ -291,6 +295,56 @@ enum RouteCommand {
     /// prints {feasible, chosen, mask, loss, latency_s, energy_j} (infeasible: the
     /// cheapest expert alone).
     Solve { instance: PathBuf },
+    /// Measure every expert of a registry (prefill and decode tokens/s, start cost,
+    /// joules per token, round trip and transfer rate of remote ones) into
+    /// REGISTRY.profile.json.
+    Profile {
+        registry: PathBuf,
+        /// Timed repetitions per expert (the median is kept).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Watts of a remote server that reports no energy (an estimate, marked).
+        #[arg(long, default_value_t = 15.0)]
+        remote_watts: f64,
+    },
+}
+
+/// MoE² routing of `chat` and `generate`: the registry's experts answer instead of one
+/// model, chosen per request within the budgets.
+#[derive(Args)]
+struct RouteArgs {
+    /// An expert registry (TOML; its profile and gate beside it).
+    #[arg(long, value_name = "REGISTRY")]
+    route: Option<PathBuf>,
+    /// Latency budget per answer (`2s`, `500ms`).
+    #[arg(long, requires = "route", default_value = "10s")]
+    latency_budget: String,
+    /// Energy budget per answer (`3J`, `500mJ`).
+    #[arg(long, requires = "route", default_value = "100J")]
+    energy_budget: String,
+    /// When nothing fits: `cheapest` (the cheapest expert answers, said so) or `refuse`.
+    #[arg(long, requires = "route", default_value = "cheapest")]
+    fallback: crate::route::router::Fallback,
+    /// Print the routing report as one JSON line on stderr (else a short summary).
+    #[arg(long, requires = "route")]
+    route_json: bool,
+}
+
+impl RouteArgs {
+    fn routed(&self) -> Result<Option<commands::Routed>> {
+        let Some(registry) = &self.route else { return Ok(None) };
+        let budget = crate::route::router::Budget {
+            latency_s: crate::route::router::parse_seconds(&self.latency_budget)?,
+            energy_j: crate::route::router::parse_joules(&self.energy_budget)?,
+        };
+        budget.check()?;
+        Ok(Some(commands::Routed {
+            registry: registry.clone(),
+            budget,
+            fallback: self.fallback,
+            json: self.route_json,
+        }))
+    }
 }
 
 #[derive(Args)]
@@ -422,13 +476,27 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Pull { name, verify } => commands::pull(name.as_deref(), verify),
-        Command::Chat { model, prompt, system, max_tokens, sampling, long } => {
+        Command::Chat { model, prompt, system, max_tokens, sampling, long, route } => {
             let (flags, seed) = sampling.hints()?;
+            if let Some(r) = route.routed()? {
+                return commands::route_chat(&r, prompt.as_deref(), system.as_deref(), max_tokens, &flags, seed);
+            }
             let method = long.method(seed)?;
             let turn = commands::Turn { max_new: max_tokens, flags, seed, method, show_selected: long.show_selected };
             commands::chat(&model, prompt.as_deref(), system.as_deref(), turn)
         }
-        Command::Generate { model, prompt, prompt_file, head_tokens, max_tokens, sampling, long, json, stats } => {
+        Command::Generate {
+            model,
+            prompt,
+            prompt_file,
+            head_tokens,
+            max_tokens,
+            sampling,
+            long,
+            json,
+            stats,
+            route,
+        } => {
             let prompt = match (prompt, prompt_file) {
                 (Some(p), _) => p,
                 (None, Some(f)) => {
@@ -438,6 +506,9 @@ pub fn run() -> Result<()> {
                 (None, None) => return Err(Error::input("give --prompt or --prompt-file")),
             };
             let (flags, seed) = sampling.hints()?;
+            if let Some(r) = route.routed()? {
+                return commands::route_generate(&r, &prompt, max_tokens, &flags, seed, json);
+            }
             let method = long.method(seed)?;
             let turn = commands::Turn { max_new: max_tokens, flags, seed, method, show_selected: long.show_selected };
             commands::generate(&model, &prompt, head_tokens, turn, json, stats)
@@ -499,6 +570,9 @@ pub fn run() -> Result<()> {
             commands::serve(&model, opts)
         }
         Command::Route { command: RouteCommand::Solve { instance } } => commands::route_solve(&instance),
+        Command::Route { command: RouteCommand::Profile { registry, reps, remote_watts } } => {
+            commands::route_profile(&registry, reps, remote_watts)
+        }
         Command::Info { devices: true, .. } => commands::devices(),
         Command::Info { model, .. } => commands::info(&model),
         Command::Stack { model, output, levels, rank, calib, calib_tokens, iters, threads, proxy } => {

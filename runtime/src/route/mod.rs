@@ -1,7 +1,14 @@
 //! MoE² routing (DESIGN §5): which edge experts may answer a request within its
-//! latency and energy budgets. [`solve`] is the exact subset search; this file is the
-//! instance format `cairn route solve` reads, its checks, and the answer it prints.
+//! latency and energy budgets. [`registry`] names the experts, [`profile`] holds what
+//! each costs, the gate weighs them per prompt, [`solve`] is the exact subset search and
+//! [`router`] runs the chosen ones. This file is the instance format `cairn route
+//! solve` reads, its checks, and the answer it prints.
 
+pub mod profile;
+pub mod registry;
+#[cfg(feature = "cli")]
+pub mod remote;
+pub mod router;
 pub mod solve;
 
 use serde::{Deserialize, Serialize};
@@ -151,4 +158,57 @@ pub fn gate_loss_table(weights: &[f64], losses: &[f64]) -> Result<Vec<f64>> {
         wl[s] = wl[rest] + weights[i] * losses[i];
     }
     Ok((0..1usize << n).map(|s| if w[s] > 0.0 { wl[s] / w[s] } else { f64::INFINITY }).collect())
+}
+
+/// Build a router over `reg`'s experts: local models loaded (fetched by name if need
+/// be), remote ones connected, with `gate` and the profiles beside the registry.
+#[cfg(feature = "cli")]
+pub fn open(reg: &registry::Registry, gate: Box<dyn router::GateModel>) -> Result<router::Router> {
+    let profiles = profile::Profiles::load(&reg.side_file("profile"))
+        .map_err(|e| Error::input(format!("{e} (run `cairn route profile {}` first)", reg.path.display())))?;
+    let built = reg
+        .experts
+        .iter()
+        .map(|e| build(reg, e).map_err(|err| Error::input(format!("expert {}: {err}", e.name))))
+        .collect::<Result<Vec<_>>>()?;
+    let energy = crate::energy::detect(std::path::Path::new("/"));
+    log::info!("{}", energy.note);
+    let devices = reg.experts.iter().map(|e| e.device.clone()).collect();
+    router::Router::new(reg.names(), devices, built, reg.embedder, gate, &profiles, energy.reader)
+}
+
+/// One registry entry as a router member.
+#[cfg(feature = "cli")]
+pub fn build(reg: &registry::Registry, e: &registry::ExpertSpec) -> Result<router::Built> {
+    use registry::Place;
+    Ok(match &e.place {
+        Place::Local { .. } => router::Built::Local(load_local(e)?),
+        Place::Remote { url, model, api_key, tokenizer } => router::Built::Remote {
+            remote: remote::Remote::new(url, model, api_key.as_deref()),
+            tokenizer: tokenizer.as_deref().and_then(|t| reg.find(t)),
+        },
+    })
+}
+
+/// Load a local expert's model with its threads, backend and memory budget.
+#[cfg(feature = "cli")]
+pub fn load_local(e: &registry::ExpertSpec) -> Result<crate::engine::Engine> {
+    let registry::Place::Local { model, backend, threads, memory } = &e.place else {
+        return Err(Error::input(format!("{} is not a local expert", e.name)));
+    };
+    let path = crate::pull::resolve_model(Some(model)).map_err(|err| Error::Fetch(err.to_string()))?;
+    let opts = crate::engine::EngineOptions {
+        threads: *threads,
+        backend: *backend,
+        memory: *memory,
+        // Routed requests are short: a 4096-token cache is what the budget reserves.
+        context: 4096,
+        ..Default::default()
+    };
+    crate::engine::Engine::load(&path, &opts)
+}
+
+/// TEMP: the gate arrives with route::gate.
+pub fn load_gate(reg: &registry::Registry) -> Result<Box<dyn router::GateModel>> {
+    Err(Error::input(format!("no gate at {}", reg.side_file("gate").display())))
 }

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::scheduler::{TokenLogprob, MAX_TOP_LOGPROBS};
+use super::scheduler::{Alt, TokenLogprob, MAX_TOP_LOGPROBS};
 use crate::chat::Message;
 use crate::longctx::Method;
 use crate::sampling::SamplerConfig;
@@ -84,6 +84,14 @@ pub struct Params {
     pub stop: Vec<String>,
     /// `Some(n)`: log-probabilities with `n` alternatives per token.
     pub logprobs: Option<usize>,
+    /// Completions' `echo`: the prompt comes back before the answer, with its tokens'
+    /// log-probabilities when `logprobs` is set (how a client scores text; with
+    /// `max_tokens: 0`, scoring only).
+    pub echo: bool,
+    /// vLLM's `return_tokens_as_token_ids`: log-probability tokens as `token_id:N`, so
+    /// that a client sharing the tokenizer (a MoE² router mixing token by token) knows
+    /// the ids without decoding text.
+    pub token_ids: bool,
     pub knobs: Knobs,
 }
 
@@ -111,6 +119,7 @@ const COMMON: &[&str] = &[
     "n",
     "cairn",
     "user",
+    "return_tokens_as_token_ids",
 ];
 const CHAT_ONLY: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
 const COMPLETIONS_ONLY: &[&str] = &["prompt", "echo", "suffix", "best_of"];
@@ -180,9 +189,6 @@ pub fn parse(body: &[u8], ep: Endpoint) -> Res<Params> {
     let input = match ep {
         Endpoint::Chat => Input::Messages(messages(present(&o, "messages"))?),
         Endpoint::Completions => {
-            if flag(&o, "echo")? {
-                return Err(ApiError::invalid(Some("echo"), "echo is not supported").with(400, "unsupported_parameter"));
-            }
             if present(&o, "suffix").is_some() {
                 return Err(
                     ApiError::invalid(Some("suffix"), "suffix is not supported").with(400, "unsupported_parameter")
@@ -215,8 +221,9 @@ pub fn parse(body: &[u8], ep: Endpoint) -> Res<Params> {
             max_tokens = Some(m);
         }
     }
-    if max_tokens == Some(0) {
-        return Err(ApiError::invalid(Some("max_tokens"), "max_tokens must be at least 1"));
+    let echo = ep == Endpoint::Completions && flag(&o, "echo")?;
+    if max_tokens == Some(0) && !echo {
+        return Err(ApiError::invalid(Some("max_tokens"), "max_tokens must be at least 1 (0 only with echo)"));
     }
     let d = DEFAULT_SAMPLING.get().cloned().unwrap_or_default();
     let sampling = SamplerConfig {
@@ -267,7 +274,8 @@ pub fn parse(body: &[u8], ep: Endpoint) -> Res<Params> {
     }
     let knobs = knobs(present(&o, "cairn"))?;
     let max_tokens = max_tokens.map(|m| m as usize);
-    Ok(Params { model, input, stream, include_usage, max_tokens, sampling, stop, logprobs, knobs })
+    let token_ids = flag(&o, "return_tokens_as_token_ids")?;
+    Ok(Params { model, input, stream, include_usage, max_tokens, sampling, stop, logprobs, echo, token_ids, knobs })
 }
 
 fn messages(v: Option<&Value>) -> Res<Vec<Message>> {
@@ -382,16 +390,25 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// How a token is named in log-probabilities: its text, or `token_id:N`.
+fn name(a: &Alt, ids: bool) -> String {
+    if ids {
+        format!("token_id:{}", a.id)
+    } else {
+        lossy(&a.bytes)
+    }
+}
+
 /// Chat's `logprobs.content` entries.
-pub fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
+pub fn chat_logprobs(lps: &[TokenLogprob], ids: bool) -> Value {
     let entries: Vec<Value> = lps
         .iter()
         .map(|t| {
             json!({
-                "token": lossy(&t.token.bytes),
+                "token": name(&t.token, ids),
                 "logprob": t.token.logprob,
                 "bytes": t.token.bytes,
-                "top_logprobs": t.top.iter().map(|a| json!({"token": lossy(&a.bytes), "logprob": a.logprob, "bytes": a.bytes})).collect::<Vec<_>>(),
+                "top_logprobs": t.top.iter().map(|a| json!({"token": name(a, ids), "logprob": a.logprob, "bytes": a.bytes})).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -399,7 +416,7 @@ pub fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
 }
 
 /// The completions endpoint's `logprobs` object (`text_offset` counts from `offset`).
-pub fn completion_logprobs(lps: &[TokenLogprob], offset: usize) -> Value {
+pub fn completion_logprobs(lps: &[TokenLogprob], offset: usize, ids: bool) -> Value {
     let mut at = offset;
     let mut offsets = Vec::with_capacity(lps.len());
     for t in lps {
@@ -407,12 +424,12 @@ pub fn completion_logprobs(lps: &[TokenLogprob], offset: usize) -> Value {
         at += lossy(&t.token.bytes).len();
     }
     json!({
-        "tokens": lps.iter().map(|t| lossy(&t.token.bytes)).collect::<Vec<_>>(),
+        "tokens": lps.iter().map(|t| name(&t.token, ids)).collect::<Vec<_>>(),
         "token_logprobs": lps.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
         "top_logprobs": lps.iter().map(|t| {
             let mut m = Map::new();
             for a in &t.top {
-                m.entry(lossy(&a.bytes)).or_insert(json!(a.logprob));
+                m.entry(name(a, ids)).or_insert(json!(a.logprob));
             }
             Value::Object(m)
         }).collect::<Vec<_>>(),

@@ -322,6 +322,7 @@ async fn generate(app: Arc<App>, b: Body, ep: Endpoint) -> Res<Response> {
         sampling: p.sampling.clone(),
         stop: p.stop.clone(),
         logprobs: p.logprobs,
+        echo: p.echo,
         method,
         memory: p.knobs.memory,
         deadline: start + app.timeout,
@@ -338,6 +339,7 @@ async fn generate(app: Arc<App>, b: Body, ep: Endpoint) -> Res<Response> {
         created: unix_now(),
         model: app.model_name.clone(),
         ep,
+        token_ids: p.token_ids,
     };
     let log = Log {
         path: if ep == Endpoint::Chat { "/v1/chat/completions" } else { "/v1/completions" },
@@ -357,6 +359,7 @@ struct Meta {
     created: u64,
     model: String,
     ep: Endpoint,
+    token_ids: bool,
 }
 
 impl Meta {
@@ -391,8 +394,8 @@ impl Meta {
 
     fn logprobs(&self, lps: &[TokenLogprob], offset: usize) -> Value {
         match self.ep {
-            Endpoint::Chat => api::chat_logprobs(lps),
-            Endpoint::Completions => api::completion_logprobs(lps, offset),
+            Endpoint::Chat => api::chat_logprobs(lps, self.token_ids),
+            Endpoint::Completions => api::completion_logprobs(lps, offset, self.token_ids),
         }
     }
 

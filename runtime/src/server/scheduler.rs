@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::longctx::Method;
 use crate::model::{prefill_take, KvState, Logits, Segment, PREFILL_CHUNK};
 use crate::sampling::{Sampler, SamplerConfig};
-use crate::tokenizer::StreamDecoder;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Prompt tokens a prefill chunk takes while other sequences are decoding: a long
 /// prompt delays their next token by one chunk at most.
@@ -38,6 +38,9 @@ pub struct Job {
     pub stop: Vec<String>,
     /// `Some(n)`: report each token's log-probability and the `n` most likely.
     pub logprobs: Option<usize>,
+    /// Send the prompt back first, with its tokens' log-probabilities when `logprobs`
+    /// is set (every position is evaluated: no cached prefix is reused).
+    pub echo: bool,
     /// Long-prompt method (GemFilter) for this prompt.
     pub method: Method,
     /// BitStack budget to apply before this request runs.
@@ -51,6 +54,7 @@ pub struct Job {
 /// One alternative of a token's distribution.
 #[derive(Debug, Clone)]
 pub struct Alt {
+    pub id: u32,
     pub bytes: Vec<u8>,
     pub logprob: f32,
 }
@@ -127,6 +131,9 @@ struct Running {
     cut: bool,
     /// Its share of the energy of the passes it was in.
     energy_j: f64,
+    /// Echo: the prompt's log-probabilities so far (the first token has none: NaN, sent
+    /// as null).
+    echoed: Vec<TokenLogprob>,
 }
 
 struct Slot {
@@ -329,7 +336,13 @@ impl Scheduler {
         let repeat = common == prompt.len() && slot.end_logits.as_ref().is_some_and(|(n, _)| *n == prompt.len());
         // Anything else evaluates at least its last two tokens, in one pass of their own
         // (see `prefill_take`), after positions a fresh prefill would compute the same.
-        let keep = if repeat { common } else { common.min(slot.batched).min(prompt.len().saturating_sub(2)) };
+        let keep = if job.echo {
+            0
+        } else if repeat {
+            common
+        } else {
+            common.min(slot.batched).min(prompt.len().saturating_sub(2))
+        };
         let keep = slot.cache.truncate(keep);
         slot.tokens.truncate(keep);
         slot.batched = slot.batched.min(keep);
@@ -352,6 +365,7 @@ impl Scheduler {
             first_token: None,
             cut: false,
             energy_j: 0.0,
+            echoed: Vec::new(),
             job,
         });
         self.publish();
@@ -411,12 +425,9 @@ impl Scheduler {
                 plan.push((i, 1, true));
             } else if let Some(&(_, n)) = takes.iter().find(|t| t.0 == i) {
                 let last = n == run.pending.len();
-                batch.push(Segment {
-                    cache: cache.as_mut(),
-                    ids: &run.pending[..n],
-                    logits: last.then_some(Logits::Last),
-                });
-                plan.push((i, n, last));
+                let logits = if run.job.echo { Some(Logits::All) } else { last.then_some(Logits::Last) };
+                batch.push(Segment { cache: cache.as_mut(), ids: &run.pending[..n], logits });
+                plan.push((i, n, last || run.job.echo));
             }
         }
         let j0 = self.energy.as_mut().and_then(|r| r.read_joules().ok());
@@ -460,6 +471,17 @@ impl Scheduler {
                     if n >= 2 && slot.batched == slot.tokens.len() {
                         slot.batched += n;
                     }
+                    if run.job.echo {
+                        let last = n == run.pending.len();
+                        logits = echo_rows(&self.engine.tokenizer, run, slot.tokens.is_empty(), n, &logits);
+                        if !last {
+                            slot.tokens.extend(run.pending.drain(..n));
+                            self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                            continue;
+                        }
+                        let text = prompt_text(&self.engine.tokenizer, &run.job.prompt);
+                        let _ = run.job.events.send(Event::Text(text, std::mem::take(&mut run.echoed)));
+                    }
                     slot.tokens.extend(run.pending.drain(..n));
                     self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
                     if has_logits {
@@ -468,6 +490,13 @@ impl Scheduler {
                 }
             }
             if !has_logits {
+                continue;
+            }
+            if run.job.max_tokens == 0 {
+                // Echo only: the prompt was the answer.
+                if let Some(run) = self.free(i) {
+                    finish(run, Finish::Length, &self.metrics);
+                }
                 continue;
             }
             if let Some(done) = self.sample(i, &mut logits, now) {
@@ -502,7 +531,7 @@ impl Scheduler {
         if let Some(((lse, top), orig)) = lp {
             let bytes = tok.token_to_piece(id).map(<[u8]>::to_vec).unwrap_or_default();
             let logprob = (orig.get(id as usize).map_or(f64::NEG_INFINITY, |&v| v as f64) - lse) as f32;
-            run.logprobs.push(TokenLogprob { token: Alt { bytes, logprob }, top });
+            run.logprobs.push(TokenLogprob { token: Alt { id, bytes, logprob }, top });
         }
         match run.decoder.push(tok, id) {
             Ok(piece) => run.text.push_str(&piece),
@@ -572,7 +601,7 @@ fn finish(mut run: Running, how: Finish, metrics: &Metrics) {
 
 /// The log-sum-exp of `logits` (f64, over the whole vocabulary) and the `n` most likely
 /// tokens with their log-probabilities, most likely first.
-fn token_logprobs(tok: &crate::tokenizer::Tokenizer, logits: &[f32], n: usize) -> (f64, Vec<Alt>) {
+fn token_logprobs(tok: &Tokenizer, logits: &[f32], n: usize) -> (f64, Vec<Alt>) {
     let key = |i: u32| {
         let v = logits[i as usize];
         if v.is_nan() {
@@ -593,11 +622,41 @@ fn token_logprobs(tok: &crate::tokenizer::Tokenizer, logits: &[f32], n: usize) -
     let top = idx
         .iter()
         .map(|&i| Alt {
+            id: i,
             bytes: tok.token_to_piece(i).map(<[u8]>::to_vec).unwrap_or_default(),
             logprob: (key(i) as f64 - lse) as f32,
         })
         .collect();
     (lse, top)
+}
+
+/// Echo: record the log-probability of the token each of the pass's `n` rows predicts
+/// (the next pending one; the first prompt token gets none), and return the last row,
+/// which predicts the first generated token once the prompt is done.
+fn echo_rows(tok: &Tokenizer, run: &mut Running, first: bool, n: usize, logits: &[f32]) -> Vec<f32> {
+    let vocab = logits.len() / n.max(1);
+    if first {
+        let id = run.pending[0];
+        let bytes = tok.token_to_piece(id).map(<[u8]>::to_vec).unwrap_or_default();
+        run.echoed.push(TokenLogprob { token: Alt { id, bytes, logprob: f32::NAN }, top: Vec::new() });
+    }
+    for j in 0..n {
+        let Some(&id) = run.pending.get(j + 1) else { break };
+        let row = &logits[j * vocab..(j + 1) * vocab];
+        let (lse, top) = token_logprobs(tok, row, run.job.logprobs.unwrap_or(0));
+        let bytes = tok.token_to_piece(id).map(<[u8]>::to_vec).unwrap_or_default();
+        let logprob = (row.get(id as usize).map_or(f64::NEG_INFINITY, |&v| v as f64) - lse) as f32;
+        run.echoed.push(TokenLogprob { token: Alt { id, bytes, logprob }, top });
+    }
+    logits[(n - 1) * vocab..].to_vec()
+}
+
+/// The prompt as text, special tokens left out (what the answer's text starts with).
+fn prompt_text(tok: &Tokenizer, ids: &[u32]) -> String {
+    let mut d = StreamDecoder::skipping_special();
+    let mut s: String = ids.iter().filter_map(|&id| d.push(tok, id).ok()).collect();
+    s.push_str(&d.finish());
+    s
 }
 
 pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {

@@ -348,6 +348,52 @@ def test_logprobs_eval():
     )
 
 
+def test_echo():
+    """`echo` with `max_tokens: 0` scores a text (how a MoE² router trains its gate on a
+    remote expert): one log-probability per prompt token after the first, against
+    `cairn eval`'s rows; `return_tokens_as_token_ids` names tokens by id."""
+    section("echo and token ids")
+    g = EXPECT["generate"]
+    P, ids, top = g["prompt_ids"], g["ids"], EXPECT["eval_top"]
+    allids = P + ids
+    r = C.completions.create(
+        model=MODEL, prompt=allids, max_tokens=0, echo=True, logprobs=5, temperature=0,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    lp = r.choices[0].logprobs
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(allids), f"usage {r.usage}"
+    assert r.choices[0].finish_reason == "length", r.choices[0].finish_reason
+    assert lp.tokens == [f"token_id:{i}" for i in allids], f"echoed tokens {lp.tokens[:8]}... != the prompt ids"
+    assert lp.token_logprobs[0] is None, f"the first token has no logprob, not {lp.token_logprobs[0]}"
+    text = r.choices[0].text
+    assert text == g["prompt"] + g["text"], f"echoed text {text!r} != prompt + generated text"
+    worst, compared = 0.0, 0
+    for k in range(1, len(allids)):
+        row = top[k - 1]  # the eval row that predicts token k
+        alts = lp.top_logprobs[k]
+        assert 1 <= len(alts) <= 5, f"position {k}: {len(alts)} alternatives"
+        got = lp.token_logprobs[k]
+        assert got is not None and got <= 1e-6, f"position {k}: logprob {got}"
+        by_id = {int(t.split(":")[1]): v for t, v in alts.items()}
+        assert abs(max(by_id.values()) - by_id.get(row[0][0], -1e9)) < 0.05 or abs(row[0][1] - row[1][1]) < 0.05, (
+            f"position {k}: the server's top-1 is not eval's {row[0]} ({by_id})"
+        )
+        want = dict((i, l) for i, l in row)
+        if allids[k] in want:
+            d = abs((got - by_id[row[0][0]]) - (want[allids[k]] - row[0][1])) if row[0][0] in by_id else 0.0
+            worst = max(worst, d)
+            compared += 1
+            assert d < 0.05, f"position {k}: logprob gap to the top-1 differs from eval's by {d:.4f}"
+    assert compared >= len(allids) // 2, f"only {compared} positions had the true token in eval's top 6"
+    # Generated tokens by id too, equal to the CLI's greedy ids.
+    r = C.completions.create(
+        model=MODEL, prompt=P, max_tokens=len(ids), logprobs=1, temperature=0,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    assert r.choices[0].logprobs.tokens == [f"token_id:{i}" for i in ids], "generated token ids differ from the CLI's"
+    note("echo", f"{len(allids)} prompt tokens scored; {compared} against eval, worst gap difference {worst:.4f}")
+
+
 def test_request_forms():
     section("request forms: aliases, roles, content parts, seeds, cached tokens")
     p = EXPECT["chat"][2]["prompt"]
@@ -544,7 +590,7 @@ def test_errors():
     expect(B, 400, "prompt", lambda: co(model=MODEL, prompt=["a", "b"]), "prompt batch")
     expect(B, 400, "prompt", lambda: co(model=MODEL, prompt=[10**10]), "prompt id out of range")
     expect(B, 400, "prompt", lambda: co(model=MODEL, prompt=""), "empty prompt")
-    expect(B, 400, "echo", lambda: co(model=MODEL, prompt="x", echo=True), "echo")
+    expect(B, 400, "max_tokens", lambda: co(model=MODEL, prompt="x", max_tokens=0), "max_tokens 0 without echo")
     expect(B, 400, "logprobs", lambda: co(model=MODEL, prompt="x", logprobs=50), "logprobs 50")
     expect(B, 400, "messages", lambda: co(model=MODEL, prompt="x", extra_body={"messages": msgs}), "messages on completions")
 
@@ -840,6 +886,7 @@ SECTIONS = [
     test_tokenize,
     test_logprobs,
     test_logprobs_eval,
+    test_echo,
     test_request_forms,
     test_stop,
     test_errors,
