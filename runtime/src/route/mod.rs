@@ -1,7 +1,11 @@
 //! MoE² routing (DESIGN §5): which edge experts may answer a request within its
-//! latency and energy budgets. [`solve`] is the exact subset search; this file is the
-//! instance format `cairn route solve` reads, its checks, and the answer it prints.
+//! latency and energy budgets. [`solve`] is the exact subset search, [`gate`] the
+//! trained gate (prompt embedding → expert weights, per-request loss tables) and
+//! [`corpus`] the local text it is trained on; this file is the instance format
+//! `cairn route solve` reads, its checks, and the answer it prints.
 
+pub mod corpus;
+pub mod gate;
 pub mod solve;
 
 use serde::{Deserialize, Serialize};
