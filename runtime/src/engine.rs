@@ -284,6 +284,49 @@ impl Engine {
         Ok(())
     }
 
+    /// The prompt embedding the MoE² gate reads (DESIGN §5): the mean over positions of
+    /// the final hidden state (after the final RMSNorm, before the output head). Runs
+    /// in prefill chunks on one cache, like [`Engine::eval_all`], but no logits are ever
+    /// computed or held, so a long prompt costs `dim` floats beyond the cache.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        if ids.is_empty() {
+            return Err(Error::input("cannot embed an empty prompt"));
+        }
+        let mut cache = self.runner.new_cache(ids.len())?;
+        let mut probe = Probe { hidden_sum: Some(Vec::new()), ..Probe::default() };
+        for chunk in model::prefill_chunks(ids) {
+            self.runner.forward_probe(cache.as_mut(), chunk, Logits::All, &mut probe)?;
+        }
+        let sum = probe.hidden_sum.unwrap_or_default();
+        if sum.len() != self.runner.config().dim {
+            return Err(Error::model(format!(
+                "the hidden-state probe returned {} values, the model's width is {}",
+                sum.len(),
+                self.runner.config().dim
+            )));
+        }
+        Ok(sum.iter().map(|&s| (s / ids.len() as f64) as f32).collect())
+    }
+
+    /// The natural-log probability of each `ids[t]` given `ids[..t]`, for t ≥ 1
+    /// (`ids.len() - 1` values; none for fewer than two tokens): what the gate's training
+    /// mixes per token. Log-softmax in f64 over rows from [`Engine::for_each_logits`], so
+    /// memory stays bounded for any length; the last token's logits are not computed.
+    pub fn score(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        if ids.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(ids.len() - 1);
+        self.for_each_logits(&ids[..ids.len() - 1], |i, row| {
+            let next = ids[i + 1] as usize;
+            out.push((row[next] as f64 - log_sum_exp(row)) as f32);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let (vocab, ctx) = (self.vocab(), self.runner.config().context);
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -756,10 +799,4 @@ fn status_kb(key: &str) -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-// TEMP-STUB
-impl Engine {
-    pub fn embed(&self, _ids: &[u32]) -> Result<Vec<f32>> {
-        Ok(vec![0.0; 4])
-    }
 }

@@ -86,6 +86,11 @@ pub struct Probe {
     /// summed over query rows and the heads of the group (H2O's "heavy hitter" score).
     /// Grown to the cache's length by the pass.
     pub mass: Option<Vec<Vec<Vec<f32>>>>,
+    /// When set, the pass adds every row's final hidden state (after the final RMSNorm,
+    /// where the output head would read it) to this sum, `dim` values (grown on first
+    /// use), and skips the output head: a prompt embedding ([`crate::engine::Engine::embed`])
+    /// costs the layers only, and needs no second copy of any model's code.
+    pub hidden_sum: Option<Vec<f64>>,
     /// Tokens in the current pass (set by the pass).
     pub rows: usize,
 }
@@ -438,6 +443,20 @@ impl<B: Backend + 'static, A: Architecture<B>> Transformer<B, A> {
             let mut x = be.embed(&self.embed, &ids, self.arch.embed_scale(c))?;
             self.arch.layers(be, c, &mut x, &mut segs, probe)?;
             if early {
+                return Ok(vec![Vec::new(); n]);
+            }
+            if let Some(sum) = probe.hidden_sum.as_mut() {
+                if n > 1 {
+                    return Err(Error::input("a hidden-state probe watches one sequence, not a batch"));
+                }
+                let rows = be.to_host(be.rms_norm(&x, &self.out_norm, c.norm_eps));
+                be.status()?;
+                sum.resize(c.dim, 0.0);
+                for row in rows.chunks_exact(c.dim) {
+                    for (s, &v) in sum.iter_mut().zip(row) {
+                        *s += v as f64;
+                    }
+                }
                 return Ok(vec![Vec::new(); n]);
             }
             // (first row, rows) of each segment's logits, in batch order.

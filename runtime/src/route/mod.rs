@@ -1,9 +1,12 @@
 //! MoE² routing (DESIGN §5): which edge experts may answer a request within its
 //! latency and energy budgets. [`registry`] names the experts, [`profile`] holds what
-//! each costs, the gate weighs them per prompt, [`solve`] is the exact subset search and
-//! [`router`] runs the chosen ones. This file is the instance format `cairn route
-//! solve` reads, its checks, and the answer it prints.
+//! each costs, [`gate`] weighs them per prompt (trained on the local text of
+//! [`corpus`]), [`solve`] is the exact subset search and [`router`] runs the chosen
+//! ones. This file is the instance format `cairn route solve` reads, its checks, and
+//! the answer it prints.
 
+pub mod corpus;
+pub mod gate;
 pub mod profile;
 pub mod registry;
 #[cfg(feature = "cli")]
