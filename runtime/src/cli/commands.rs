@@ -1023,3 +1023,213 @@ pub fn route_profile(path: &Path, reps: usize, remote_watts: f64) -> Result<()> 
     eprintln!("saved {}", out.display());
     Ok(())
 }
+
+/// `cairn route train`: score, train, and show the held-out result.
+pub fn route_train(path: &Path, windows: usize, seed: u64) -> Result<()> {
+    let reg = crate::route::registry::Registry::load(path)?;
+    if windows == 0 {
+        return Err(Error::input("--windows must be at least 1"));
+    }
+    let t = Instant::now();
+    let g = crate::route::train::train(&reg, windows, seed, &crate::route::gate::TrainOptions::default())?;
+    let r = g.report();
+    println!(
+        "trained on {} windows ({} held out) in {:.0} s",
+        r.train_windows,
+        r.held_out_windows,
+        t.elapsed().as_secs_f64()
+    );
+    println!("{:<20} {:>12}", "held-out", "bits/byte");
+    if let Some(b) = r.held_out_bits_per_byte {
+        println!("{:<20} {b:>12.4}", "gate (all experts)");
+    }
+    if let Some(b) = r.held_out_uniform {
+        println!("{:<20} {b:>12.4}", "uniform mixture");
+    }
+    for (name, b) in g.experts().iter().zip(&r.held_out_single) {
+        println!("{name:<20} {b:>12.4}");
+    }
+    eprintln!("saved {} and {}", reg.side_file("gate").display(), reg.side_file("samples").display());
+    Ok(())
+}
+
+pub struct EvalOptions {
+    pub points: usize,
+    pub trace: usize,
+    pub trace_tokens: usize,
+    pub json: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+    pub seed: u64,
+}
+
+/// `cairn route eval`: the curves (tables, JSON, SVG) and the violation trace.
+pub fn route_eval(path: &Path, o: &EvalOptions) -> Result<()> {
+    use crate::route::eval::{Eval, METHODS};
+    use crate::route::plot::{Chart, Series};
+    let reg = crate::route::registry::Registry::load(path)?;
+    let names = reg.names();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let gate = crate::route::gate::Gate::load(&reg.side_file("gate"), &refs)?;
+    let profiles = crate::route::profile::Profiles::load(&reg.side_file("profile"))?.for_experts(&names)?;
+    let file = crate::route::train::SampleFile::load(&reg.side_file("samples"), &names)?;
+    let samples = file.samples()?;
+    let held: Vec<_> = samples.iter().filter(|s| s.held_out).collect();
+    if held.is_empty() {
+        return Err(Error::input("no held-out windows were scored: run `cairn route train` with more windows"));
+    }
+    let mut dev_names: Vec<&str> = Vec::new();
+    let devices = reg
+        .experts
+        .iter()
+        .map(|e| match dev_names.iter().position(|&d| d == e.device) {
+            Some(d) => d,
+            None => {
+                dev_names.push(&e.device);
+                dev_names.len() - 1
+            }
+        })
+        .collect();
+    let ev = Eval::new(&gate, devices, &profiles, &held)?;
+    let (lat, en) = ev.budget_grid(o.points);
+    let mut curves = Vec::new();
+    for (what, budgets) in [("latency", &lat), ("energy", &en)] {
+        let unit = if what == "latency" { "s" } else { "J" };
+        println!(
+            "\nheld-out bits/byte against the {what} budget ({} windows; the other budget unbounded)",
+            ev.windows()
+        );
+        println!(
+            "{:>12} {:>9} {:>12} {:>9} {:>9} {:>11}",
+            format!("budget {unit}"),
+            "MoE²",
+            "best single",
+            "greedy",
+            "random",
+            "infeasible"
+        );
+        let mut points = Vec::new();
+        for &b in budgets {
+            let (l, e) = if what == "latency" { (b, f64::MAX) } else { (f64::MAX, b) };
+            let p = ev.point(l, e, o.seed)?;
+            let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+            println!(
+                "{b:>12.4} {:>9} {:>12} {:>9} {:>9} {:>11}",
+                cell(p.bits_per_byte[0]),
+                cell(p.bits_per_byte[1]),
+                cell(p.bits_per_byte[2]),
+                cell(p.bits_per_byte[3]),
+                p.infeasible
+            );
+            points.push(p);
+        }
+        curves.push((what, unit, points));
+    }
+    // The trace: routed requests of mixed categories and budgets, measured.
+    let mut trace = Vec::new();
+    if o.trace > 0 {
+        let router = crate::route::open(&reg, Box::new(gate.clone()))?;
+        let sampling = crate::sampling::SamplerConfig::greedy();
+        let mut state = o.seed ^ 0x5eed;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as usize
+        };
+        let heads: Vec<&crate::route::train::SavedSample> = file.windows.iter().filter(|w| w.held_out).collect();
+        eprintln!("trace: {} routed requests of {} tokens", o.trace, o.trace_tokens);
+        for k in 0..o.trace {
+            let w = heads[next() % heads.len()];
+            // Budgets from the middle of the curves' ranges, where the choice matters.
+            let lb = lat[1 + next() % (lat.len() - 2).max(1)];
+            let eb = en[1 + next() % (en.len() - 2).max(1)];
+            let budget = crate::route::router::Budget { latency_s: lb, energy_j: eb };
+            let prompt = crate::route::train::head(&w.head, 200);
+            let r = router.answer(
+                crate::route::router::Prompt::Text(prompt),
+                o.trace_tokens,
+                &sampling,
+                budget,
+                crate::route::router::Fallback::Cheapest,
+                |_| {},
+            )?;
+            let rep = r.report;
+            eprintln!(
+                "  [{}/{}] {:<12} budget {:.3} s {:.3} J -> {} measured {:.3} s {:.3} J{}",
+                k + 1,
+                o.trace,
+                w.category,
+                lb,
+                eb,
+                rep.answered.join("+"),
+                rep.measured.latency_s,
+                rep.measured.energy_j,
+                if rep.fallback.is_some() { " (fallback)" } else { "" }
+            );
+            trace.push(serde_json::json!({
+                "category": w.category,
+                "latency_budget_s": lb,
+                "energy_budget_j": eb,
+                "chosen": rep.chosen,
+                "answered": rep.answered,
+                "dropped": rep.dropped.len(),
+                "fallback": rep.fallback.is_some(),
+                "predicted": {"latency_s": rep.predicted.latency_s, "energy_j": rep.predicted.energy_j},
+                "measured": {"latency_s": rep.measured.latency_s, "energy_j": rep.measured.energy_j, "estimate": rep.energy_estimate},
+                "latency_violated": rep.measured.latency_s > lb,
+                "energy_violated": rep.measured.energy_j > eb,
+            }));
+        }
+        let share = |key: &str| trace.iter().filter(|t| t[key] == true).count() as f64 / trace.len() as f64;
+        let either = trace.iter().filter(|t| t["latency_violated"] == true || t["energy_violated"] == true).count();
+        println!(
+            "\ntrace of {} requests: latency budget broken by {:.1}%, energy budget by {:.1}%, either by {:.1}% (measured); fallbacks {}",
+            trace.len(),
+            100.0 * share("latency_violated"),
+            100.0 * share("energy_violated"),
+            100.0 * either as f64 / trace.len() as f64,
+            trace.iter().filter(|t| t["fallback"] == true).count()
+        );
+        save_profiles(&reg, &router);
+    }
+    if let Some(prefix) = &o.plot {
+        for (what, unit, points) in &curves {
+            let series = METHODS
+                .iter()
+                .enumerate()
+                .map(|(m, name)| Series {
+                    name: (*name).to_string(),
+                    points: points
+                        .iter()
+                        .map(|p| {
+                            (
+                                if *what == "latency" { p.latency_budget_s } else { p.energy_budget_j },
+                                p.bits_per_byte[m].unwrap_or(f64::NAN),
+                            )
+                        })
+                        .collect(),
+                })
+                .collect();
+            let chart = Chart {
+                title: format!("held-out bits/byte against the {what} budget"),
+                x_label: format!("{what} budget ({unit})"),
+                y_label: "bits per byte".into(),
+                log_x: true,
+                series,
+            };
+            let out = PathBuf::from(format!("{}-{what}.svg", prefix.display()));
+            std::fs::write(&out, chart.to_svg()).map_err(|source| Error::Io { path: out.clone(), source })?;
+            eprintln!("wrote {}", out.display());
+        }
+    }
+    if let Some(out) = &o.json {
+        let v = serde_json::json!({
+            "experts": names,
+            "held_out_windows": ev.windows(),
+            "methods": METHODS,
+            "curves": curves.iter().map(|(what, _, points)| serde_json::json!({"budget": what, "points": points})).collect::<Vec<_>>(),
+            "trace": trace,
+        });
+        std::fs::write(out, format!("{v:#}\n")).map_err(|source| Error::Io { path: out.clone(), source })?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}

@@ -307,6 +307,40 @@ enum RouteCommand {
         #[arg(long, default_value_t = 15.0)]
         remote_watts: f64,
     },
+    /// Score this machine's text (prose, code, other languages, structured data; some
+    /// files held out) with every expert and train the gate: REGISTRY.gate.json, and the
+    /// scored windows in REGISTRY.samples.json.
+    Train {
+        registry: PathBuf,
+        /// Windows per category (training and held-out together).
+        #[arg(long, default_value_t = 24)]
+        windows: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Bits per byte on the held-out windows against latency and energy budgets for
+    /// MoE², the best single expert, greedy selection and a random feasible set; and
+    /// the measured budget violations of a request trace.
+    Eval {
+        registry: PathBuf,
+        /// Budgets per curve.
+        #[arg(long, default_value_t = 8)]
+        points: usize,
+        /// Routed requests in the violation trace (0: none).
+        #[arg(long, default_value_t = 0)]
+        trace: usize,
+        /// Tokens each trace request generates.
+        #[arg(long, default_value_t = 16)]
+        trace_tokens: usize,
+        /// Write every number as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the curves as PREFIX-latency.svg and PREFIX-energy.svg.
+        #[arg(long, value_name = "PREFIX")]
+        plot: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 /// MoE² routing of `chat` and `generate`: the registry's experts answer instead of one
@@ -572,6 +606,13 @@ pub fn run() -> Result<()> {
         Command::Route { command: RouteCommand::Solve { instance } } => commands::route_solve(&instance),
         Command::Route { command: RouteCommand::Profile { registry, reps, remote_watts } } => {
             commands::route_profile(&registry, reps, remote_watts)
+        }
+        Command::Route { command: RouteCommand::Train { registry, windows, seed } } => {
+            commands::route_train(&registry, windows, seed)
+        }
+        Command::Route { command: RouteCommand::Eval { registry, points, trace, trace_tokens, json, plot, seed } } => {
+            let o = commands::EvalOptions { points, trace, trace_tokens, json, plot, seed };
+            commands::route_eval(&registry, &o)
         }
         Command::Info { devices: true, .. } => commands::devices(),
         Command::Info { model, .. } => commands::info(&model),

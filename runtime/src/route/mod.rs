@@ -6,13 +6,17 @@
 //! the answer it prints.
 
 pub mod corpus;
+pub mod eval;
 pub mod gate;
+pub mod plot;
 pub mod profile;
 pub mod registry;
 #[cfg(feature = "cli")]
 pub mod remote;
 pub mod router;
 pub mod solve;
+#[cfg(feature = "cli")]
+pub mod train;
 
 use serde::{Deserialize, Serialize};
 
@@ -211,7 +215,29 @@ pub fn load_local(e: &registry::ExpertSpec) -> Result<crate::engine::Engine> {
     crate::engine::Engine::load(&path, &opts)
 }
 
-/// TEMP: the gate arrives with route::gate.
+/// The registry's trained gate (`REGISTRY.gate.json`), for its experts.
 pub fn load_gate(reg: &registry::Registry) -> Result<Box<dyn router::GateModel>> {
-    Err(Error::input(format!("no gate at {}", reg.side_file("gate").display())))
+    let names = reg.names();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let path = reg.side_file("gate");
+    if !path.exists() {
+        return Err(Error::input(format!(
+            "{} has no gate: run `cairn route train {}` first",
+            reg.path.display(),
+            reg.path.display()
+        )));
+    }
+    Ok(Box::new(gate::Gate::load(&path, &names)?))
+}
+
+impl router::GateModel for gate::Gate {
+    fn weights(&self, embedding: &[f32]) -> Result<Vec<f64>> {
+        let all = ((1u64 << self.experts().len()) - 1) as u32;
+        gate::Gate::weights(self, embedding, all)
+    }
+
+    fn loss_table(&self, embedding: &[f32]) -> Result<Vec<f64>> {
+        let predicted = self.predict_loss(embedding)?;
+        self.expected_loss_table(embedding, &predicted)
+    }
 }

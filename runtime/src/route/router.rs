@@ -140,6 +140,39 @@ pub enum Built {
     },
 }
 
+/// The tokenizer family of each expert: local ones by their vocabulary (same pieces,
+/// same family), a remote one with the family of the local expert it names as its
+/// tokenizer (`tokenizer_of[i]`, for local ones ignored), else a family of its own.
+pub fn families(engines: &[Option<&Engine>], tokenizer_of: &[Option<usize>]) -> Result<Vec<usize>> {
+    let n = engines.len();
+    let mut family = vec![usize::MAX; n];
+    let mut fingerprints: Vec<(usize, u64)> = Vec::new();
+    for (i, e) in engines.iter().enumerate() {
+        if let Some(e) = e {
+            let fp = vocab_hash(e);
+            family[i] = fingerprints.iter().position(|x| *x == fp).unwrap_or_else(|| {
+                fingerprints.push(fp);
+                fingerprints.len() - 1
+            });
+        }
+    }
+    let mut next = fingerprints.len();
+    for i in 0..n {
+        if engines[i].is_some() {
+            continue;
+        }
+        family[i] = match tokenizer_of.get(i).copied().flatten() {
+            Some(t) if t < n && engines[t].is_some() => family[t],
+            Some(t) => return Err(Error::input(format!("expert {i}: its tokenizer expert {t} is not local"))),
+            None => {
+                next += 1;
+                next - 1
+            }
+        };
+    }
+    Ok(family)
+}
+
 /// A fingerprint of a tokenizer: its size and every piece.
 fn vocab_hash(e: &Engine) -> (usize, u64) {
     use std::hash::{Hash, Hasher};
@@ -171,44 +204,33 @@ impl Router {
         }
         let profiles = profiles.for_experts(&names)?;
         let mut members = Vec::with_capacity(n);
-        let mut family = vec![usize::MAX; n];
-        let mut rep: Vec<Option<usize>> = Vec::new();
-        let mut fingerprints: Vec<(usize, u64)> = Vec::new();
-        let mut pending = Vec::new();
-        for (i, b) in experts.into_iter().enumerate() {
+        let mut tokenizer_of = Vec::with_capacity(n);
+        for b in experts {
             match b {
                 Built::Local(e) => {
-                    let fp = vocab_hash(&e);
-                    let f = match fingerprints.iter().position(|x| *x == fp) {
-                        Some(f) => f,
-                        None => {
-                            fingerprints.push(fp);
-                            rep.push(Some(i));
-                            rep.len() - 1
-                        }
-                    };
-                    family[i] = f;
                     members.push(Member::Local(Arc::new(e)));
+                    tokenizer_of.push(None);
                 }
                 #[cfg(feature = "cli")]
                 Built::Remote { remote, tokenizer } => {
-                    pending.push((i, tokenizer));
                     members.push(Member::Remote(Arc::new(remote)));
+                    tokenizer_of.push(tokenizer);
                 }
             }
         }
-        for (i, tokenizer) in pending {
-            family[i] = match tokenizer {
-                Some(t) if t < n && family[t] != usize::MAX => family[t],
-                Some(t) => {
-                    return Err(Error::input(format!("expert {}: its tokenizer expert {t} is not local", names[i])))
-                }
-                None => {
-                    rep.push(None);
-                    rep.len() - 1
-                }
-            };
-        }
+        let engines: Vec<Option<&Engine>> = members
+            .iter()
+            .map(|m| match m {
+                Member::Local(e) => Some(&**e),
+                #[cfg(feature = "cli")]
+                Member::Remote(_) => None,
+            })
+            .collect();
+        let family = families(&engines, &tokenizer_of)?;
+        let count = family.iter().max().map_or(0, |m| m + 1);
+        let rep: Vec<Option<usize>> =
+            (0..count).map(|f| (0..n).find(|&i| family[i] == f && engines[i].is_some())).collect();
+        drop(engines);
         if !matches!(members.get(embedder), Some(Member::Local(_))) {
             return Err(Error::input("the embedder must be a local expert"));
         }
