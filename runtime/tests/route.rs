@@ -175,3 +175,70 @@ fn bad_instances_are_one_clear_error() {
         "{err}"
     );
 }
+
+/// (exit code, stdout, stderr) of `cairn ARGS` with an empty home and no index.
+fn cairn(args: &[&str], home: &std::path::Path) -> (Option<i32>, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env("CAIRN_HOME", home)
+        .env("CAIRN_INDEX_URL", "http://127.0.0.1:1")
+        .output()
+        .expect("run cairn");
+    (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Malformed registries, budgets of 0 or below, an unreachable remote expert and a
+/// registry without its profile or gate: one `error:` line each, exit non-zero, no panic.
+#[test]
+fn bad_registries_and_budgets_are_one_clear_error() {
+    let dir = TempDir::new("registry");
+    let model = env!("CARGO_MANIFEST_DIR").to_string() + "/../no-such-model.gguf";
+    let local = format!("[[expert]]\nname = \"tiny\"\nmodel = {model:?}\ndevice = \"phone\"\n");
+    let unreachable = format!(
+        "[[expert]]\nname = \"edge\"\nurl = \"http://127.0.0.1:1\"\ntokenizer = \"tiny\"\ndevice = \"box\"\n\n{local}"
+    );
+    let files = [
+        ("garbage.toml", "[[expert]\nname = 3".to_string()),
+        ("empty.toml", String::new()),
+        ("both.toml", format!("{local}url = \"http://x\"\n")),
+        ("remote_only.toml", "[[expert]]\nname = \"e\"\nurl = \"http://127.0.0.1:1\"\ndevice = \"b\"\n".into()),
+        ("local.toml", local.clone()),
+        ("unreachable.toml", unreachable),
+    ];
+    let p: Vec<String> = files.iter().map(|(n, t)| dir.file(n, t)).collect();
+    let prompt = ["generate", "-p", "hi", "-n", "2", "--route"];
+    let with = |reg: &str, extra: &[&str]| -> Vec<String> {
+        prompt
+            .iter()
+            .map(|s| s.to_string())
+            .chain([reg.to_string()])
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (with(&p[0], &[]), "not a registry"),
+        (with(&p[1], &[]), "no [[expert]]"),
+        (with(&p[2], &[]), "not both"),
+        (with(&p[3], &[]), "every expert is remote"),
+        (with(&p[4], &["--latency-budget", "0s"]), "latency budget must be more than 0"),
+        (with(&p[4], &["--latency-budget=-2s"]), "latency budget must be more than 0"),
+        (with(&p[4], &["--energy-budget=-3J"]), "energy budget must be more than 0"),
+        (with(&p[4], &["--energy-budget", "lots"]), "not a number with a unit"),
+        (with(&p[4], &[]), "has no gate: run `cairn route train"),
+        (vec!["route".into(), "profile".into(), p[5].clone(), "--reps".into(), "1".into()], "127.0.0.1:1"),
+        (vec!["route".into(), "eval".into(), p[4].clone()], "local.gate.json"),
+        (vec!["route".into(), "train".into(), p[4].clone(), "--windows".into(), "0".into()], "at least 1"),
+    ];
+    for (args, expect) in &cases {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = cairn(&refs, &dir.0);
+        let all = format!("cairn {}: exit {code:?}\n--- stdout\n{out}--- stderr\n{err}", args.join(" "));
+        assert!(code.is_some_and(|c| c != 0), "should fail: {all}");
+        assert!(!err.contains("panicked"), "panicked: {all}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "one error line: {all}");
+        assert!(lines[0].contains(expect), "should mention {expect:?}: {all}");
+        println!("{}: {}", args.join(" "), lines[0]);
+    }
+}

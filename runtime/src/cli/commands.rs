@@ -996,9 +996,12 @@ pub fn route_profile(path: &Path, reps: usize, remote_watts: f64) -> Result<()> 
                 profile::measure_local(&engine, energy.reader.as_mut(), reps)?
             }
             Place::Remote { url, model, api_key, tokenizer } => {
+                let r = remote::Remote::new(url, model, api_key.as_deref());
+                // Fail fast on an unreachable server, before any model loads.
+                r.ping(std::time::Duration::from_secs(10))
+                    .map_err(|err| Error::input(format!("expert {}: unreachable: {err}", e.name)))?;
                 let tok_expert = tokenizer.as_deref().and_then(|t| reg.find(t)).unwrap_or(reg.embedder);
                 let engine = crate::route::load_local(&reg.experts[tok_expert])?;
-                let r = remote::Remote::new(url, model, api_key.as_deref());
                 remote::measure(&r, &|t| engine.tokenize(t), reps, remote_watts)
                     .map_err(|err| Error::input(format!("expert {}: {err}", e.name)))?
             }
