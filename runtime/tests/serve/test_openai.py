@@ -460,7 +460,9 @@ def test_request_forms():
         raise AssertionError("a prompt over the context was accepted without GemFilter")
     except openai.BadRequestError as e:
         assert e.code == "context_length_exceeded", e
-    r = C.chat.completions.create(
+    # The first GemFilter request calibrates the filter layer (once per model, between two
+    # steps of the loop): on a slow machine that is longer than the default timeout.
+    r = C.with_options(timeout=600).chat.completions.create(
         model=MODEL, messages=msgs, max_tokens=12, temperature=0, extra_body={"cairn": {"gemfilter": "k=256"}}
     )
     assert r.usage.prompt_tokens > CTX, r.usage
