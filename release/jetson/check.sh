@@ -112,7 +112,7 @@ done
 echo "ready after $(( $(date +%s) - t0 ))s since the start of check.sh"
 tb=$(date +%s)
 curl -fsS --max-time 300 "$base/v1/chat/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 12, "temperature": 0}' \
+    -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 12, "temperature": 0}' \
     > "$scratch/answer.json" || { cat "$scratch/serve.log" >&2; fail "the chat completion request failed"; }
 echo "chat completion took $(( $(date +%s) - tb ))s under qemu"
 python3 - "$scratch/answer.json" <<'PY' || fail "(b) the answer is not a chat completion"

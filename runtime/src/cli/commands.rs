@@ -996,7 +996,7 @@ pub fn route_profile(path: &Path, reps: usize, remote_watts: f64) -> Result<()> 
                 profile::measure_local(&engine, energy.reader.as_mut(), reps)?
             }
             Place::Remote { url, model, api_key, tokenizer } => {
-                let r = remote::Remote::new(url, model, api_key.as_deref());
+                let r = remote::Remote::new(url, model.as_deref(), api_key.as_deref());
                 // Fail fast on an unreachable server, before any model loads.
                 r.ping(std::time::Duration::from_secs(10))
                     .map_err(|err| Error::input(format!("expert {}: unreachable: {err}", e.name)))?;

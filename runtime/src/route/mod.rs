@@ -189,9 +189,9 @@ pub fn open(reg: &registry::Registry, gate: Box<dyn router::GateModel>) -> Resul
 pub fn build(reg: &registry::Registry, e: &registry::ExpertSpec) -> Result<router::Built> {
     use registry::Place;
     Ok(match &e.place {
-        Place::Local { .. } => router::Built::Local(load_local(e)?),
+        Place::Local { .. } => router::Built::Local(Box::new(load_local(e)?)),
         Place::Remote { url, model, api_key, tokenizer } => router::Built::Remote {
-            remote: remote::Remote::new(url, model, api_key.as_deref()),
+            remote: remote::Remote::new(url, model.as_deref(), api_key.as_deref()),
             tokenizer: tokenizer.as_deref().and_then(|t| reg.find(t)),
         },
     })

@@ -18,7 +18,7 @@
 //! [[expert]]
 //! name = "edge"
 //! url = "http://10.0.0.2:8080" # any OpenAI-compatible server
-//! remote_model = "default"
+//! remote_model = "qwen2.5-7b"  # the request's `model` (default: none, the server's own)
 //! api_key_env = "EDGE_KEY"     # or api_key = "..."
 //! device = "edge-box"
 //! ```
@@ -48,8 +48,9 @@ pub enum Place {
     Remote {
         /// Base URL, without a trailing `/` (requests go to `{url}/v1/...`).
         url: String,
-        /// The `model` field of its requests.
-        model: String,
+        /// The `model` field of its requests (none: the server's only model; vLLM needs
+        /// one).
+        model: Option<String>,
         api_key: Option<String>,
         /// The local expert whose tokenizer the server's model shares: the router then
         /// mixes it token by token with that expert's family (else it answers by text).
@@ -230,12 +231,7 @@ fn entry(e: Entry, dir: &Path) -> Result<ExpertSpec> {
                 }
                 (None, None) => None,
             };
-            Place::Remote {
-                url,
-                model: e.remote_model.unwrap_or_else(|| "default".into()),
-                api_key,
-                tokenizer: e.tokenizer,
-            }
+            Place::Remote { url, model: e.remote_model, api_key, tokenizer: e.tokenizer }
         }
     };
     Ok(ExpertSpec { name, device: e.device.trim().to_string(), place })
@@ -291,7 +287,7 @@ mod tests {
             r.experts[2].place,
             Place::Remote {
                 url: "http://10.0.0.2:8080".into(),
-                model: "default".into(),
+                model: None,
                 api_key: Some("k".into()),
                 tokenizer: Some("tiny".into())
             }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 pub struct Remote {
     agent: ureq::Agent,
     url: String,
-    model: String,
+    model: Option<String>,
     api_key: Option<String>,
 }
 
@@ -38,7 +38,7 @@ pub enum Token {
 }
 
 impl Remote {
-    pub fn new(url: &str, model: &str, api_key: Option<&str>) -> Remote {
+    pub fn new(url: &str, model: Option<&str>, api_key: Option<&str>) -> Remote {
         // No proxy: an edge server is on the local network, and a proxy from the
         // environment would route loopback and 10.x addresses through it.
         let agent = ureq::Agent::config_builder()
@@ -51,7 +51,7 @@ impl Remote {
         Remote {
             agent,
             url: url.trim_end_matches('/').to_string(),
-            model: model.to_string(),
+            model: model.map(str::to_string),
             api_key: api_key.map(str::to_string),
         }
     }
@@ -169,13 +169,16 @@ impl Remote {
     }
 
     fn body(&self, prompt: Value, max_tokens: usize, temperature: f32) -> Value {
-        json!({
-            "model": self.model,
+        let mut b = json!({
             "prompt": prompt,
             "max_tokens": max_tokens.max(1),
             "temperature": temperature,
             "seed": 1,
-        })
+        });
+        if let Some(m) = &self.model {
+            b["model"] = json!(m);
+        }
+        b
     }
 
     fn post(&self, path: &str, body: &Value, timeout: Duration) -> Result<String> {

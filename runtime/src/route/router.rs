@@ -130,7 +130,7 @@ pub struct Router {
 
 /// One expert of a [`Router`] as its caller builds it.
 pub enum Built {
-    Local(Engine),
+    Local(Box<Engine>),
     /// A remote expert; `tokenizer`: the local expert whose tokenizer it shares (mixed
     /// token by token with that family), or none (it answers by text).
     #[cfg(feature = "cli")]
@@ -208,7 +208,7 @@ impl Router {
         for b in experts {
             match b {
                 Built::Local(e) => {
-                    members.push(Member::Local(Arc::new(e)));
+                    members.push(Member::Local(Arc::new(*e)));
                     tokenizer_of.push(None);
                 }
                 #[cfg(feature = "cli")]

@@ -48,7 +48,7 @@ impl Scorers {
                         ))
                     })?;
                     engines.push(None);
-                    remotes.push(Some(Remote::new(url, model, api_key.as_deref())));
+                    remotes.push(Some(Remote::new(url, model.as_deref(), api_key.as_deref())));
                     tokenizer_of.push(t);
                 }
             }
