@@ -120,7 +120,7 @@ fn scores_are_the_log_softmax_of_the_logits() {
 #[test]
 fn gate_trains_on_a_local_corpus() {
     let start = Instant::now();
-    let opts = CorpusOptions { max_windows: 3, window_bytes: 300, ..CorpusOptions::default() };
+    let opts = CorpusOptions { max_windows: 3, window_bytes: 200, ..CorpusOptions::default() };
     let corpus = Corpus::gather_from(&default_sources(), &opts).expect("corpus");
     assert!(!corpus.windows.is_empty(), "no text found on this machine (missing: {:?})", corpus.missing);
     for c in Category::ALL {
@@ -129,9 +129,18 @@ fn gate_trains_on_a_local_corpus() {
         assert_eq!(n == 0, corpus.missing.contains(&c), "{c}: {n} windows, missing {:?}", corpus.missing);
     }
     assert!(corpus.split(true).count() > 0 && corpus.split(false).count() > 0);
+    for w in &corpus.windows {
+        eprintln!(
+            "{:>12} {} {}",
+            w.category.name(),
+            if w.held_out { "held-out" } else { "train   " },
+            w.source.display()
+        );
+    }
 
     let gathered = start.elapsed().as_secs_f64();
     let (normal, exact) = (engine(false), engine(true));
+    let loaded = start.elapsed().as_secs_f64();
     let mut calls = 0;
     let samples = gate::samples_local(normal, &[normal, exact], &corpus, |done, total| {
         calls += 1;
@@ -148,7 +157,9 @@ fn gate_trains_on_a_local_corpus() {
         assert!(s.logprobs.iter().flatten().all(|v| v.is_finite() && *v <= 1e-4));
     }
 
+    let scored = start.elapsed().as_secs_f64();
     let g = gate::train(&samples, &[0, 0], &TrainOptions::default()).expect("train");
+    let trained = start.elapsed().as_secs_f64();
     let r = g.report().clone();
     let held = r.held_out_bits_per_byte.expect("held-out windows");
     assert!(held.is_finite() && r.train_bits_per_byte.is_finite() && held > 0.0);
@@ -171,10 +182,11 @@ fn gate_trains_on_a_local_corpus() {
     assert!(Gate::from_json(&text, &["expert0", "expert1"]).is_ok());
     assert!(Gate::from_json(&text, &["smollm2", "smollm2-exact"]).is_err());
     eprintln!(
-        "{} windows ({} held out, gathered in {gathered:.1} s) in {:.1} s: held-out bits/byte gate {held:.4}, \
+        "{} windows ({} held out, gathered by {gathered:.1} s, loaded by {loaded:.1} s, {} tokens scored by {scored:.1} s, trained by {trained:.1} s) in {:.1} s: held-out bits/byte gate {held:.4}, \
          experts {:?}, uniform {:?}",
         samples.len(),
         r.held_out_windows,
+        samples.iter().map(|s| s.logprobs[0].len()).sum::<usize>(),
         start.elapsed().as_secs_f64(),
         r.held_out_single,
         r.held_out_uniform
