@@ -117,6 +117,29 @@ fn scores_are_the_log_softmax_of_the_logits() {
     }
 }
 
+/// The router runs experts side by side, and two requests may embed at once: one engine
+/// must serve several threads with the same results. A smoke test: the CPU backend once
+/// held its RoPE cache lock across its pool, where a waiting worker may run another
+/// thread's pass that needs the lock; that hung this file once, rarely enough that no
+/// test reproduces it on demand.
+#[test]
+fn one_engine_serves_several_threads_at_once() {
+    let e = engine(false);
+    // Enough rows (57+) that RoPE runs on the pool.
+    let ids = e.tokenize(&format!("{TEXT} {TEXT} {TEXT}")).expect("tokenize");
+    assert!(ids.len() >= 64);
+    let want = e.embed(&ids).expect("embed");
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..4).map(|_| s.spawn(|| (0..6).map(|_| e.embed(&ids).expect("embed")).collect::<Vec<_>>())).collect();
+        for h in handles {
+            for got in h.join().expect("thread") {
+                assert!(max_rel_diff(&got, &want) < 1e-6, "the same prompt embeds alike from any thread");
+            }
+        }
+    });
+}
+
 #[test]
 fn gate_trains_on_a_local_corpus() {
     let start = Instant::now();
