@@ -459,6 +459,15 @@ pub fn train(samples: &[Sample], groups: &[usize], opts: &TrainOptions) -> Resul
             Some(mean_bits_per_byte(&held, groups, |_| Ok(uniform.clone()))?)
         },
     };
+    // A diverged run (too large a learning rate) is refused here, not when its file is
+    // read back.
+    let r = &gate.report;
+    let scores = [r.train_bits_per_byte].into_iter().chain(r.held_out_bits_per_byte).chain(r.held_out_uniform);
+    if gate.check().is_err() || scores.chain(r.held_out_single.iter().copied()).any(|v| !v.is_finite()) {
+        return Err(Error::input(
+            "gate training diverged (a parameter or loss is not finite): lower the learning rate",
+        ));
+    }
     Ok(gate)
 }
 
@@ -1035,6 +1044,8 @@ mod tests {
         let mut bad = good.clone();
         bad[0].logprobs[2][0] = f32::NAN;
         assert!(train(&bad, &[0, 0, 1], &o).is_err());
+        let wild = TrainOptions { learning_rate: f64::MAX, ..TrainOptions::default() };
+        assert!(train(&good, &[0, 0, 1], &wild).is_err(), "a diverged run is an error");
         let mut all_held = good.clone();
         all_held.iter_mut().for_each(|s| s.held_out = true);
         assert!(train(&all_held, &[0, 0, 1], &o).is_err());

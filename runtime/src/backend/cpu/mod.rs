@@ -390,10 +390,16 @@ impl Backend for CpuBackend {
     fn rope_at(&self, x: &mut CpuTensor, head_dim: usize, pos: &[usize], base: f32, style: RopeStyle) {
         assert_eq!(pos.len(), x.rows, "rope_at: one position per row");
         let half = head_dim / 2;
-        let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
-        let hit = cache.iter().position(|a| a.head_dim == head_dim && a.base == base.to_bits() && a.pos == pos);
+        // The lock is not held while the rows are rotated: a pool worker waiting inside
+        // `install` may run another caller's pass, whose RoPE would then wait for a lock
+        // that its own thread holds (two threads sharing one engine deadlocked so).
+        let hit = {
+            let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
+            let i = cache.iter().position(|a| a.head_dim == head_dim && a.base == base.to_bits() && a.pos == pos);
+            i.map(|i| cache.remove(i))
+        };
         let entry = match hit {
-            Some(i) => cache.remove(i),
+            Some(entry) => entry,
             None => {
                 let mut cs = vec![(0f32, 0f32); pos.len() * half];
                 for (&p, c) in pos.iter().zip(cs.chunks_exact_mut(half.max(1))) {
@@ -415,6 +421,7 @@ impl Backend for CpuBackend {
                     .for_each(|(row, c)| ops::rope_apply(row, head_dim, c, style));
             });
         }
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.insert(0, entry);
         cache.truncate(ROPE_CACHED);
     }
