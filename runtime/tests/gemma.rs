@@ -134,3 +134,30 @@ fn perplexity_matches_llama_cpp() {
     assert!((all / ref_all - 1.0).abs() < 0.02, "perplexity {all} vs llama.cpp {ref_all}");
     assert!((half / ref_half - 1.0).abs() < 0.02, "second-half perplexity {half} vs llama.cpp {ref_half}");
 }
+
+/// `Engine::embed` on Gemma (√dim-scaled input embedding, tied head, sliding-window
+/// layers): the head applied to the embedding equals the mean of the logits over
+/// positions, as for llama (`tests/route_gate.rs`).
+#[test]
+fn embedding_is_the_mean_final_hidden_state() {
+    let opts = cairn::engine::EngineOptions { exact: true, ..Default::default() };
+    let e = cairn::engine::Engine::load(&gemma_path(), &opts).expect("load gemma");
+    let ids = e.tokenize("Gemma reads the whole sentence before it answers.").expect("tokenize");
+    let emb = e.embed(&ids).expect("embed");
+    assert_eq!(emb.len(), e.runner.config().dim);
+    assert!(emb.iter().all(|v| v.is_finite()) && emb.iter().any(|v| v.abs() > 1e-3));
+    let logits = e.eval_all(&ids).expect("eval");
+    let vocab = e.vocab();
+    let mut mean = vec![0f64; vocab];
+    for row in logits.chunks_exact(vocab) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v as f64 / ids.len() as f64;
+        }
+    }
+    let mean: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
+    let name = if e.file.tensor_info("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
+    let t = e.file.tensor_info(name).expect("head tensor");
+    let head = e.file.tensor(name, &t.dims.clone()).expect("tensor").to_f32().expect("dequantize");
+    let d = common::max_rel_diff(&common::f32ref::matvec(&head, &emb), &mean);
+    assert!(d < 1e-4, "head(embed) vs mean of logits: relative difference {d}");
+}

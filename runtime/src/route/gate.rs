@@ -729,7 +729,8 @@ impl Gate {
     }
 }
 
-/// The ids an expert scores a window as: BOS (where the tokenizer has one, so that the
+/// The ids a local expert scores a window as, and the convention a remote expert's
+/// scores must follow to be comparable: BOS (where the tokenizer has one, so that the
 /// first text token is scored too) and the text with no special tokens parsed.
 pub fn window_ids(engine: &Engine, text: &str) -> Result<Vec<u32>> {
     let mut ids: Vec<u32> = engine.tokenizer.bos_id().into_iter().collect();
