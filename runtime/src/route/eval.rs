@@ -43,7 +43,7 @@ struct Window<'a> {
     energy: Vec<f64>,
 }
 
-/// Predicted (latency, energy) of expert `i` for a window: half its tokens as the
+/// Predicted (latency, energy) of each expert for a window: half its tokens as the
 /// prompt, half as the answer.
 fn window_costs(s: &Sample, profiles: &[Profile]) -> (Vec<f64>, Vec<f64>) {
     profiles
@@ -51,7 +51,9 @@ fn window_costs(s: &Sample, profiles: &[Profile]) -> (Vec<f64>, Vec<f64>) {
         .zip(&s.logprobs)
         .map(|(p, lp)| {
             let t = lp.len() + 1;
-            let c = p.predict(t / 2, t - t / 2, s.bytes);
+            // Every evaluated expert was scored, so a remote one shares a tokenizer and
+            // is mixed token by token: its stepped cost.
+            let c = p.predict_stepped(t / 2, t - t / 2, s.bytes);
             (c.latency_s, c.energy_j)
         })
         .unzip()

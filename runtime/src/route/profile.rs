@@ -73,6 +73,17 @@ impl Profile {
         }
     }
 
+    /// [`Profile::predict`] for a remote expert mixed token by token: it is asked once
+    /// per generated token, so each token after the first pays a round trip and the
+    /// server's start cost again (a local expert's cost is unchanged).
+    pub fn predict_stepped(&self, prompt: usize, new: usize, bytes: usize) -> Cost {
+        let mut c = self.predict(prompt, new, bytes);
+        if let Some(rtt) = self.rtt_s {
+            c.latency_s += new.saturating_sub(1) as f64 * (rtt + self.start_s);
+        }
+        c
+    }
+
     /// Fold a finished request into the moving averages (per-token costs; phases with
     /// no tokens leave their rates alone).
     pub fn observe(&mut self, o: &Observation) {

@@ -337,11 +337,11 @@ impl Router {
     /// Expert `i`'s predicted cost: its profile, plus for a remote expert mixed token
     /// by token one round trip per generated token (it is asked once per step).
     fn cost(&self, i: usize, p: &Profile, prompt: usize, new: usize, bytes: usize) -> Cost {
-        let mut c = p.predict(prompt, new, bytes);
         if self.rep[self.family[i]].is_some() && self.local(i).is_none() {
-            c.latency_s += new.saturating_sub(1) as f64 * (p.rtt_s.unwrap_or(0.0) + p.start_s);
+            p.predict_stepped(prompt, new, bytes)
+        } else {
+            p.predict(prompt, new, bytes)
         }
-        c
     }
 
     /// Route one request and generate its answer, streaming text through `on_text`
