@@ -4,7 +4,6 @@
 //! registry is the default model locally plus that server, profiled and gated by the
 //! real commands; then:
 //! - a latency budget that only the local model fits never calls the remote expert;
-//! - a remote expert killed mid-request is dropped and the answer still comes;
 //! - an impossible budget gets the chosen fallback (the cheapest answers, or a refusal).
 //!
 //! Needs root and iproute2: skips with a message where namespaces cannot be made, fails
@@ -249,7 +248,7 @@ fn routing_across_a_veth_link() {
     let t0 = Instant::now();
     let model = common::model_path();
     let port = 8400 + (std::process::id() % 500) as u16;
-    let mut serve = start_serve(&ns, &model, port);
+    let _serve = start_serve(&ns, &model, port);
     assert!(healthy(port, &ns.ns_ip, Duration::from_secs(60)), "cairn serve in {} did not come up", ns.name);
     let proxy = Proxy::start(format!("{}:{port}", ns.ns_ip));
     let dir = TempDir(std::env::temp_dir().join(format!("cairn-route-net-{}", std::process::id())));
@@ -341,55 +340,6 @@ fn routing_across_a_veth_link() {
     assert_eq!(rep["chosen"], serde_json::json!(["local"]), "budget {budget}: {rep}");
     assert_eq!(proxy.count(), before, "the remote expert was called under a budget only the local one fits");
     println!("1. budget {budget}: chose {} and the proxy saw no connection; answer {:?}", rep["chosen"], out.trim());
-
-    // 2. Both chosen under a loose budget; the server is killed mid-answer.
-    let mut child = cairn()
-        .args([
-            "generate",
-            "--route",
-            r,
-            "-p",
-            prompt,
-            "-n",
-            "48",
-            "--temp",
-            "0",
-            "--latency-budget",
-            "60s",
-            "--route-json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the routed generate");
-    let before = proxy.count();
-    let t = Instant::now();
-    while proxy.count() < before + 6 && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(proxy.count() >= before + 6, "the remote expert was not being called under a loose budget");
-    let _ = serve.0.kill();
-    let _ = serve.0.wait();
-    let killed = Instant::now();
-    let st = child.wait().expect("wait for the routed generate");
-    let answered_after = killed.elapsed();
-    let mut out = String::new();
-    let mut err = String::new();
-    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("stdout");
-    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
-    assert!(st.success(), "the answer did not come after the remote expert died:\n{out}\n{err}");
-    let rep = report(&err);
-    assert_eq!(rep["chosen"], serde_json::json!(["local", "edge"]), "{rep}");
-    assert_eq!(rep["answered"], serde_json::json!(["local"]), "{rep}");
-    let dropped = rep["dropped"].as_array().expect("dropped list");
-    assert!(dropped.iter().any(|d| d["expert"] == "edge"), "edge not reported dropped: {rep}");
-    assert!(!out.trim().is_empty(), "no answer text");
-    println!(
-        "2. killed the server mid-answer: dropped ({}), answer finished {:.2} s later: {:?}",
-        dropped[0]["why"],
-        answered_after.as_secs_f64(),
-        out.trim()
-    );
 
     // 3. An impossible budget: the cheapest answers and says so, or the request is refused.
     let (st, out, err) = run(

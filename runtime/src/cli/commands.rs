@@ -1092,7 +1092,8 @@ pub fn route_eval(path: &Path, o: &EvalOptions) -> Result<()> {
             }
         })
         .collect();
-    let ev = Eval::new(&gate, devices, &profiles, &held)?;
+    let near = crate::route::gate::Neighbours::new(gate.clone(), samples.clone(), crate::route::NEIGHBOURS)?;
+    let ev = Eval::new(&gate, &near, devices, &profiles, &held)?;
     let (lat, en) = ev.budget_grid(o.points);
     let mut curves = Vec::new();
     for (what, budgets) in [("latency", &lat), ("energy", &en)] {
@@ -1130,7 +1131,7 @@ pub fn route_eval(path: &Path, o: &EvalOptions) -> Result<()> {
     // The trace: routed requests of mixed categories and budgets, measured.
     let mut trace = Vec::new();
     if o.trace > 0 {
-        let router = crate::route::open(&reg, Box::new(gate.clone()))?;
+        let router = crate::route::open(&reg, crate::route::load_gate(&reg)?)?;
         let sampling = crate::sampling::SamplerConfig::greedy();
         let mut state = o.seed ^ 0x5eed;
         let mut next = move || {

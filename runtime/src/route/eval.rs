@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::gate::{Gate, Sample};
 use super::profile::Profile;
+use super::router::GateModel;
 use super::solve::{self, Choice, Envelope, Problem};
 
 /// The selection methods compared.
@@ -88,8 +89,10 @@ pub struct Eval<'a> {
 
 impl<'a> Eval<'a> {
     /// `devices[i]`: expert i's device number; `held_out`: the windows to evaluate.
+    /// `tables` gives each window's loss table (the router's own [`GateModel`]).
     pub fn new(
         gate: &'a Gate,
+        tables: &dyn GateModel,
         devices: Vec<usize>,
         profiles: &[Profile],
         held_out: &[&'a Sample],
@@ -98,13 +101,12 @@ impl<'a> Eval<'a> {
         let groups = gate.groups().to_vec();
         let full = ((1u64 << n) - 1) as u32;
         let mut windows = Vec::new();
-        let (mut weights, mut tables) = (Vec::new(), Vec::new());
+        let (mut weights, mut tables_out) = (Vec::new(), Vec::new());
         let mut single = vec![(0.0f64, 0usize); n];
         for &s in held_out {
             let (latency, energy) = window_costs(s, profiles);
             weights.push(gate.weights(&s.embedding, full)?);
-            let predicted = gate.predict_loss(&s.embedding)?;
-            tables.push(gate.expected_loss_table(&s.embedding, &predicted)?);
+            tables_out.push(tables.loss_table(&s.embedding)?);
             for (i, acc) in single.iter_mut().enumerate() {
                 let mut w = vec![0.0; n];
                 w[i] = 1.0;
@@ -117,7 +119,7 @@ impl<'a> Eval<'a> {
         ranked.sort_by(|&a, &b| {
             (single[a].0 / single[a].1.max(1) as f64).total_cmp(&(single[b].0 / single[b].1.max(1) as f64))
         });
-        Ok(Eval { gate, groups, devices, windows, weights, tables, ranked })
+        Ok(Eval { gate, groups, devices, windows, weights, tables: tables_out, ranked })
     }
 
     fn problem(&self, w: &Window, latency_budget_s: f64, energy_budget_j: f64) -> Problem {

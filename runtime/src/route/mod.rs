@@ -95,8 +95,10 @@ impl Instance {
                 }
             }
         }
-        if let Some(i) = self.loss.iter().position(|l| !l.is_finite()) {
-            return Err(Error::input(format!("loss[{i}] is not a finite number")));
+        // +∞ is a set that gives nothing to go on (the empty set's entry, say); NaN or −∞
+        // is a broken table.
+        if let Some(i) = self.loss.iter().position(|l| l.is_nan() || *l == f64::NEG_INFINITY) {
+            return Err(Error::input(format!("loss[{i}] is not a number or +∞")));
         }
         Ok(())
     }
@@ -227,7 +229,27 @@ pub fn load_gate(reg: &registry::Registry) -> Result<Box<dyn router::GateModel>>
             reg.path.display()
         )));
     }
-    Ok(Box::new(gate::Gate::load(&path, &names)?))
+    let g = gate::Gate::load(&path, &names)?;
+    // The scored training windows give measured mixture losses (route train keeps them);
+    // without them the loss head's approximation answers.
+    #[cfg(feature = "cli")]
+    if let Ok(f) = train::SampleFile::load(&reg.side_file("samples"), &reg.names()) {
+        return Ok(Box::new(gate::Neighbours::new(g, f.samples()?, NEIGHBOURS)?));
+    }
+    Ok(Box::new(g))
+}
+
+/// Training windows behind each per-request loss table.
+pub const NEIGHBOURS: usize = 8;
+
+impl router::GateModel for gate::Neighbours {
+    fn weights(&self, embedding: &[f32]) -> Result<Vec<f64>> {
+        router::GateModel::weights(&self.gate, embedding)
+    }
+
+    fn loss_table(&self, embedding: &[f32]) -> Result<Vec<f64>> {
+        gate::Neighbours::loss_table(self, embedding)
+    }
 }
 
 impl router::GateModel for gate::Gate {

@@ -304,17 +304,18 @@ pub fn measure(
     let mut busy = 0.0;
     let (mut ptoks, mut dtoks) = (0usize, 0usize);
     for r in 0..reps {
-        // A different first token each time: no prefix of an earlier request is cached.
-        let salt = |v: &[u32]| {
+        // A different first token for every request: no prefix of an earlier one is
+        // cached on the server (its prefix reuse would hide the prefill being timed).
+        let salt = |v: &[u32], k: usize| {
             let mut v = v.to_vec();
-            v[0] = ids[(r * 7 + 1) % ids.len()];
+            v[0] = ids[(r * 3 + k) % ids.len()];
             v
         };
-        let (t, _) = time(&salt(&ids[..16]), 1, 0)?;
+        let (t, _) = time(&salt(&ids[..16], 1), 1, 0)?;
         short.push(t - rtt);
-        let (t, _) = time(&salt(&ids), 1, 0)?;
+        let (t, _) = time(&salt(&ids, 2), 1, 0)?;
         long.push(t - rtt);
-        let (t, c) = time(&salt(&ids), 33, 0)?;
+        let (t, c) = time(&salt(&ids, 3), 33, 0)?;
         let n = c.completion_tokens.max(2);
         dec.push(((t - rtt) - long[long.len() - 1]).max(1e-6) / (n - 1) as f64);
         busy += short[short.len() - 1] + long[long.len() - 1] + (t - rtt);

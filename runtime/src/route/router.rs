@@ -848,8 +848,12 @@ mod tests {
         assert_eq!(parse_joules("3J").unwrap(), 3.0);
         assert!((parse_joules("250mJ").unwrap() - 0.25).abs() < 1e-12);
         assert_eq!(parse_joules("1.2kJ").unwrap(), 1200.0);
-        for bad in ["0s", "-1s", "-3J", "0"] {
-            let e = parse_seconds(bad).and(parse_joules(bad)).unwrap_err().to_string();
+        for bad in ["0s", "-1s", "0"] {
+            let e = parse_seconds(bad).unwrap_err().to_string();
+            assert!(e.contains("more than 0"), "{bad}: {e}");
+        }
+        for bad in ["0J", "-3J", "-0.5mJ"] {
+            let e = parse_joules(bad).unwrap_err().to_string();
             assert!(e.contains("more than 0"), "{bad}: {e}");
         }
         for bad in ["fast", "2 hours", "", "NaN"] {
