@@ -761,6 +761,74 @@ pub fn samples_local(
     Ok(out)
 }
 
+/// Most experts for which [`Neighbours`] computes every subset's mixture (2^N mixtures
+/// per neighbour); past it the loss head's approximation answers.
+pub const NEIGHBOUR_EXPERTS: usize = 10;
+
+/// The gate with a per-request loss table measured on the training windows nearest to
+/// the prompt: for each subset, the mixture's real bits per byte on those windows with
+/// the request's masked weights. [`Gate::expected_loss_table`] assumes every token of an
+/// expert equally likely, under which a mixture can never beat its best member; real
+/// experts are good at different tokens, and only measured mixtures show it.
+pub struct Neighbours {
+    pub gate: Gate,
+    samples: Vec<Sample>,
+    /// Unit-length embeddings of `samples`, for cosine similarity.
+    unit: Vec<Vec<f32>>,
+    pub k: usize,
+}
+
+fn unit(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
+    v.iter().map(|&x| (x as f64 / n) as f32).collect()
+}
+
+impl Neighbours {
+    /// `samples`: the training windows (held-out ones are left out here).
+    pub fn new(gate: Gate, samples: Vec<Sample>, k: usize) -> Result<Neighbours> {
+        let samples: Vec<Sample> = samples.into_iter().filter(|s| !s.held_out).collect();
+        for s in &samples {
+            gate.check_embedding(&s.embedding)?;
+            check_logprobs(&s.logprobs, &gate.groups, "neighbour")?;
+        }
+        let unit = samples.iter().map(|s| unit(&s.embedding)).collect();
+        Ok(Neighbours { gate, samples, unit, k: k.max(1) })
+    }
+
+    /// Every subset's bits per byte over the `k` training windows most like `emb`.
+    pub fn loss_table(&self, emb: &[f32]) -> Result<Vec<f64>> {
+        let n = self.gate.experts.len();
+        if n > NEIGHBOUR_EXPERTS || self.samples.is_empty() {
+            let predicted = self.gate.predict_loss(emb)?;
+            return self.gate.expected_loss_table(emb, &predicted);
+        }
+        let q = unit(emb);
+        let mut order: Vec<(f32, usize)> = self
+            .unit
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (-u.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>(), i))
+            .collect();
+        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let near: Vec<&Sample> = order.iter().take(self.k).map(|&(_, i)| &self.samples[i]).collect();
+        let all = self.gate.weights(emb, ((1u64 << n) - 1) as u32)?;
+        let mut table = vec![f64::INFINITY; 1 << n];
+        for (mask, entry) in table.iter_mut().enumerate().skip(1) {
+            let w: Vec<f64> = all.iter().enumerate().map(|(i, &w)| if mask >> i & 1 == 1 { w } else { 0.0 }).collect();
+            if w.iter().sum::<f64>() <= 0.0 {
+                continue;
+            }
+            let (mut bits, mut bytes) = (0.0, 0usize);
+            for s in &near {
+                bits += Gate::mixture_bits_per_byte(&w, &s.logprobs, &self.gate.groups, s.bytes)? * s.bytes as f64;
+                bytes += s.bytes;
+            }
+            *entry = bits / bytes.max(1) as f64;
+        }
+        Ok(table)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1050,73 +1118,5 @@ mod tests {
         let mut all_held = good.clone();
         all_held.iter_mut().for_each(|s| s.held_out = true);
         assert!(train(&all_held, &[0, 0, 1], &o).is_err());
-    }
-}
-
-/// Most experts for which [`Neighbours`] computes every subset's mixture (2^N mixtures
-/// per neighbour); past it the loss head's approximation answers.
-pub const NEIGHBOUR_EXPERTS: usize = 10;
-
-/// The gate with a per-request loss table measured on the training windows nearest to
-/// the prompt: for each subset, the mixture's real bits per byte on those windows with
-/// the request's masked weights. [`Gate::expected_loss_table`] assumes every token of an
-/// expert equally likely, under which a mixture can never beat its best member; real
-/// experts are good at different tokens, and only measured mixtures show it.
-pub struct Neighbours {
-    pub gate: Gate,
-    samples: Vec<Sample>,
-    /// Unit-length embeddings of `samples`, for cosine similarity.
-    unit: Vec<Vec<f32>>,
-    pub k: usize,
-}
-
-fn unit(v: &[f32]) -> Vec<f32> {
-    let n = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
-    v.iter().map(|&x| (x as f64 / n) as f32).collect()
-}
-
-impl Neighbours {
-    /// `samples`: the training windows (held-out ones are left out here).
-    pub fn new(gate: Gate, samples: Vec<Sample>, k: usize) -> Result<Neighbours> {
-        let samples: Vec<Sample> = samples.into_iter().filter(|s| !s.held_out).collect();
-        for s in &samples {
-            gate.check_embedding(&s.embedding)?;
-            check_logprobs(&s.logprobs, &gate.groups, "neighbour")?;
-        }
-        let unit = samples.iter().map(|s| unit(&s.embedding)).collect();
-        Ok(Neighbours { gate, samples, unit, k: k.max(1) })
-    }
-
-    /// Every subset's bits per byte over the `k` training windows most like `emb`.
-    pub fn loss_table(&self, emb: &[f32]) -> Result<Vec<f64>> {
-        let n = self.gate.experts.len();
-        if n > NEIGHBOUR_EXPERTS || self.samples.is_empty() {
-            let predicted = self.gate.predict_loss(emb)?;
-            return self.gate.expected_loss_table(emb, &predicted);
-        }
-        let q = unit(emb);
-        let mut order: Vec<(f32, usize)> = self
-            .unit
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (-u.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>(), i))
-            .collect();
-        order.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let near: Vec<&Sample> = order.iter().take(self.k).map(|&(_, i)| &self.samples[i]).collect();
-        let all = self.gate.weights(emb, ((1u64 << n) - 1) as u32)?;
-        let mut table = vec![f64::INFINITY; 1 << n];
-        for (mask, entry) in table.iter_mut().enumerate().skip(1) {
-            let w: Vec<f64> = all.iter().enumerate().map(|(i, &w)| if mask >> i & 1 == 1 { w } else { 0.0 }).collect();
-            if w.iter().sum::<f64>() <= 0.0 {
-                continue;
-            }
-            let (mut bits, mut bytes) = (0.0, 0usize);
-            for s in &near {
-                bits += Gate::mixture_bits_per_byte(&w, &s.logprobs, &self.gate.groups, s.bytes)? * s.bytes as f64;
-                bytes += s.bytes;
-            }
-            *entry = bits / bytes.max(1) as f64;
-        }
-        Ok(table)
     }
 }
