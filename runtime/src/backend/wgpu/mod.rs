@@ -842,6 +842,15 @@ impl WgpuBackend {
         let slot = done.clone();
         staging.buf.map_async(wgpu::MapMode::Read, .., move |r| *lock(&slot) = Some(r.is_ok()));
         self.wait(idx)?;
+        // Another thread polling the shared device may be running the map callback just
+        // now: poll again until it has reported (seen as a flaky readback failure).
+        for _ in 0..100 {
+            if lock(&done).is_some() {
+                break;
+            }
+            self.wait(None)?;
+            std::thread::yield_now();
+        }
         self.take_error()?;
         if *lock(&done) != Some(true) {
             return Err(Error::model("wgpu: reading a result back from the GPU failed"));
