@@ -4,8 +4,14 @@
 //! registry is the default model locally plus that server, profiled and gated by the
 //! real commands; then:
 //! - a latency budget that only the local model fits never calls the remote expert;
-//! - an impossible budget gets the chosen fallback (the cheapest answers, or a refusal).
+//! - an impossible budget gets the chosen fallback (the cheapest answers, or a refusal);
+//! - under an energy budget only the remote fits, the server is killed mid-answer: the
+//!   remote is dropped within its step deadline and the local expert goes on from the
+//!   tokens so far.
 //!
+//! Energy is the CPU-time estimate on both sides (an empty CAIRN_SYSFS_ROOT hides any
+//! counter), at 50 W on the "phone" and 1 W on the "edge box", so that the remote is
+//! the cheap one in joules.
 //! Needs root and iproute2: skips with a message where namespaces cannot be made, fails
 //! instead under CAIRN_REQUIRE_NETNS=1 (`.ci/run` sets it).
 #![cfg(feature = "server")]
@@ -21,6 +27,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+const PHONE_WATTS: &str = "50";
+const EDGE_WATTS: &str = "1";
+
+/// An empty directory for CAIRN_SYSFS_ROOT: no energy counter, the estimate answers.
+fn no_sysfs() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cairn-route-net-sysfs-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("an empty sysfs root");
+    d
+}
 
 /// Latency the proxy adds to each request, each way.
 const DELAY: Duration = Duration::from_millis(20);
@@ -167,7 +183,7 @@ impl Drop for TempDir {
 
 fn cairn() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
-    c.env("RUST_BACKTRACE", "0").env("CAIRN_CPU_WATTS", "5");
+    c.env("RUST_BACKTRACE", "0").env("CAIRN_CPU_WATTS", PHONE_WATTS).env("CAIRN_SYSFS_ROOT", no_sysfs());
     c
 }
 
@@ -234,7 +250,8 @@ fn start_serve(ns: &Netns, model: &Path, port: u16) -> Serve {
         .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_cairn"), "serve", "-m"])
         .arg(model)
         .args(["--host", &ns.ns_ip, "--port", &port.to_string(), "--parallel", "2", "-c", "2048", "-t", "1"])
-        .env("CAIRN_CPU_WATTS", "5")
+        .env("CAIRN_CPU_WATTS", EDGE_WATTS)
+        .env("CAIRN_SYSFS_ROOT", no_sysfs())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -248,7 +265,7 @@ fn routing_across_a_veth_link() {
     let t0 = Instant::now();
     let model = common::model_path();
     let port = 8400 + (std::process::id() % 500) as u16;
-    let _serve = start_serve(&ns, &model, port);
+    let mut serve = start_serve(&ns, &model, port);
     assert!(healthy(port, &ns.ns_ip, Duration::from_secs(60)), "cairn serve in {} did not come up", ns.name);
     let proxy = Proxy::start(format!("{}:{port}", ns.ns_ip));
     let dir = TempDir(std::env::temp_dir().join(format!("cairn-route-net-{}", std::process::id())));
@@ -359,5 +376,76 @@ fn routing_across_a_veth_link() {
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert!(lines.len() == 1 && lines[0].contains("refused"), "{err}");
     println!("3. impossible budget: fallback {why:?}; with --fallback refuse: {}", lines[0]);
+
+    // 2. An energy budget only the remote fits; the server dies mid-answer.
+    let n = 48usize;
+    let energy = |e: &str| 6.0 * p(e, "prefill_j_per_token") + n as f64 * p(e, "decode_j_per_token");
+    let (local_j, edge_j) = (energy("local"), energy("edge"));
+    assert!(edge_j * 2.0 < local_j, "the edge box should cost fewer joules ({edge_j} J vs {local_j} J)");
+    let budget = format!("{:.6}J", (local_j * edge_j).sqrt());
+    let step_deadline = 4.0 * (p("edge", "rtt_s") + 1.0 / p("edge", "decode_tps")) + 0.25;
+    let args = [
+        "generate",
+        "--route",
+        r,
+        "-p",
+        "Once upon a time, in a small village by the sea, there lived",
+        "-n",
+        "48",
+        "--temp",
+        "0",
+        "--energy-budget",
+        &budget,
+        "--latency-budget",
+        "300s",
+        "--route-json",
+    ];
+    let mut child = cairn().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run cairn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    // The answer streams: once a few tokens' text has come, kill the server.
+    let mut text = Vec::new();
+    let mut buf = [0u8; 256];
+    while text.len() < 12 {
+        let k = stdout.read(&mut buf).expect("read the answer");
+        assert!(k > 0, "the answer ended before the server was killed: {:?}", String::from_utf8_lossy(&text));
+        text.extend_from_slice(&buf[..k]);
+    }
+    let before_kill = String::from_utf8_lossy(&text).into_owned();
+    serve.0.kill().expect("kill cairn serve");
+    let _ = serve.0.wait();
+    let killed = Instant::now();
+    stdout.read_to_end(&mut text).expect("read the answer");
+    let status = child.wait().expect("wait");
+    let after = killed.elapsed().as_secs_f64();
+    let err = err_reader.join().expect("stderr");
+    assert!(status.success(), "the routed answer failed after the kill:\n{err}");
+    let rep = report(&err);
+    assert_eq!(rep["chosen"], serde_json::json!(["edge"]), "budget {budget}: {rep}");
+    let drop = rep["dropped"].as_array().and_then(|d| d.iter().find(|d| d["expert"] == "edge"));
+    let why = drop.and_then(|d| d["why"].as_str()).unwrap_or_else(|| panic!("edge was not dropped: {rep}"));
+    assert_eq!(rep["answered"], serde_json::json!(["local"]), "{rep}");
+    let rescue = rep["rescue"].as_str().unwrap_or_else(|| panic!("no rescue note: {rep}"));
+    assert!(rescue.contains("local went on"), "{rescue}");
+    let text = String::from_utf8_lossy(&text).into_owned();
+    assert!(text.trim().len() > before_kill.trim().len(), "nothing came after the kill: {text:?}");
+    // Dropped within its step deadline; the local expert then decodes the rest.
+    let local_rest =
+        3.0 * (p("local", "start_s") + 64.0 / p("local", "prefill_tps")) + n as f64 / p("local", "decode_tps");
+    assert!(
+        after < step_deadline + local_rest + 5.0,
+        "{after:.2} s after the kill ({why}; deadline {step_deadline:.2} s)"
+    );
+    println!(
+        "2. energy budget {budget} (local {local_j:.3} J, edge {edge_j:.3} J): chose edge; killed after {:?}; \
+         dropped ({why}); {rescue}; done {after:.2} s after the kill; answer {:?}",
+        before_kill,
+        text.trim()
+    );
     println!("routing_across_a_veth_link: {:.1} s", t0.elapsed().as_secs_f64());
 }

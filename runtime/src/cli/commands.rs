@@ -842,6 +842,7 @@ fn print_report(r: &crate::route::router::Report, json: bool) {
             "answered": r.answered,
             "dropped": r.dropped.iter().map(|(n, why)| serde_json::json!({"expert": n, "why": why})).collect::<Vec<_>>(),
             "fallback": r.fallback,
+            "rescue": r.rescue,
             "expected_loss": r.expected_loss,
             "predicted": {"latency_s": r.predicted.latency_s, "energy_j": r.predicted.energy_j},
             "measured": {"latency_s": r.measured.latency_s, "energy_j": r.measured.energy_j, "energy_estimate": r.energy_estimate},
@@ -856,6 +857,9 @@ fn print_report(r: &crate::route::router::Report, json: bool) {
     }
     for (n, why) in &r.dropped {
         eprintln!("note: dropped {n}: {why}");
+    }
+    if let Some(why) = &r.rescue {
+        eprintln!("note: {why}");
     }
     let est = if r.energy_estimate { " (estimated)" } else { "" };
     eprintln!(
@@ -979,7 +983,7 @@ pub fn route_profile(path: &Path, reps: usize, remote_watts: f64) -> Result<()> 
     use crate::route::registry::{Place, Registry};
     use crate::route::{profile, remote};
     let reg = Registry::load(path)?;
-    let mut energy = crate::energy::detect(Path::new("/"));
+    let mut energy = crate::energy::detect_here();
     eprintln!("{}", energy.note);
     let out = reg.side_file("profile");
     let mut ps = profile::Profiles::load(&out).unwrap_or_else(|_| profile::Profiles::new());

@@ -180,7 +180,7 @@ pub fn open(reg: &registry::Registry, gate: Box<dyn router::GateModel>) -> Resul
         .iter()
         .map(|e| build(reg, e).map_err(|err| Error::input(format!("expert {}: {err}", e.name))))
         .collect::<Result<Vec<_>>>()?;
-    let energy = crate::energy::detect(std::path::Path::new("/"));
+    let energy = crate::energy::detect_here();
     log::info!("{}", energy.note);
     let devices = reg.experts.iter().map(|e| e.device.clone()).collect();
     router::Router::new(reg.names(), devices, built, reg.embedder, gate, &profiles, energy.reader)

@@ -91,6 +91,8 @@ pub struct Report {
     pub dropped: Vec<(String, String)>,
     /// Set when nothing fit the budgets and the cheapest expert answered.
     pub fallback: Option<String>,
+    /// Set when every chosen expert was dropped and a spare local one answered.
+    pub rescue: Option<String>,
     pub expected_loss: f64,
     pub predicted: Cost,
     pub measured: Cost,
@@ -437,13 +439,45 @@ impl Router {
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        let Some((_, run)) = best else {
-            return Err(Error::model(format!("no expert answered: {}", errors.join("; "))));
+        let run = match best {
+            Some((_, run)) => run,
+            None => {
+                // No family answered at all (a text family's server died, say): the
+                // cheapest local expert not chosen answers from the start, once.
+                let why = errors.join("; ");
+                let spare = (0..n).filter(|&i| self.local(i).is_some() && !chosen.contains(&i)).min_by(|&a, &b| {
+                    let cost = |i: usize| self.cost(i, &profiles[i], plan.prompt_tokens, max_tokens, 0).latency_s;
+                    cost(a).total_cmp(&cost(b))
+                });
+                let Some(i) = spare else {
+                    return Err(Error::model(format!("no expert answered: {why}")));
+                };
+                let mut run = self
+                    .run_family(
+                        self.family[i],
+                        &[(i, 1.0)],
+                        prompt,
+                        max_tokens,
+                        sampling,
+                        &profiles,
+                        deadline,
+                        Some(&mut on_text),
+                    )
+                    .map_err(|e| Error::model(format!("no expert answered ({why}), nor {}: {e}", self.names[i])))?;
+                for &c in &chosen {
+                    if !report.dropped.iter().any(|d| d.0 == self.names[c]) {
+                        report.dropped.push((self.names[c].clone(), why.clone()));
+                    }
+                }
+                run.rescue = Some(format!("no chosen expert answered; {} answered from the start", self.names[i]));
+                run
+            }
         };
         if !run.streamed {
             on_text(&run.text);
         }
         report.answered = run.live.iter().map(|&i| self.names[i].clone()).collect();
+        report.rescue = run.rescue.clone();
         report.new_tokens = run.tokens;
         // Measured: wall time; this device's energy, plus each remote's own counter.
         let j1 = self.energy.lock().unwrap_or_else(|e| e.into_inner()).read_joules()?;
@@ -524,31 +558,10 @@ impl Router {
         let vocab = rep.vocab();
         let context = ids.len() + max_tokens + 1;
         // One worker per expert, fed token ids, answering with next-token distributions.
-        let mut workers: Vec<Worker> = Vec::with_capacity(members.len());
-        for &(i, w) in members {
-            let (tx, rx_cmd) = mpsc::channel::<Vec<u32>>();
-            let (tx_dist, rx) = mpsc::channel::<Result<(Dist, f64)>>();
-            let lock = self.locks.get(&self.devices[i]).cloned().unwrap_or_default();
-            match &self.members[i] {
-                Member::Local(e) => {
-                    let e = Arc::clone(e);
-                    std::thread::spawn(move || local_worker(&e, context, rx_cmd, tx_dist, &lock));
-                }
-                #[cfg(feature = "cli")]
-                Member::Remote(r) => {
-                    let r = Arc::clone(r);
-                    let top = self.top_logprobs;
-                    std::thread::spawn(move || remote_worker(&r, top, rx_cmd, tx_dist, &lock, deadline));
-                }
-            }
-            let p = &profiles[i];
-            let rtt = p.rtt_s.unwrap_or(0.0);
-            // Generous step deadlines: a slow step is noise, a dead expert is not.
-            let first = 3.0 * (p.start_s + rtt + ids.len() as f64 / p.prefill_tps) + 0.5;
-            let step = 4.0 * (rtt + 1.0 / p.decode_tps) + 0.25;
-            workers.push(Worker { i, w, tx, rx, first, step, timing: (0.0, 0.0, 0) });
-        }
+        let mut workers: Vec<Worker> =
+            members.iter().map(|&(i, w)| self.spawn_worker(i, w, ids.len(), context, profiles, deadline)).collect();
         let mut dropped = Vec::new();
+        let mut rescue = None;
         let mut sampler = Sampler::new(sampling.clone());
         let mut history = ids.clone();
         let mut feed = ids;
@@ -594,8 +607,47 @@ impl Router {
                 timing.insert(wk.i, wk.timing);
             }
             if dists.is_empty() {
+                // Every expert of the answer is gone (a server died, a link broke): the
+                // family's cheapest local expert not yet tried goes on from the tokens so
+                // far, once.
                 let why = dropped.iter().map(|(n, e)| format!("{n}: {e}")).collect::<Vec<_>>().join("; ");
-                return Err(Error::model(format!("every expert of the answer was dropped ({why})")));
+                let tried: Vec<usize> = members.iter().map(|m| m.0).collect();
+                let spare = (0..self.names.len())
+                    .filter(|&i| self.family[i] == f && self.local(i).is_some() && !tried.contains(&i))
+                    .min_by(|&a, &b| {
+                        let cost = |i: usize| self.cost(i, &profiles[i], history.len(), max_tokens - step, 0).latency_s;
+                        cost(a).total_cmp(&cost(b))
+                    });
+                let (Some(i), None) = (spare, &rescue) else {
+                    return Err(Error::model(format!("every expert of the answer was dropped ({why})")));
+                };
+                let wk =
+                    self.spawn_worker(i, 1.0, history.len(), history.len() + max_tokens - step + 1, profiles, deadline);
+                let t = Instant::now();
+                let ok = wk.tx.send(history.clone()).is_ok();
+                match wk.rx.recv_timeout(Duration::from_secs_f64(wk.first)) {
+                    Ok(Ok((d, secs))) if ok => {
+                        let mut wk = wk;
+                        wk.timing.0 += secs;
+                        timing.insert(i, wk.timing);
+                        dists.push((1.0, d));
+                        workers.push(wk);
+                    }
+                    other => {
+                        let e = match other {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("it did not answer in {:.2} s", t.elapsed().as_secs_f64()),
+                        };
+                        return Err(Error::model(format!(
+                            "every expert of the answer was dropped ({why}), and {} could not go on: {e}",
+                            self.names[i]
+                        )));
+                    }
+                }
+                rescue = Some(format!(
+                    "every chosen expert was dropped after {tokens} tokens; {} went on from there",
+                    self.names[i]
+                ));
             }
             if step == max_tokens {
                 break;
@@ -627,7 +679,41 @@ impl Router {
         }
         text.push_str(&rest);
         let live = workers.iter().map(|w| w.i).collect();
-        Ok(FamilyRun { text, tokens, live, dropped, timing, streamed: on_text.is_some() })
+        Ok(FamilyRun { text, tokens, live, dropped, timing, streamed: on_text.is_some(), rescue })
+    }
+
+    /// A worker thread for expert `i`, with step deadlines from its profile.
+    fn spawn_worker(
+        &self,
+        i: usize,
+        w: f64,
+        prompt: usize,
+        context: usize,
+        profiles: &[Profile],
+        deadline: Instant,
+    ) -> Worker {
+        let (tx, rx_cmd) = mpsc::channel::<Vec<u32>>();
+        let (tx_dist, rx) = mpsc::channel::<Result<(Dist, f64)>>();
+        let lock = self.locks.get(&self.devices[i]).cloned().unwrap_or_default();
+        match &self.members[i] {
+            Member::Local(e) => {
+                let e = Arc::clone(e);
+                std::thread::spawn(move || local_worker(&e, context, rx_cmd, tx_dist, &lock));
+            }
+            #[cfg(feature = "cli")]
+            Member::Remote(r) => {
+                let r = Arc::clone(r);
+                let top = self.top_logprobs;
+                std::thread::spawn(move || remote_worker(&r, top, rx_cmd, tx_dist, &lock, deadline));
+            }
+        }
+        let p = &profiles[i];
+        let rtt = p.rtt_s.unwrap_or(0.0);
+        // Generous step deadlines: a slow step is noise, a dead expert is not.
+        let first = 3.0 * (p.start_s + rtt + prompt as f64 / p.prefill_tps) + 0.5;
+        let step = 4.0 * (rtt + 1.0 / p.decode_tps) + 0.25;
+        let _ = deadline;
+        Worker { i, w, tx, rx, first, step, timing: (0.0, 0.0, 0) }
     }
 
     /// A text family: its one remote expert writes the whole answer.
@@ -659,6 +745,7 @@ impl Router {
                             dropped: vec![],
                             timing,
                             streamed: false,
+                            rescue: None,
                         })
                     }
                     Err(e) => Err(Error::model(format!("{}: {e}", self.names[*i]))),
@@ -702,6 +789,8 @@ struct FamilyRun {
     dropped: Vec<(String, String)>,
     timing: HashMap<usize, (f64, f64, usize)>,
     streamed: bool,
+    /// Set when a spare local expert went on after every chosen one was dropped.
+    rescue: Option<String>,
 }
 
 /// A next-token distribution.

@@ -190,13 +190,11 @@ fn load(opts: &ServeOptions, app: &App, tx: std::sync::mpsc::Sender<Msg>) -> Res
     }
     let mut sched = Scheduler::new(engine.clone(), opts.parallel, ctx, app.metrics.clone())?;
     // Energy per request for /metrics: the first real counter, else the estimate.
-    // CAIRN_SYSFS_ROOT stands for `/` (a fixture tree in tests).
-    let root = std::env::var_os("CAIRN_SYSFS_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from);
-    let energy = crate::energy::detect(&root);
+    let energy = crate::energy::detect_here();
     eprintln!("serve: {}", energy.note);
     sched.set_energy(energy.reader);
     // The power gauge (a Jetson's board power) reads its own reader at each scrape.
-    app.metrics.set_power_reader(crate::energy::detect(&root).reader);
+    app.metrics.set_power_reader(crate::energy::detect_here().reader);
     eprintln!(
         "serve: {} on {} in {:.1}s; {} slots × {ctx} tokens (KV cache at most {:.1} MiB), queue {}",
         app.model_name,
