@@ -270,13 +270,26 @@ impl Engine {
     /// Logits at every position of `ids`, handed to `f(position, row)` in order, from
     /// passes of [`model::logit_rows`] tokens over one cache: what is held at once stays
     /// within the memory plan, unlike [`Engine::eval_all`]'s `ids.len() × vocab` floats.
-    pub fn for_each_logits(&self, ids: &[u32], mut f: impl FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
+    pub fn for_each_logits(&self, ids: &[u32], f: impl FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
+        self.logit_rows(ids, None, f)
+    }
+
+    /// [`Engine::for_each_logits`], with a probe watching every pass.
+    fn logit_rows(
+        &self,
+        ids: &[u32],
+        mut probe: Option<&mut Probe>,
+        mut f: impl FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
         self.check_ids(ids)?;
         let vocab = self.vocab();
         let rows = model::logit_rows(vocab);
         let mut cache = self.runner.new_cache(ids.len())?;
         for (c, chunk) in ids.chunks(rows).enumerate() {
-            let logits = self.runner.forward(cache.as_mut(), chunk, Logits::All)?;
+            let logits = match probe.as_deref_mut() {
+                Some(p) => self.runner.forward_probe(cache.as_mut(), chunk, Logits::All, p)?,
+                None => self.runner.forward(cache.as_mut(), chunk, Logits::All)?,
+            };
             for (i, row) in logits.chunks_exact(vocab).enumerate() {
                 f(c * rows + i, row)?;
             }
@@ -298,6 +311,10 @@ impl Engine {
         for chunk in model::prefill_chunks(ids) {
             self.runner.forward_probe(cache.as_mut(), chunk, Logits::All, &mut probe)?;
         }
+        self.mean_hidden(probe, ids.len())
+    }
+
+    fn mean_hidden(&self, probe: Probe, rows: usize) -> Result<Vec<f32>> {
         let sum = probe.hidden_sum.unwrap_or_default();
         if sum.len() != self.runner.config().dim {
             return Err(Error::model(format!(
@@ -306,7 +323,24 @@ impl Engine {
                 self.runner.config().dim
             )));
         }
-        Ok(sum.iter().map(|&s| (s / ids.len() as f64) as f32).collect())
+        Ok(sum.iter().map(|&s| (s / rows as f64) as f32).collect())
+    }
+
+    /// [`Engine::score`] and the embedding of `ids[..len - 1]` from the same pass (the
+    /// last token, which nothing predicts from, is left out of both): half the work of
+    /// the two apart for the gate's embedder.
+    pub fn score_and_embed(&self, ids: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        if ids.len() < 2 {
+            return Err(Error::input("scoring and embedding need at least two tokens"));
+        }
+        let mut out = Vec::with_capacity(ids.len() - 1);
+        let mut probe = Probe { hidden_sum: Some(Vec::new()), keep_head: true, ..Probe::default() };
+        self.logit_rows(&ids[..ids.len() - 1], Some(&mut probe), |i, row| {
+            let next = ids[i + 1] as usize;
+            out.push((row[next] as f64 - log_sum_exp(row)) as f32);
+            Ok(())
+        })?;
+        Ok((out, self.mean_hidden(probe, ids.len() - 1)?))
     }
 
     /// The natural-log probability of each `ids[t]` given `ids[..t]`, for t ≥ 1

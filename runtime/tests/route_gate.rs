@@ -114,6 +114,18 @@ fn scores_are_the_log_softmax_of_the_logits() {
         let (a, b): (f32, f32) = (lp[..half].iter().sum(), lp[half..].iter().sum());
         assert!(b > a, "second copy {b} vs first {a}");
         assert!(e.score(&ids[..1]).expect("one token").is_empty());
+        // One pass for both (`route train`'s embedder) gives what the two give apart.
+        let (lp2, emb2) = e.score_and_embed(&ids).expect("score and embed");
+        let emb = e.embed(&ids[..ids.len() - 1]).expect("embed");
+        assert_eq!(lp2.len(), lp.len());
+        for (t, (a, b)) in lp.iter().zip(&lp2).enumerate() {
+            assert!((a - b).abs() < 1e-5, "exact {exact}, token {t}: {a} vs {b}");
+        }
+        assert_eq!(emb.len(), emb2.len());
+        for (k, (a, b)) in emb.iter().zip(&emb2).enumerate() {
+            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "exact {exact}, dim {k}: {a} vs {b}");
+        }
+        assert!(e.score_and_embed(&ids[..1]).is_err());
     }
 }
 

@@ -91,6 +91,9 @@ pub struct Probe {
     /// use), and skips the output head: a prompt embedding ([`crate::engine::Engine::embed`])
     /// costs the layers only, and needs no second copy of any model's code.
     pub hidden_sum: Option<Vec<f64>>,
+    /// With `hidden_sum`: compute the logits as well (scoring and embedding a text in
+    /// one pass, as `route train` does).
+    pub keep_head: bool,
     /// Tokens in the current pass (set by the pass).
     pub rows: usize,
 }
@@ -457,7 +460,9 @@ impl<B: Backend + 'static, A: Architecture<B>> Transformer<B, A> {
                         *s += v as f64;
                     }
                 }
-                return Ok(vec![Vec::new(); n]);
+                if !probe.keep_head {
+                    return Ok(vec![Vec::new(); n]);
+                }
             }
             // (first row, rows) of each segment's logits, in batch order.
             let mut picks = Vec::with_capacity(n);

@@ -202,12 +202,17 @@ pub fn build(reg: &registry::Registry, e: &registry::ExpertSpec) -> Result<route
 /// Load a local expert's model with its threads, backend and memory budget.
 #[cfg(feature = "cli")]
 pub fn load_local(e: &registry::ExpertSpec) -> Result<crate::engine::Engine> {
-    let registry::Place::Local { model, backend, threads, memory } = &e.place else {
+    load_local_threads(e, None)
+}
+
+/// [`load_local`] with the registry's thread count replaced (0: all cores).
+pub fn load_local_threads(e: &registry::ExpertSpec, threads: Option<usize>) -> Result<crate::engine::Engine> {
+    let registry::Place::Local { model, backend, threads: own, memory } = &e.place else {
         return Err(Error::input(format!("{} is not a local expert", e.name)));
     };
     let path = crate::pull::resolve_model(Some(model)).map_err(|err| Error::Fetch(err.to_string()))?;
     let opts = crate::engine::EngineOptions {
-        threads: *threads,
+        threads: threads.unwrap_or(*own),
         backend: *backend,
         memory: *memory,
         // Routed requests are short: a 4096-token cache is what the budget reserves.

@@ -36,7 +36,8 @@ impl Scorers {
             match &e.place {
                 Place::Local { .. } => {
                     eprintln!("loading {} ...", e.name);
-                    engines.push(Some(super::load_local(e)?));
+                    // Experts are scored one after another: each may use every core.
+                    engines.push(Some(super::load_local_threads(e, Some(0))?));
                     remotes.push(None);
                     tokenizer_of.push(i);
                 }
@@ -66,19 +67,28 @@ impl Scorers {
 
     /// One window as every expert saw it.
     pub fn sample(&self, category: Category, held_out: bool, text: &str) -> Result<Sample> {
-        let emb_engine = self.engine(self.embedder)?;
-        let embedding = emb_engine.embed(&gate::window_ids(emb_engine, text)?)?;
+        let mut embedding = Vec::new();
         let mut logprobs = Vec::with_capacity(self.names.len());
         for i in 0..self.names.len() {
             let tok = self.engine(self.tokenizer_of[i])?;
             let ids = gate::window_ids(tok, text)?;
             logprobs.push(match (&self.engines[i], &self.remotes[i]) {
+                // The embedder scores and embeds in one pass.
+                (Some(e), _) if i == self.embedder && ids.len() >= 2 => {
+                    let (lp, emb) = e.score_and_embed(&ids)?;
+                    embedding = emb;
+                    lp
+                }
                 (Some(e), _) => e.score(&ids)?,
                 (None, Some(r)) => r
                     .score(&ids, Duration::from_secs(300))
                     .map_err(|e| Error::input(format!("{}: {e}", self.names[i])))?,
                 (None, None) => return Err(Error::model("an expert is neither local nor remote")),
             });
+        }
+        if embedding.is_empty() {
+            let e = self.engine(self.embedder)?;
+            embedding = e.embed(&gate::window_ids(e, text)?)?;
         }
         Ok(Sample { category, held_out, embedding, logprobs, bytes: text.len() })
     }
