@@ -80,6 +80,7 @@ threads = 1
 name = "smol-bs-lo"
 model = "$PWD/$stack"
 memory = "${BS_LO:-100MB}"
+context = 1024
 device = "phone"
 threads = 1
 
@@ -87,6 +88,7 @@ threads = 1
 name = "smol-bs-hi"
 model = "$PWD/$stack"
 memory = "${BS_HI:-140MB}"
+context = 1024
 device = "phone"
 threads = 1
 

@@ -13,6 +13,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -206,11 +207,16 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, args: &[&str], api_key: Option<&str>, dir: &TempDir) -> Server {
+        Server::start_with(&[OsStr::new("-m"), model.as_os_str()], args, api_key, dir)
+    }
+
+    /// `cairn serve` with `what` (`-m MODEL`, or `--route REGISTRY`) and `args`.
+    fn start_with(what: &[&OsStr], args: &[&str], api_key: Option<&str>, dir: &TempDir) -> Server {
         let port = free_port();
         let log = dir.0.join(format!("serve-{port}.log"));
         let f = std::fs::File::create(&log).expect("server log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
-        cmd.arg("serve").arg("-m").arg(model).args(["--port", &port.to_string(), "-t", THREADS]).args(args);
+        cmd.arg("serve").args(what).args(["--port", &port.to_string(), "-t", THREADS]).args(args);
         if let Some(k) = api_key {
             cmd.args(["--api-key", k]);
         }
@@ -421,6 +427,57 @@ fn serve_queue_full() {
     );
     server.script(&py, "test_queue.py", &json!({}), Duration::from_secs(180), |_| {});
     println!("serve_queue_full: {:.1}s", t.elapsed().as_secs_f64());
+}
+
+/// `cairn serve --route`: a router over two experts (the default model twice, on two
+/// devices) profiled and gated by the real commands, served to the `openai` client:
+/// the same answer as `cairn generate --route`, streams, stop strings, budgets from the
+/// request's `cairn` object, the fallback and the refusal, bad requests, concurrent
+/// callers with no memory growth between rounds.
+#[test]
+fn serve_routed() {
+    let Some(py) = python() else { return };
+    let _one = serial();
+    let t = Instant::now();
+    let dir = TempDir::new("route");
+    let reg = dir.0.join("pair.toml");
+    let m = model();
+    std::fs::write(
+        &reg,
+        format!(
+            "[[expert]]\nname = \"near\"\nmodel = {m:?}\ndevice = \"phone\"\nthreads = 1\ncontext = 1024\n\n\
+             [[expert]]\nname = \"far\"\nmodel = {m:?}\ndevice = \"box\"\nthreads = 1\ncontext = 1024\n"
+        ),
+    )
+    .expect("write the registry");
+    let r = reg.to_str().expect("utf-8 path");
+    cairn(&["route", "profile", r, "--reps", "1"]);
+    cairn(&["route", "train", r, "--windows", "1"]);
+    let prompt = GENERATE_PROMPT;
+    let tokens = 16;
+    let out = cairn(&[
+        "generate",
+        "--route",
+        r,
+        "-p",
+        prompt,
+        "-n",
+        &tokens.to_string(),
+        "--temp",
+        "0",
+        "--latency-budget",
+        "60s",
+        "--energy-budget",
+        "1000J",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect("generate --json");
+    let text = v["text"].as_str().expect("text").to_string();
+    println!("cli: {text:?} by {}", v["chosen"]);
+    let server = Server::start_with(&[OsStr::new("--route"), reg.as_os_str()], &["--parallel", "2"], None, &dir);
+    let expect = json!({ "prompt": prompt, "tokens": tokens, "text": text, "experts": ["near", "far"] });
+    server.script(&py, "test_route.py", &expect, Duration::from_secs(400), |_| {});
+    println!("serve_routed: {:.1}s", t.elapsed().as_secs_f64());
 }
 
 /// `POST /v1/cairn/memory` on a BitStack model while streams run: fewer blocks, then

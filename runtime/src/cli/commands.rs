@@ -780,10 +780,32 @@ pub struct ServeArgs {
     pub api_key: Option<String>,
     pub timeout: u64,
     pub drain: u64,
+    pub route: Option<Routed>,
 }
 
 #[cfg(feature = "server")]
 pub fn serve(m: &ModelArgs, a: ServeArgs) -> Result<()> {
+    if let Some(r) = a.route {
+        // The id clients name: the registry's stem.
+        let model_name = r.registry.file_stem().map_or_else(|| "router".into(), |s| s.to_string_lossy().into_owned());
+        let defaults = crate::server::route::Defaults { budget: r.budget, fallback: r.fallback };
+        let opts = crate::server::ServeOptions {
+            model: r.registry.clone(),
+            model_name,
+            host: a.host,
+            port: a.port,
+            parallel: a.parallel,
+            queue: a.queue,
+            ctx: 0,
+            api_key: a.api_key,
+            engine: engine_options(m)?,
+            timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+            drain: std::time::Duration::from_secs(a.drain),
+            body_limit: 4 << 20,
+            route: Some(crate::server::RouteServe { registry: r.registry, defaults }),
+        };
+        return crate::server::run(opts);
+    }
     let path = model_path(m)?;
     // The id clients name: the registry name given, else the file's stem.
     let model_name = match m.model.as_deref() {
@@ -803,6 +825,7 @@ pub fn serve(m: &ModelArgs, a: ServeArgs) -> Result<()> {
         timeout: std::time::Duration::from_secs(a.timeout.max(1)),
         drain: std::time::Duration::from_secs(a.drain),
         body_limit: 4 << 20,
+        route: None,
     };
     crate::server::run(opts)
 }
@@ -836,20 +859,7 @@ fn open_router(r: &Routed) -> Result<(crate::route::registry::Registry, crate::r
 /// The routing report: one JSON line, or a short line for people.
 fn print_report(r: &crate::route::router::Report, json: bool) {
     if json {
-        let v = serde_json::json!({
-            "chosen": r.chosen,
-            "weights": r.weights,
-            "answered": r.answered,
-            "dropped": r.dropped.iter().map(|(n, why)| serde_json::json!({"expert": n, "why": why})).collect::<Vec<_>>(),
-            "fallback": r.fallback,
-            "rescue": r.rescue,
-            "expected_loss": r.expected_loss,
-            "predicted": {"latency_s": r.predicted.latency_s, "energy_j": r.predicted.energy_j},
-            "measured": {"latency_s": r.measured.latency_s, "energy_j": r.measured.energy_j, "energy_estimate": r.energy_estimate},
-            "prompt_tokens": r.prompt_tokens,
-            "new_tokens": r.new_tokens,
-        });
-        eprintln!("{v}");
+        eprintln!("{}", r.to_json());
         return;
     }
     if let Some(f) = &r.fallback {
@@ -875,17 +885,7 @@ fn print_report(r: &crate::route::router::Report, json: bool) {
 
 /// Save the profiles the requests refined (moving averages), beside the registry.
 fn save_profiles(reg: &crate::route::registry::Registry, router: &crate::route::router::Router) {
-    let path = reg.side_file("profile");
-    let mut ps = match crate::route::profile::Profiles::load(&path) {
-        Ok(p) => p,
-        Err(_) => return,
-    };
-    for (name, p) in router.names().iter().zip(router.profiles()) {
-        ps.experts.insert(name.clone(), p);
-    }
-    if let Err(e) = ps.save(&path) {
-        eprintln!("note: the refined profiles were not saved: {e}");
-    }
+    crate::route::save_profiles(&reg.side_file("profile"), router);
 }
 
 /// `generate --route`: one routed raw completion.
@@ -900,11 +900,8 @@ pub fn route_generate(
     use crate::route::router::Prompt;
     let (reg, router) = open_router(r)?;
     let sampling = crate::sampling::SamplingDefaults::resolve(&[(crate::sampling::Origin::Flag, flags)], seed).config;
-    let a = router.answer(Prompt::Text(prompt), max_new, &sampling, r.budget, r.fallback, |t| {
-        if !json {
-            let _ = flush(t);
-        }
-    })?;
+    let a = router
+        .answer(Prompt::Text(prompt), max_new, &sampling, r.budget, r.fallback, |t| json || flush(t).is_continue())?;
     if json {
         println!("{}", serde_json::json!({"text": a.text, "chosen": a.report.chosen}));
     } else {
@@ -931,9 +928,9 @@ pub fn route_chat(
     let mut messages: Vec<Message> = system.map(|s| Message::new("system", s)).into_iter().collect();
     let turn = |messages: &mut Vec<Message>, user: &str| -> Result<()> {
         messages.push(Message::new("user", user));
-        match router.answer(Prompt::Chat(messages), max_new, &sampling, r.budget, r.fallback, |t| {
-            let _ = flush(t);
-        }) {
+        match router
+            .answer(Prompt::Chat(messages), max_new, &sampling, r.budget, r.fallback, |t| flush(t).is_continue())
+        {
             Ok(a) => {
                 println!();
                 print_report(&a.report, r.json);
@@ -1157,7 +1154,7 @@ pub fn route_eval(path: &Path, o: &EvalOptions) -> Result<()> {
                 &sampling,
                 budget,
                 crate::route::router::Fallback::Cheapest,
-                |_| {},
+                |_| true,
             )?;
             let rep = r.report;
             eprintln!(

@@ -272,6 +272,10 @@ enum Command {
         /// On SIGTERM, seconds running requests get to finish.
         #[arg(long, default_value_t = 30)]
         drain: u64,
+        /// Serve a MoE² router over this registry (no -m): each request is routed within
+        /// the budgets of its `cairn` object, else these.
+        #[command(flatten)]
+        route: RouteArgs,
     },
     /// MoE² routing: which experts may answer within the budgets.
     Route {
@@ -584,7 +588,7 @@ pub fn run() -> Result<()> {
             commands::bench(&model, prompt, gen, reps, parallel, &output)
         }
         #[cfg(feature = "server")]
-        Command::Serve { model, host, port, parallel, queue, api_key, api_key_file, timeout, drain } => {
+        Command::Serve { model, host, port, parallel, queue, api_key, api_key_file, timeout, drain, route } => {
             let api_key = match (api_key, api_key_file) {
                 (Some(k), _) => Some(k),
                 (None, Some(f)) => {
@@ -600,7 +604,11 @@ pub fn run() -> Result<()> {
             if api_key.as_deref().is_some_and(str::is_empty) {
                 return Err(Error::input("--api-key must not be empty"));
             }
-            let opts = commands::ServeArgs { host, port, parallel, queue, api_key, timeout, drain };
+            let route = route.routed()?;
+            if route.is_some() && model.model.is_some() {
+                return Err(Error::input("serve takes -m MODEL or --route REGISTRY, not both"));
+            }
+            let opts = commands::ServeArgs { host, port, parallel, queue, api_key, timeout, drain, route };
             commands::serve(&model, opts)
         }
         Command::Route { command: RouteCommand::Solve { instance } } => commands::route_solve(&instance),

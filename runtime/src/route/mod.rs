@@ -186,6 +186,22 @@ pub fn open(reg: &registry::Registry, gate: Box<dyn router::GateModel>) -> Resul
     router::Router::new(reg.names(), devices, built, reg.embedder, gate, &profiles, energy.reader)
 }
 
+/// Save the profiles `router`'s requests refined (moving averages) into the profile
+/// file at `path`; a failure is a note, not an error (the answer is already out).
+#[cfg(feature = "cli")]
+pub fn save_profiles(path: &std::path::Path, router: &router::Router) {
+    let mut ps = match profile::Profiles::load(path) {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    for (name, p) in router.names().iter().zip(router.profiles()) {
+        ps.experts.insert(name.clone(), p);
+    }
+    if let Err(e) = ps.save(path) {
+        eprintln!("note: the refined profiles were not saved: {e}");
+    }
+}
+
 /// One registry entry as a router member.
 #[cfg(feature = "cli")]
 pub fn build(reg: &registry::Registry, e: &registry::ExpertSpec) -> Result<router::Built> {
@@ -207,7 +223,7 @@ pub fn load_local(e: &registry::ExpertSpec) -> Result<crate::engine::Engine> {
 
 /// [`load_local`] with the registry's thread count replaced (0: all cores).
 pub fn load_local_threads(e: &registry::ExpertSpec, threads: Option<usize>) -> Result<crate::engine::Engine> {
-    let registry::Place::Local { model, backend, threads: own, memory } = &e.place else {
+    let registry::Place::Local { model, backend, threads: own, memory, context } = &e.place else {
         return Err(Error::input(format!("{} is not a local expert", e.name)));
     };
     let path = crate::pull::resolve_model(Some(model)).map_err(|err| Error::Fetch(err.to_string()))?;
@@ -215,8 +231,7 @@ pub fn load_local_threads(e: &registry::ExpertSpec, threads: Option<usize>) -> R
         threads: threads.unwrap_or(*own),
         backend: *backend,
         memory: *memory,
-        // Routed requests are short: a 4096-token cache is what the budget reserves.
-        context: 4096,
+        context: *context,
         ..Default::default()
     };
     crate::engine::Engine::load(&path, &opts)

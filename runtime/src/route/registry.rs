@@ -13,6 +13,7 @@
 //! name = "smollm2-3bit"
 //! model = "smollm2.cairn"      # relative paths start at the registry's directory
 //! memory = "60MB"              # a BitStack model's size (any model: a budget)
+//! context = 1024               # KV cache tokens the budget reserves (default 4096)
 //! device = "phone"
 //!
 //! [[expert]]
@@ -28,6 +29,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::MAX_EXPERTS;
+
+/// A local expert's KV cache in tokens, unless the registry says: routed requests are
+/// short, and a memory budget reserves the whole cache.
+pub const DEFAULT_CONTEXT: usize = 4096;
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
 
@@ -43,6 +48,8 @@ pub enum Place {
         threads: usize,
         /// Memory budget in bytes (a BitStack model loads this much of its stack).
         memory: Option<u64>,
+        /// Tokens of KV cache a session may hold (and the budget reserves).
+        context: usize,
     },
     /// Behind an OpenAI-compatible HTTP API.
     Remote {
@@ -98,6 +105,7 @@ struct Entry {
     backend: Option<String>,
     threads: Option<usize>,
     memory: Option<String>,
+    context: Option<usize>,
     url: Option<String>,
     remote_model: Option<String>,
     api_key: Option<String>,
@@ -208,12 +216,19 @@ fn entry(e: Entry, dir: &Path) -> Result<ExpertSpec> {
             } else {
                 model
             };
-            Place::Local { model, backend, threads: e.threads.unwrap_or(0), memory }
+            let context = e.context.unwrap_or(DEFAULT_CONTEXT);
+            if !(64..=1 << 20).contains(&context) {
+                return Err(at(format!("context {context} is not a number of tokens from 64 to 1048576")));
+            }
+            Place::Local { model, backend, threads: e.threads.unwrap_or(0), memory, context }
         }
         (None, Some(url)) => {
-            for (field, set) in
-                [("backend", e.backend.is_some()), ("threads", e.threads.is_some()), ("memory", e.memory.is_some())]
-            {
+            for (field, set) in [
+                ("backend", e.backend.is_some()),
+                ("threads", e.threads.is_some()),
+                ("memory", e.memory.is_some()),
+                ("context", e.context.is_some()),
+            ] {
                 if set {
                     return Err(at(format!("{field} is for local experts: a remote one is configured on its server")));
                 }
@@ -259,6 +274,7 @@ mod tests {
             model = "models/smol.cairn"
             memory = "60MB"
             threads = 2
+            context = 1024
             device = "phone"
             [[expert]]
             name = "edge"
@@ -272,7 +288,13 @@ mod tests {
         assert_eq!(r.embedder, 1);
         assert_eq!(
             r.experts[0].place,
-            Place::Local { model: "gemma3-270m".into(), backend: BackendKind::Cpu, threads: 0, memory: None }
+            Place::Local {
+                model: "gemma3-270m".into(),
+                backend: BackendKind::Cpu,
+                threads: 0,
+                memory: None,
+                context: DEFAULT_CONTEXT
+            }
         );
         assert_eq!(
             r.experts[1].place,
@@ -280,7 +302,8 @@ mod tests {
                 model: "/srv/router/models/smol.cairn".into(),
                 backend: BackendKind::Cpu,
                 threads: 2,
-                memory: Some(60_000_000)
+                memory: Some(60_000_000),
+                context: 1024
             }
         );
         assert_eq!(
@@ -305,6 +328,8 @@ mod tests {
             ("[[expert]]\nname = \"a\"\ndevice = \"d\"\nurl = \"http://x\"\nthreads = 2", "for local experts"),
             ("[[expert]]\nname = \"a\"\ndevice = \"d\"\nmodel = \"m\"\nmemory = \"lots\"", "memory size"),
             ("[[expert]]\nname = \"a\"\ndevice = \"d\"\nmodel = \"m\"\nbackend = \"tpu\"", "unknown backend"),
+            ("[[expert]]\nname = \"a\"\ndevice = \"d\"\nmodel = \"m\"\ncontext = 8", "from 64"),
+            ("[[expert]]\nname = \"a\"\ndevice = \"d\"\nurl = \"http://x\"\ncontext = 512", "for local experts"),
             ("[[expert]]\nname = \"a\"\ndevice = \"d\"\nmodel = \"m\"\ncolour = 1", "unknown field"),
             ("[[expert]]\nname = \"a\"\ndevice = \"d\"\nurl = \"http://x\"", "every expert is remote"),
             (

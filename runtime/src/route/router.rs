@@ -102,6 +102,25 @@ pub struct Report {
     pub new_tokens: usize,
 }
 
+impl Report {
+    /// The report as one JSON object (`--route-json`, and `cairn.route` in served answers).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "chosen": self.chosen,
+            "weights": self.weights,
+            "answered": self.answered,
+            "dropped": self.dropped.iter().map(|(n, why)| serde_json::json!({"expert": n, "why": why})).collect::<Vec<_>>(),
+            "fallback": self.fallback,
+            "rescue": self.rescue,
+            "expected_loss": self.expected_loss,
+            "predicted": {"latency_s": self.predicted.latency_s, "energy_j": self.predicted.energy_j},
+            "measured": {"latency_s": self.measured.latency_s, "energy_j": self.measured.energy_j, "energy_estimate": self.energy_estimate},
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+        })
+    }
+}
+
 pub struct Answer {
     pub text: String,
     pub report: Report,
@@ -256,6 +275,11 @@ impl Router {
         &self.names
     }
 
+    /// The embedder's engine: the tokenizer a routed server's `/tokenize` speaks.
+    pub fn embedder_engine(&self) -> Result<Arc<Engine>> {
+        self.local(self.embedder).cloned().ok_or_else(|| Error::model("the embedder is not local"))
+    }
+
     /// The profiles as requests have refined them.
     pub fn profiles(&self) -> Vec<Profile> {
         self.profiles.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -347,7 +371,8 @@ impl Router {
     }
 
     /// Route one request and generate its answer, streaming text through `on_text`
-    /// when a single family answers (several families: the taken answer at the end).
+    /// when a single family answers (several families: the taken answer at the end);
+    /// `on_text` returning false ends the answer there (a stop string, a client gone).
     pub fn answer(
         &self,
         prompt: Prompt,
@@ -355,7 +380,7 @@ impl Router {
         sampling: &SamplerConfig,
         budget: Budget,
         fallback: Fallback,
-        mut on_text: impl FnMut(&str),
+        mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Answer> {
         let t0 = Instant::now();
         let j0 = self.energy.lock().unwrap_or_else(|e| e.into_inner()).read_joules()?;
@@ -474,7 +499,7 @@ impl Router {
             }
         };
         if !run.streamed {
-            on_text(&run.text);
+            let _ = on_text(&run.text);
         }
         report.answered = run.live.iter().map(|&i| self.names[i].clone()).collect();
         report.rescue = run.rescue.clone();
@@ -548,7 +573,7 @@ impl Router {
         sampling: &SamplerConfig,
         profiles: &[Profile],
         deadline: Instant,
-        mut on_text: Option<&mut dyn FnMut(&str)>,
+        mut on_text: Option<&mut dyn FnMut(&str) -> bool>,
     ) -> Result<FamilyRun> {
         let Some(ids) = self.ids(f, prompt)? else {
             return self.run_text(members, prompt, max_tokens, sampling, deadline);
@@ -562,6 +587,7 @@ impl Router {
             members.iter().map(|&(i, w)| self.spawn_worker(i, w, ids.len(), context, profiles, deadline)).collect();
         let mut dropped = Vec::new();
         let mut rescue = None;
+        let mut stopped = false;
         let mut sampler = Sampler::new(sampling.clone());
         let mut history = ids.clone();
         let mut feed = ids;
@@ -667,17 +693,22 @@ impl Router {
             history.push(id);
             tokens += 1;
             let piece = decoder.push(tok, id)?;
-            if let Some(f) = on_text.as_mut() {
-                f(&piece);
-            }
             text.push_str(&piece);
+            if let Some(f) = on_text.as_mut() {
+                if !f(&piece) {
+                    stopped = true;
+                    break;
+                }
+            }
             feed = vec![id];
         }
-        let rest = decoder.finish();
-        if let Some(f) = on_text.as_mut() {
-            f(&rest);
+        if !stopped {
+            let rest = decoder.finish();
+            if let Some(f) = on_text.as_mut() {
+                let _ = f(&rest);
+            }
+            text.push_str(&rest);
         }
-        text.push_str(&rest);
         let live = workers.iter().map(|w| w.i).collect();
         Ok(FamilyRun { text, tokens, live, dropped, timing, streamed: on_text.is_some(), rescue })
     }

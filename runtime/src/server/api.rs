@@ -70,6 +70,10 @@ pub enum Input {
 pub struct Knobs {
     pub method: Option<Method>,
     pub memory: Option<u64>,
+    /// A routed server's budgets for this request (seconds, joules) and fallback.
+    pub latency_budget: Option<f64>,
+    pub energy_budget: Option<f64>,
+    pub fallback: Option<crate::route::router::Fallback>,
 }
 
 /// A checked request of either endpoint.
@@ -377,10 +381,37 @@ fn knobs(v: Option<&Value>) -> Res<Knobs> {
                     crate::bitstack::parse_size(s).map_err(|e| ApiError::invalid(p, format!("cairn.memory: {e}")))?,
                 )
             }
-            ("gemfilter" | "memory", _) => {
+            ("latency_budget" | "energy_budget", v) => {
+                let parsed = match v {
+                    Value::String(s) if key == "latency_budget" => crate::route::router::parse_seconds(s),
+                    Value::String(s) => crate::route::router::parse_joules(s),
+                    Value::Number(n) => match n.as_f64() {
+                        Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                        _ => Err(crate::error::Error::input(format!("the {key} must be more than 0, not {n}"))),
+                    },
+                    _ => return Err(ApiError::invalid(p, format!("cairn.{key} must be a number or a string such as \"2s\" or \"3J\""))),
+                };
+                let x = parsed.map_err(|e| ApiError::invalid(p, format!("cairn.{key}: {e}")))?;
+                if key == "latency_budget" {
+                    k.latency_budget = Some(x);
+                } else {
+                    k.energy_budget = Some(x);
+                }
+            }
+            ("fallback", Value::String(f)) => {
+                k.fallback = Some(f.parse().map_err(|e: String| ApiError::invalid(p, format!("cairn.fallback: {e}")))?)
+            }
+            ("gemfilter" | "memory" | "fallback", _) => {
                 return Err(ApiError::invalid(p, format!("cairn.{key} has the wrong type")));
             }
-            _ => return Err(ApiError::invalid(p, format!("cairn.{key} is not a cairn option (gemfilter, memory)"))),
+            _ => {
+                return Err(ApiError::invalid(
+                    p,
+                    format!(
+                        "cairn.{key} is not a cairn option (gemfilter, memory; routed: latency_budget, energy_budget, fallback)"
+                    ),
+                ))
+            }
         }
     }
     Ok(k)

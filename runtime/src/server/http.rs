@@ -272,6 +272,9 @@ async fn generate(app: Arc<App>, b: Body, ep: Endpoint) -> Res<Response> {
             .with(404, "model_not_found"));
         }
     }
+    if let Some(d) = r.route {
+        return generate_routed(&app, r, p, ep, start, d).await;
+    }
     let engine = &r.engine;
     let prompt = match &p.input {
         Input::Messages(msgs) => {
@@ -329,7 +332,18 @@ async fn generate(app: Arc<App>, b: Body, ep: Endpoint) -> Res<Response> {
         arrived: start,
         events: tx,
     };
-    r.submit(&app, job)?;
+    r.submit(&app, Msg::Generate(Box::new(job)))?;
+    Ok(respond(&app, &p, ep, start, rx).await)
+}
+
+/// The answer to a checked, queued request: a stream or one JSON body.
+async fn respond(
+    app: &App,
+    p: &api::Params,
+    ep: Endpoint,
+    start: Instant,
+    rx: mpsc::UnboundedReceiver<Event>,
+) -> Response {
     let meta = Meta {
         id: format!(
             "{}-{:016x}",
@@ -348,9 +362,68 @@ async fn generate(app: Arc<App>, b: Body, ep: Endpoint) -> Res<Response> {
         failed: false,
     };
     if p.stream {
-        return Ok(stream(meta, rx, p.include_usage, p.logprobs.is_some(), log));
+        return stream(meta, rx, p.include_usage, p.logprobs.is_some(), log);
     }
-    collect(meta, rx, p.logprobs.is_some(), log).await
+    collect(meta, rx, p.logprobs.is_some(), log).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A routed server's request: its budgets from `cairn` (else the server's), the text
+/// or chat handed to the router's workers, which tokenize per expert family.
+async fn generate_routed(
+    app: &App,
+    r: &super::Ready,
+    p: api::Params,
+    ep: Endpoint,
+    start: Instant,
+    d: super::route::Defaults,
+) -> Res<Response> {
+    use super::route::{RouteJob, RoutedInput, DEFAULT_MAX_TOKENS};
+    let (job, rx) = (|| -> Res<(RouteJob, mpsc::UnboundedReceiver<Event>)> {
+        let not_here = |param: &str, what: &str| {
+            ApiError::invalid(
+                Some(param),
+                format!("{what} is not available from a routed server (its answer mixes experts)"),
+            )
+            .with(400, "unsupported_parameter")
+        };
+        if p.logprobs.is_some() {
+            return Err(not_here("logprobs", "logprobs"));
+        }
+        if p.echo {
+            return Err(not_here("echo", "echo"));
+        }
+        if p.knobs.method.is_some() {
+            return Err(not_here("cairn", "cairn.gemfilter"));
+        }
+        if p.knobs.memory.is_some() {
+            return Err(not_here("cairn", "cairn.memory (each expert's is in the registry)"));
+        }
+        let input = match &p.input {
+            Input::Messages(m) => RoutedInput::Chat(m.clone()),
+            Input::Text(t) if t.is_empty() => return Err(ApiError::invalid(Some("prompt"), "the prompt is empty")),
+            Input::Text(t) => RoutedInput::Text(t.clone()),
+            Input::Ids(_) => return Err(not_here("prompt", "a prompt of token ids (experts differ in tokenizer)")),
+        };
+        let budget = crate::route::router::Budget {
+            latency_s: p.knobs.latency_budget.unwrap_or(d.budget.latency_s),
+            energy_j: p.knobs.energy_budget.unwrap_or(d.budget.energy_j),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = RouteJob {
+            input,
+            max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(r.ctx),
+            sampling: p.sampling.clone(),
+            stop: p.stop.clone(),
+            budget,
+            fallback: p.knobs.fallback.unwrap_or(d.fallback),
+            deadline: start + app.timeout,
+            arrived: start,
+            events: tx,
+        };
+        Ok((job, rx))
+    })()?;
+    r.submit(app, Msg::Route(Box::new(job)))?;
+    Ok(respond(app, &p, ep, start, rx).await)
 }
 
 /// What every chunk of one answer repeats.
@@ -439,7 +512,10 @@ async fn collect(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>, want_lps: b
                 let lp = want_lps.then(|| meta.logprobs(&lps, 0));
                 let choice = meta.choice(Some(&text), true, lp, Some(s.finish), false);
                 let usage = api::usage(s.prompt_tokens, s.completion_tokens, s.cached_tokens);
-                let body = meta.wrap(vec![choice], Some(usage), false, true);
+                let mut body = meta.wrap(vec![choice], Some(usage), false, true);
+                if let Some(route) = &s.route {
+                    body["cairn"] = json!({ "route": route });
+                }
                 log.summary = Some(s);
                 return Ok(axum::Json(body).into_response());
             }
@@ -482,7 +558,10 @@ impl StreamState {
                 } else {
                     c
                 };
-                let v = self.meta.wrap(vec![c], None, true, self.usage);
+                let mut v = self.meta.wrap(vec![c], None, true, self.usage);
+                if let Some(route) = &s.route {
+                    v["cairn"] = json!({ "route": route });
+                }
                 self.data(v);
                 if self.usage {
                     let u = api::usage(s.prompt_tokens, s.completion_tokens, s.cached_tokens);
@@ -553,7 +632,7 @@ impl super::Ready {
     }
 
     /// Into the bounded queue, or 503 when it is full.
-    fn submit(&self, app: &App, job: Job) -> Res<()> {
+    fn submit(&self, app: &App, job: Msg) -> Res<()> {
         let q = &app.metrics.queued;
         if q.fetch_add(1, Ordering::SeqCst) >= app.queue as u64 {
             q.fetch_sub(1, Ordering::SeqCst);
@@ -566,7 +645,7 @@ impl super::Ready {
                 ),
             ));
         }
-        if let Err(e) = self.send(Msg::Generate(Box::new(job))) {
+        if let Err(e) = self.send(job) {
             q.fetch_sub(1, Ordering::SeqCst);
             return Err(e);
         }

@@ -9,6 +9,7 @@
 pub mod api;
 mod http;
 pub mod metrics;
+pub mod route;
 pub mod scheduler;
 
 use std::net::SocketAddr;
@@ -42,6 +43,14 @@ pub struct ServeOptions {
     /// How long SIGTERM waits for running requests.
     pub drain: Duration,
     pub body_limit: usize,
+    /// Serve a MoE² router over this registry instead of one model.
+    pub route: Option<RouteServe>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteServe {
+    pub registry: PathBuf,
+    pub defaults: route::Defaults,
 }
 
 /// What the handlers share.
@@ -59,9 +68,27 @@ pub struct App {
 
 /// The loaded model and the way to its loop.
 pub struct Ready {
+    /// The model (a routed server: its embedder, whose tokenizer `/tokenize` speaks).
     engine: Arc<Engine>,
     tx: Mutex<std::sync::mpsc::Sender<Msg>>,
     ctx: usize,
+    /// Set on a routed server: the budgets of requests that bring none.
+    route: Option<route::Defaults>,
+}
+
+/// The thread that answers: one model's batching loop, or a router's workers.
+enum Loop {
+    One(Scheduler),
+    Routed(route::RouteLoop),
+}
+
+impl Loop {
+    fn run(self, rx: std::sync::mpsc::Receiver<Msg>) {
+        match self {
+            Loop::One(s) => s.run(rx),
+            Loop::Routed(r) => r.run(rx),
+        }
+    }
 }
 
 /// Default context per slot when the model's is larger: a slot's cache is allocated as
@@ -112,7 +139,7 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     eprintln!(
         "serve: listening on http://{} (loading {})",
         listener.local_addr().unwrap_or(addr),
-        opts.model.display()
+        opts.route.as_ref().map_or(&opts.model, |r| &r.registry).display()
     );
 
     // The model loads beside the listener; its thread then becomes the inference loop.
@@ -167,7 +194,10 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
-fn load(opts: &ServeOptions, app: &App, tx: std::sync::mpsc::Sender<Msg>) -> Result<Scheduler> {
+fn load(opts: &ServeOptions, app: &App, tx: std::sync::mpsc::Sender<Msg>) -> Result<Loop> {
+    if let Some(r) = &opts.route {
+        return load_router(opts, r, app, tx);
+    }
     let t = std::time::Instant::now();
     // Peek at the model's context to size the slots before loading, so that a memory
     // budget reserves the KV cache of every slot.
@@ -204,8 +234,43 @@ fn load(opts: &ServeOptions, app: &App, tx: std::sync::mpsc::Sender<Msg>) -> Res
         kv as f64 / (1 << 20) as f64,
         opts.queue
     );
-    let _ = app.ready.set(Ready { engine, tx: Mutex::new(tx), ctx });
-    Ok(sched)
+    let _ = app.ready.set(Ready { engine, tx: Mutex::new(tx), ctx, route: None });
+    Ok(Loop::One(sched))
+}
+
+/// A routed server: the registry's router, `--parallel` requests answered at once.
+fn load_router(opts: &ServeOptions, r: &RouteServe, app: &App, tx: std::sync::mpsc::Sender<Msg>) -> Result<Loop> {
+    let t = std::time::Instant::now();
+    let reg = crate::route::registry::Registry::load(&r.registry)?;
+    let gate = crate::route::load_gate(&reg)?;
+    let router = Arc::new(crate::route::open(&reg, gate)?);
+    let engine = router.embedder_engine()?;
+    // The embedder's cache length bounds a request (the router's own sessions are sized
+    // per request within each expert's).
+    let ctx = match &reg.experts[reg.embedder].place {
+        crate::route::registry::Place::Local { context, .. } => *context,
+        crate::route::registry::Place::Remote { .. } => crate::route::registry::DEFAULT_CONTEXT,
+    };
+    app.metrics.set_power_reader(crate::energy::detect_here().reader);
+    eprintln!(
+        "serve: router {} over {} experts ({}) in {:.1}s; {} at once, queue {}; default budgets {:.3} s, {:.3} J",
+        app.model_name,
+        reg.experts.len(),
+        reg.names().join(", "),
+        t.elapsed().as_secs_f64(),
+        opts.parallel,
+        opts.queue,
+        r.defaults.budget.latency_s,
+        r.defaults.budget.energy_j
+    );
+    let _ = app.ready.set(Ready { engine, tx: Mutex::new(tx), ctx, route: Some(r.defaults) });
+    Ok(Loop::Routed(route::RouteLoop {
+        router,
+        workers: opts.parallel,
+        metrics: app.metrics.clone(),
+        profile_path: Some(reg.side_file("profile")),
+        saving: Mutex::new(()),
+    }))
 }
 
 async fn shutdown_signal() {

@@ -92,6 +92,8 @@ pub struct Summary {
     pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub ttft: Option<Duration>,
+    /// A routed answer's report (`cairn.route` in the response).
+    pub route: Option<serde_json::Value>,
 }
 
 /// What the loop sends back for a request.
@@ -107,6 +109,8 @@ pub enum Event {
 /// Messages to the loop.
 pub enum Msg {
     Generate(Box<Job>),
+    /// A request for a routed server ([`super::route`]).
+    Route(Box<super::route::RouteJob>),
     /// Change a BitStack model's memory budget between two steps.
     Memory(u64, oneshot::Sender<Result<MemoryPlan>>),
 }
@@ -235,6 +239,10 @@ impl Scheduler {
     fn take(&mut self, m: Msg) {
         match m {
             Msg::Generate(job) => self.waiting.push_back(job),
+            Msg::Route(job) => {
+                self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::Failed(Error::model("this server runs one model, not a router")));
+            }
             Msg::Memory(bytes, reply) => {
                 let _ = reply.send(self.set_memory(bytes));
             }
@@ -593,6 +601,7 @@ fn finish(mut run: Running, how: Finish, metrics: &Metrics) {
         cached_tokens: run.cached,
         completion_tokens: run.generated,
         ttft: run.first_token.map(|t| t - run.job.arrived),
+        route: None,
     };
     metrics.finished.fetch_add(1, Ordering::Relaxed);
     metrics.observe_request_energy(run.energy_j);
