@@ -158,7 +158,14 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
 /// Every matrix of the layers once, plus the output head; one embedding row is noise.
 fn weight_bytes_per_token(engine: &Engine) -> usize {
     let f = &engine.file;
-    let mut bytes: u64 = f.tensors.iter().filter(|t| t.name.starts_with("blk.")).map(|t| t.size).sum();
+    // A BitStack file's layers read only the blocks its budget keeps (or their copies).
+    let stacked = |name: &str| f.stack.as_ref().and_then(|s| s.weight(name)).is_some();
+    let mut bytes: u64 =
+        f.tensors.iter().filter(|t| t.name.starts_with("blk.") && !stacked(&t.name)).map(|t| t.size).sum();
+    if let Some(s) = &f.stack {
+        let counts: Vec<usize> = s.weights.iter().map(|w| w.active()).collect();
+        bytes += s.cost(&counts);
+    }
     let head = f.tensor_info("output.weight").or_else(|| f.tensor_info("token_embd.weight"));
     bytes += head.map_or(0, |t| t.size);
     bytes as usize

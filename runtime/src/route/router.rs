@@ -145,6 +145,10 @@ pub struct Router {
     profiles: Mutex<Vec<Profile>>,
     energy: Mutex<Box<dyn EnergyReader>>,
     locks: HashMap<String, Arc<Mutex<()>>>,
+    /// Per family, piece text → id, for servers that name alternatives by text
+    /// (llama-server); built on first use.
+    #[cfg(feature = "cli")]
+    pieces: Vec<std::sync::OnceLock<Arc<HashMap<String, u32>>>>,
     /// Token-id alternatives a remote expert is asked for per step.
     pub top_logprobs: usize,
 }
@@ -267,6 +271,8 @@ impl Router {
             profiles: Mutex::new(profiles),
             energy: Mutex::new(energy),
             locks,
+            #[cfg(feature = "cli")]
+            pieces: (0..count).map(|_| std::sync::OnceLock::new()).collect(),
             top_logprobs: 20,
         })
     }
@@ -527,6 +533,19 @@ impl Router {
         Ok(Answer { text: run.text, report })
     }
 
+    /// Family `f`'s piece map (empty for a family without a local tokenizer).
+    #[cfg(feature = "cli")]
+    fn pieces_of(&self, f: usize) -> Arc<HashMap<String, u32>> {
+        self.pieces[f]
+            .get_or_init(|| {
+                let Some(e) = self.rep[f].and_then(|r| self.local(r)) else { return Arc::default() };
+                let t = &e.tokenizer;
+                let all = (0..t.vocab_size() as u32).map(|id| (id, t.token_to_piece(id).unwrap_or(&[]).to_vec()));
+                Arc::new(super::remote::piece_map(all))
+            })
+            .clone()
+    }
+
     #[cfg(feature = "cli")]
     fn remote_joules(&self, i: usize) -> Option<f64> {
         match &self.members[i] {
@@ -735,7 +754,8 @@ impl Router {
             Member::Remote(r) => {
                 let r = Arc::clone(r);
                 let top = self.top_logprobs;
-                std::thread::spawn(move || remote_worker(&r, top, rx_cmd, tx_dist, &lock, deadline));
+                let pieces = self.pieces_of(self.family[i]);
+                std::thread::spawn(move || remote_worker(&r, top, &pieces, rx_cmd, tx_dist, &lock, deadline));
             }
         }
         let p = &profiles[i];
@@ -895,6 +915,7 @@ fn local_worker(e: &Engine, context: usize, rx: Receiver<Vec<u32>>, tx: Sender<R
 fn remote_worker(
     r: &Remote,
     top: usize,
+    pieces: &HashMap<String, u32>,
     rx: Receiver<Vec<u32>>,
     tx: Sender<Result<(Dist, f64)>>,
     lock: &Mutex<()>,
@@ -914,12 +935,14 @@ fn remote_worker(
                 .into_iter()
                 .filter_map(|(t, lp)| match t {
                     Token::Id(id) => Some((id, lp.exp())),
-                    Token::Text(_) => None,
+                    // A server naming alternatives by text (llama-server): the shared
+                    // tokenizer's unambiguous pieces give the ids.
+                    Token::Text(s) => pieces.get(&s).map(|&id| (id, lp.exp())),
                 })
                 .collect::<Vec<_>>();
             if sparse.is_empty() {
                 return Err(Error::model(
-                    "the server's logprobs name no token ids (it lacks return_tokens_as_token_ids)",
+                    "the server's logprobs name no token of the shared tokenizer (neither ids nor known pieces)",
                 ));
             }
             Ok((Dist::Sparse(sparse), t.elapsed().as_secs_f64()))
@@ -980,6 +1003,51 @@ mod tests {
             assert!(parse_seconds(bad).is_err(), "{bad}");
         }
         assert!(Budget { latency_s: 1.0, energy_j: 0.0 }.check().is_err());
+    }
+
+    /// A server that names its alternatives by text (llama-server's completions): the
+    /// remote worker maps them through the shared tokenizer's pieces; unknown ones drop.
+    #[cfg(feature = "cli")]
+    #[test]
+    fn text_named_alternatives_map_to_ids() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(1) {
+                let mut c = conn.unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then the JSON body (ends with its closing brace).
+                while !req.ends_with(b"}") {
+                    let k = c.read(&mut buf).unwrap();
+                    if k == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&buf[..k]);
+                }
+                let body = r#"{"choices":[{"text":" Paris","logprobs":{"tokens":[" Paris"],"token_logprobs":[-0.1],"top_logprobs":[{" Paris":-0.1," London":-2.5,"zzqx":-4.0}]}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                c.write_all(head.as_bytes()).unwrap();
+                c.write_all(body.as_bytes()).unwrap();
+            }
+        });
+        let r = Remote::new(&url, None, None);
+        let pieces = super::super::remote::piece_map(
+            [(7u32, b" Paris".to_vec()), (9, b" London".to_vec()), (11, b" Rome".to_vec())].into_iter(),
+        );
+        let (tx, rx_cmd) = mpsc::channel();
+        let (tx_dist, rx) = mpsc::channel();
+        let lock = Mutex::new(());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        tx.send(vec![1, 2, 3]).unwrap();
+        drop(tx);
+        remote_worker(&r, 5, &pieces, rx_cmd, tx_dist, &lock, deadline);
+        let (d, _) = rx.recv().unwrap().unwrap();
+        let Dist::Sparse(alts) = d else { panic!("a remote answers sparse") };
+        assert_eq!(alts.len(), 2, "{alts:?}");
+        assert!(alts[0].0 == 7 && (alts[0].1 - (-0.1f32).exp()).abs() < 1e-6, "{alts:?}");
+        assert!(alts[1].0 == 9 && (alts[1].1 - (-2.5f32).exp()).abs() < 1e-6, "{alts:?}");
     }
 
     #[test]
