@@ -12,13 +12,13 @@
 # the CPU-time estimate at CAIRN_CPU_WATTS (2 W per busy core on the phone, 8 on the
 # edge box: stated, not measured, since this machine has no counter).
 #   benches/route_eval.sh            (root: it makes the namespace)
-# WINDOWS (per category, default 24), TRACE (requests, default 40), OUT (default
+# WINDOWS (per category, default 12), TRACE (requests, default 40), OUT (default
 # target/route-eval), CAIRN (default target/release/cairn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cairn=${CAIRN:-target/release/cairn}
 out=${OUT:-target/route-eval}
-windows=${WINDOWS:-24}
+windows=${WINDOWS:-12}
 trace=${TRACE:-40}
 mkdir -p "$out"
 [ -x "$cairn" ] || cargo build --release -p cairn --bin cairn
@@ -79,7 +79,7 @@ threads = 1
 [[expert]]
 name = "smol-bs-lo"
 model = "$PWD/$stack"
-memory = "${BS_LO:-100MB}"
+memory = "${BS_LO:-110MB}"
 context = 1024
 device = "phone"
 threads = 1
@@ -87,7 +87,7 @@ threads = 1
 [[expert]]
 name = "smol-bs-hi"
 model = "$PWD/$stack"
-memory = "${BS_HI:-140MB}"
+memory = "${BS_HI:-150MB}"
 context = 1024
 device = "phone"
 threads = 1
