@@ -58,6 +58,11 @@ fn modified(p: &Path) -> Result<SystemTime> {
 /// library there is newer than every source. Returns its path. Several processes may
 /// build at once: each writes its own file and renames it into place.
 pub fn build(out_dir: &Path) -> Result<PathBuf> {
+    // One build at a time in this process: tests open the emulator from several threads
+    // at once, and two builds would share the temporary file below (a rename of one
+    // then found the other's output gone).
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let dir = source_dir();
     let (units, rest) = sources(&dir)?;
     let lib = out_dir.join("libcairn_cuda_emu.so");
