@@ -222,6 +222,7 @@ pub fn load_local(e: &registry::ExpertSpec) -> Result<crate::engine::Engine> {
 }
 
 /// [`load_local`] with the registry's thread count replaced (0: all cores).
+#[cfg(feature = "cli")]
 pub fn load_local_threads(e: &registry::ExpertSpec, threads: Option<usize>) -> Result<crate::engine::Engine> {
     let registry::Place::Local { model, backend, threads: own, memory, context } = &e.place else {
         return Err(Error::input(format!("{} is not a local expert", e.name)));
