@@ -436,14 +436,17 @@ fn q8_0_tile_rounding_matches_the_reference() {
 /// each result is a sum of integers, exact in f32 in any order), and with the real
 /// scales and u they agree to 1e-5 relative ([`close`]: only the order of the f32 scale
 /// and u products differs). Odd shapes: row counts off the groups of 8 (the scalar tail),
-/// a first row off a group, sign rows not a multiple of 8 bytes (the padded tail),
+/// a first row off a group, sign rows not a multiple of 8 bytes (the padded tail) or of 16
+/// (a last run of 8 bytes),
 /// several scale segments, ranks with and without a SIMD instance.
 #[test]
 fn lut_kernels_equal_scalar() {
     use cairn::backend::cpu::kernels::lut;
     let mut rng = SplitMix(17);
-    let shapes: [(usize, usize, usize); 8] = [
+    let shapes: [(usize, usize, usize); 10] = [
         (70, 64, 16),
+        (19, 576, 4),
+        (24, 192, 8),
         (21, 72, 8),
         (37, 300, 16),
         (19, 1100, 4),

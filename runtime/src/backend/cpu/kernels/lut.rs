@@ -18,9 +18,12 @@
 //! xor and a subtract, and `sadalp` adds a byte's two groups into the row's int16 lane;
 //! the integer sums per segment are the same (and stay under `SEG · 254`).
 //!
-//! The sign bits keep their v1 row-major layout: the kernel loads 8 bytes from each of
-//! 8 rows and transposes them in registers, so no re-encoding of the file is needed and
-//! the index work is shared by every rank.
+//! The sign bits keep their v1 row-major layout: the AVX2 kernel loads 16 bytes from each
+//! of 8 rows and transposes them in registers (no re-encoding of the file), so that one
+//! register holds the 16 nibbles of two columns `c` and `c + 8` (one per 128-bit lane)
+//! and its index and sign work is shared by every rank. The tables are laid out to match:
+//! within each run of 16 sign bytes, the 16-byte tables of columns `c` and `c + 8` for one
+//! rank are adjacent (one 32-byte load), and a row's last run is padded with zero entries.
 
 use rayon::prelude::*;
 
@@ -29,14 +32,25 @@ pub const SEG: usize = 32;
 // The AVX2 kernel sums a segment's signs per nibble position in int8.
 const _: () = assert!(SEG < 128);
 
+/// Sign bytes per run whose tables interleave (columns `c` and `c + 8` adjacent).
+const RUN: usize = 16;
+const _: () = assert!(SEG.is_multiple_of(RUN));
+
+/// Where column `c`'s rank-0 table starts in [`Tables::tab`] (rank `r` at `+ 32·r`).
+#[inline(always)]
+pub const fn offset(c: usize, k: usize) -> usize {
+    ((c / RUN * 8 + c % 8) * k * 2 + c / 8 % 2) * 16
+}
+
 /// A block's int8 tables for one input vector.
 #[derive(Debug, Clone, Default)]
 pub struct Tables {
     pub k: usize,
     /// Sign bytes per row (`⌈n/8⌉`).
     pub bytes: usize,
-    /// `tab[(c·k + r)·16 + h·8 + e]`: entry `e` (bit 3 clear) of group `2c + h` for rank
-    /// `r`, as `round(T / scale) + 128`.
+    /// `tab[offset(c, k) + 32·r + h·8 + e]`: entry `e` (bit 3 clear) of group `2c + h`
+    /// for rank `r`, as `round(T / scale) + 128` ([`offset`]); `⌈bytes/16⌉·16` columns,
+    /// the padding ones all 128 (zero).
     pub tab: Vec<u8>,
     /// `scale[s·k + r]`: the table scale of rank `r` in segment `s`.
     pub scale: Vec<f32>,
@@ -51,7 +65,8 @@ pub fn build(isa: super::Isa, blocks: &[(&[u8], usize, usize)], x: &[f32]) -> Ve
         .iter()
         .map(|&(_, n, k)| {
             let bytes = n.div_ceil(8);
-            Tables { k, bytes, tab: vec![0u8; bytes * k * 16], scale: vec![0f32; bytes.div_ceil(SEG) * k] }
+            let cols = bytes.next_multiple_of(RUN);
+            Tables { k, bytes, tab: vec![0u8; cols * k * 16], scale: vec![0f32; bytes.div_ceil(SEG) * k] }
         })
         .collect();
     let mut jobs = Vec::new();
@@ -106,7 +121,7 @@ fn segment_scalar(v: &[u8], x: &[f32], n: usize, k: usize, s: usize, tb: &mut [u
         sc[r] = d;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for c in 0..nb {
-            let dst = &mut tb[(c * k + r) * 16..][..16];
+            let dst = &mut tb[offset(c, k) + 32 * r..][..16];
             for (o, &e) in dst.iter_mut().zip(&ent[c * 16..(c + 1) * 16]) {
                 *o = (super::round_ties_even(e * inv) as i32 + 128) as u8;
             }
@@ -162,7 +177,7 @@ unsafe fn segment_avx2(v: &[u8], x: &[f32], n: usize, k: usize, s: usize, tb: &m
             let q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(ent.as_ptr().add(8 * g)), inv));
             let w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
             let b = _mm_xor_si128(_mm_packs_epi16(w, w), bias);
-            _mm_storel_epi64(tb.as_mut_ptr().add((g / 2 * k + r) * 16 + g % 2 * 8).cast(), b);
+            _mm_storel_epi64(tb.as_mut_ptr().add(offset(g / 2, k) + 32 * r + g % 2 * 8).cast(), b);
         }
     }
 }
@@ -212,7 +227,7 @@ unsafe fn segment_neon(v: &[u8], x: &[f32], n: usize, k: usize, s: usize, tb: &m
             let q = |h: usize| vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(ent.as_ptr().add(8 * g + 4 * h)), inv));
             let w = vcombine_s16(vqmovn_s32(q(0)), vqmovn_s32(q(1)));
             let b = veor_u8(vreinterpret_u8_s8(vqmovn_s16(w)), vdup_n_u8(0x80));
-            vst1_u8(tb.as_mut_ptr().add((g / 2 * k + r) * 16 + g % 2 * 8), b);
+            vst1_u8(tb.as_mut_ptr().add(offset(g / 2, k) + 32 * r + g % 2 * 8), b);
         }
     }
 }
@@ -220,7 +235,7 @@ unsafe fn segment_neon(v: &[u8], x: &[f32], n: usize, k: usize, s: usize, tb: &m
 /// The signed table value of nibble `e` of group `h` (0 low, 1 high) at byte `c`, rank `r`.
 #[inline(always)]
 fn entry(t: &Tables, c: usize, r: usize, h: usize, e: u8) -> i32 {
-    let at = |i: u8| t.tab[(c * t.k + r) * 16 + h * 8 + i as usize] as i32 - 128;
+    let at = |i: u8| t.tab[offset(c, t.k) + 32 * r + h * 8 + i as usize] as i32 - 128;
     if e & 8 != 0 {
         -at(!e & 7)
     } else {
@@ -332,7 +347,7 @@ unsafe fn rows8_neon<const K: usize>(t: &Tables, signs: &[u8], u: &[f32], i0: us
         t.k == K
             && y8.len() == 8
             && signs.len() >= (i0 + 8) * rb
-            && t.tab.len() >= rb * K * 16
+            && t.tab.len() >= rb.next_multiple_of(RUN) * K * 16
             && t.scale.len() >= rb.div_ceil(SEG) * K
             && u.len() >= 8 * K,
         "LUT kernel operands too short"
@@ -376,9 +391,9 @@ unsafe fn rows8_neon<const K: usize>(t: &Tables, signs: &[u8], u: &[f32], i0: us
                     let idx = vorrq_u8(vqtbl1q_u8(idx_lut, nib), odd);
                     let neg = vtstq_u8(nib, bit3);
                     let flip = veorq_u8(neg, top);
-                    let tp = tab.add((c + 2 * a + h) * K * 16);
+                    let tp = tab.add(offset(c + 2 * a + h, K));
                     for (r, ac) in acc.iter_mut().enumerate() {
-                        let v = vqtbl1q_u8(vld1q_u8(tp.add(16 * r)), idx);
+                        let v = vqtbl1q_u8(vld1q_u8(tp.add(32 * r)), idx);
                         let sv = vsubq_s8(vreinterpretq_s8_u8(veorq_u8(v, flip)), vreinterpretq_s8_u8(neg));
                         *ac = vpadalq_s8(*ac, sv);
                     }
@@ -420,8 +435,8 @@ pub unsafe fn rows_avx2(t: &Tables, signs: &[u8], u: &[f32], i0: usize, ys: &mut
         // SAFETY: this function's contract (AVX2 + FMA); bounds are checked inside.
         unsafe {
             match t.k {
-                4 => rows8_avx2::<4, 2>(t, signs, &u[8 * g * 4..], i, y8),
-                8 => rows8_avx2::<8, 4>(t, signs, &u[8 * g * 8..], i, y8),
+                4 => rows8_avx2::<4, 4>(t, signs, &u[8 * g * 4..], i, y8),
+                8 => rows8_avx2::<8, 8>(t, signs, &u[8 * g * 8..], i, y8),
                 16 => rows8_avx2::<16, 8>(t, signs, &u[8 * g * 16..], i, y8),
                 _ => unreachable!("rows_avx2 without an instance for rank {}", t.k),
             }
@@ -429,117 +444,31 @@ pub unsafe fn rows_avx2(t: &Tables, signs: &[u8], u: &[f32], i0: usize, ys: &mut
     }
 }
 
-/// Eight rows at rank `K` (`P = K/2` rank pairs): each `__m256i` accumulator holds rank
-/// `2p` in its low lane and `2p + 1` in its high lane, 8 rows of int16 per lane.
+/// Eight rows at rank `K`, `R` ranks per sweep over the columns (R accumulators stay in
+/// registers; rank 16 sweeps twice). Each int16 accumulator lane holds one row's sum over
+/// the columns of its 128-bit half (`c` low, `c + 8` high); the halves are added once per
+/// segment, after the bias is taken out.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u: &[f32], i0: usize, y8: &mut [f32]) {
+unsafe fn rows8_avx2<const K: usize, const R: usize>(t: &Tables, signs: &[u8], u: &[f32], i0: usize, y8: &mut [f32]) {
     use std::arch::x86_64::*;
     let rb = t.bytes;
     // SAFETY (every load below): the rows, tables, scales and u (rows i0.. of it) are
-    // checked here to cover rows i0..i0+8, every sign byte and every rank.
+    // checked here to cover rows i0..i0+8, every (padded) sign byte and every rank.
     assert!(
         t.k == K
-            && 2 * P == K
+            && K.is_multiple_of(R)
             && y8.len() == 8
             && signs.len() >= (i0 + 8) * rb
-            && t.tab.len() >= rb * K * 16
+            && t.tab.len() >= rb.next_multiple_of(RUN) * K * 16
             && t.scale.len() >= rb.div_ceil(SEG) * K
             && u.len() >= 8 * K,
         "LUT kernel operands too short"
     );
-    // nibble → table index (bit 3 set: entry !e & 7) and sign (±1).
-    let idx_lut = _mm256_setr_epi8(
-        0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0,
-    );
-    let sgn_lut = _mm256_setr_epi8(
-        1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1,
-    );
-    // High nibbles (odd bytes) index the second group's 8 entries.
-    let odd = _mm256_set1_epi16(0x0800);
-    let m4 = _mm_set1_epi8(0x0f);
-    let tab = t.tab.as_ptr();
     let rows: [*const u8; 8] = std::array::from_fn(|d| signs.as_ptr().add((i0 + d) * rb));
     let mut facc = [_mm256_setzero_ps(); K];
-    let mut pad = [0u8; 64];
-    // One column (sign byte `col` of the 8 rows, as 16 nibbles: row t low, row t high):
-    // the index and sign work is shared by every rank pair.
-    // The signs of each nibble position are also summed (in int8: a segment has at most
-    // SEG < 128 columns) for the bias below.
-    let column = |acc: &mut [__m256i; P], sacc: &mut __m128i, nib: __m128i, col: usize| {
-        let nb = _mm256_broadcastsi128_si256(nib);
-        let idx = _mm256_or_si256(_mm256_shuffle_epi8(idx_lut, nb), odd);
-        let sgn = _mm256_shuffle_epi8(sgn_lut, nb);
-        *sacc = _mm_add_epi8(*sacc, _mm256_castsi256_si128(sgn));
-        let tp = tab.add(col * K * 16);
-        for (p, ac) in acc.iter_mut().enumerate() {
-            let v = _mm256_shuffle_epi8(_mm256_loadu_si256(tp.add(p * 32).cast()), idx);
-            *ac = _mm256_add_epi16(*ac, _mm256_maddubs_epi16(v, sgn));
-        }
-    };
-    let mut c = 0;
-    while c < rb {
-        let seg_end = (c + SEG).min(rb);
-        let s = c / SEG;
-        let mut acc = [_mm256_setzero_si256(); P];
-        let mut sacc = _mm_setzero_si128();
-        while c < seg_end {
-            let cols = (seg_end - c).min(8);
-            // 8 bytes of each row; a short tail is copied into a zero-padded buffer.
-            let src: [*const u8; 8] = if cols == 8 {
-                rows.map(|p| p.add(c))
-            } else {
-                for (d, p) in rows.iter().enumerate() {
-                    std::ptr::copy_nonoverlapping(p.add(c), pad.as_mut_ptr().add(8 * d), cols);
-                }
-                std::array::from_fn(|d| pad.as_ptr().add(8 * d))
-            };
-            let ld = |d: usize| _mm_loadl_epi64(src[d].cast());
-            // Transpose 8×8 bytes: q[a] holds columns 2a (low half) and 2a+1, rows 0..7.
-            let a01 = _mm_unpacklo_epi8(ld(0), ld(1));
-            let a23 = _mm_unpacklo_epi8(ld(2), ld(3));
-            let a45 = _mm_unpacklo_epi8(ld(4), ld(5));
-            let a67 = _mm_unpacklo_epi8(ld(6), ld(7));
-            let b0 = _mm_unpacklo_epi16(a01, a23);
-            let b1 = _mm_unpackhi_epi16(a01, a23);
-            let b2 = _mm_unpacklo_epi16(a45, a67);
-            let b3 = _mm_unpackhi_epi16(a45, a67);
-            let q = [
-                _mm_unpacklo_epi32(b0, b2),
-                _mm_unpackhi_epi32(b0, b2),
-                _mm_unpacklo_epi32(b1, b3),
-                _mm_unpackhi_epi32(b1, b3),
-            ];
-            let nibs = |qa: __m128i| {
-                let lo = _mm_and_si128(qa, m4);
-                let hi = _mm_and_si128(_mm_srli_epi16(qa, 4), m4);
-                [_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)]
-            };
-            if cols == 8 {
-                for (a, &qa) in q.iter().enumerate() {
-                    let [n0, n1] = nibs(qa);
-                    column(&mut acc, &mut sacc, n0, c + 2 * a);
-                    column(&mut acc, &mut sacc, n1, c + 2 * a + 1);
-                }
-            } else {
-                for h in 0..cols {
-                    column(&mut acc, &mut sacc, nibs(q[h / 2])[h % 2], c + h);
-                }
-            }
-            c += cols;
-        }
-        // Remove the bias, 128 · Σ signs per row (the row's two nibble positions added
-        // into its int16 lane), and scale the segment into f32.
-        let b8 = _mm_slli_epi16(_mm_maddubs_epi16(_mm_set1_epi8(1), sacc), 7);
-        let bias = _mm256_broadcastsi128_si256(b8);
-        let sc = t.scale.as_ptr().add(s * K);
-        for (p, &ac) in acc.iter().enumerate() {
-            let a = _mm256_sub_epi16(ac, bias);
-            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)));
-            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)));
-            facc[2 * p] = _mm256_fmadd_ps(lo, _mm256_set1_ps(*sc.add(2 * p)), facc[2 * p]);
-            facc[2 * p + 1] = _mm256_fmadd_ps(hi, _mm256_set1_ps(*sc.add(2 * p + 1)), facc[2 * p + 1]);
-        }
+    for r0 in (0..K).step_by(R) {
+        sweep_avx2::<K, R>(t, &rows, r0, &mut facc[r0..r0 + R]);
     }
     // y[d] += Σ_r u[i0+d, r]·facc[r][d], gathering u's column r for the 8 rows.
     let rows_k = _mm256_setr_epi32(
@@ -557,4 +486,97 @@ unsafe fn rows8_avx2<const K: usize, const P: usize>(t: &Tables, signs: &[u8], u
         y = _mm256_fmadd_ps(f, _mm256_i32gather_ps::<4>(u.as_ptr().add(r), rows_k), y);
     }
     _mm256_storeu_ps(y8.as_mut_ptr(), y);
+}
+
+/// Ranks `r0..r0 + R` of eight rows over every column into `facc` (f32, one row per
+/// lane). `rows` point at `t.bytes` sign bytes each; the caller checked every bound.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn sweep_avx2<const K: usize, const R: usize>(t: &Tables, rows: &[*const u8; 8], r0: usize, facc: &mut [std::arch::x86_64::__m256]) {
+    use std::arch::x86_64::*;
+    let rb = t.bytes;
+    // High nibbles (odd bytes) index the second group's 8 entries.
+    let odd = _mm256_set1_epi16(0x0800);
+    let (m4, seven, one) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(7), _mm256_set1_epi8(1));
+    let tab = t.tab.as_ptr().add(32 * r0);
+    let mut pad = [0u8; 8 * RUN];
+    // Two columns (c in the low lane, c + 8 in the high one) of 8 rows as 16 nibbles per
+    // lane (row d's low group in byte 2d, its high group in 2d + 1); `tp` points at their
+    // rank-r0 tables. The signs are also summed per nibble position (in int8: a lane sees
+    // SEG/2 < 128 columns per segment) for the bias below.
+    let pair = |acc: &mut [__m256i; R], sacc: &mut __m256i, nib: __m256i, tp: *const u8| {
+        // neg: the group's bit 3 (its entry is −T[!e & 7], and !e & 7 = e ^ 15 there).
+        let neg = _mm256_cmpgt_epi8(nib, seven);
+        let idx = _mm256_or_si256(_mm256_xor_si256(nib, _mm256_and_si256(neg, m4)), odd);
+        let sgn = _mm256_or_si256(neg, one);
+        *sacc = _mm256_add_epi8(*sacc, sgn);
+        for (r, ac) in acc.iter_mut().enumerate() {
+            let v = _mm256_shuffle_epi8(_mm256_loadu_si256(tp.add(32 * r).cast()), idx);
+            *ac = _mm256_add_epi16(*ac, _mm256_maddubs_epi16(v, sgn));
+        }
+    };
+    let mut c = 0;
+    while c < rb {
+        let seg_end = (c + SEG).min(rb);
+        let s = c / SEG;
+        let mut acc = [_mm256_setzero_si256(); R];
+        let mut sacc = _mm256_setzero_si256();
+        while c < seg_end {
+            let cols = (seg_end - c).min(RUN);
+            // 16 bytes of each row (bytes c..c+8 low, c+8..c+16 high). A run of 8 (a row
+            // of 64·j + 8 bytes) leaves the high lane zero; any other short run is copied
+            // into a zero-padded buffer. Padding columns meet zero table entries.
+            let src: [*const u8; 8] = if cols == RUN || cols == 8 {
+                rows.map(|p| p.add(c))
+            } else {
+                pad.fill(0);
+                for (d, p) in rows.iter().enumerate() {
+                    std::ptr::copy_nonoverlapping(p.add(c), pad.as_mut_ptr().add(RUN * d), cols);
+                }
+                std::array::from_fn(|d| pad.as_ptr().add(RUN * d))
+            };
+            let ld = |d: usize| {
+                if cols == 8 {
+                    _mm256_zextsi128_si256(_mm_loadl_epi64(src[d].cast()))
+                } else {
+                    _mm256_loadu2_m128i(src[d].add(8).cast(), src[d].cast())
+                }
+            };
+            // Transpose 8×8 bytes in each lane: q[a] holds columns 2a and 2a+1 (rows 0..7
+            // each) of that lane's 8 columns.
+            let a01 = _mm256_unpacklo_epi8(ld(0), ld(1));
+            let a23 = _mm256_unpacklo_epi8(ld(2), ld(3));
+            let a45 = _mm256_unpacklo_epi8(ld(4), ld(5));
+            let a67 = _mm256_unpacklo_epi8(ld(6), ld(7));
+            let b0 = _mm256_unpacklo_epi16(a01, a23);
+            let b1 = _mm256_unpackhi_epi16(a01, a23);
+            let b2 = _mm256_unpacklo_epi16(a45, a67);
+            let b3 = _mm256_unpackhi_epi16(a45, a67);
+            let q = [
+                _mm256_unpacklo_epi32(b0, b2),
+                _mm256_unpackhi_epi32(b0, b2),
+                _mm256_unpacklo_epi32(b1, b3),
+                _mm256_unpackhi_epi32(b1, b3),
+            ];
+            let tp = tab.add(offset(c, K));
+            for (a, &qa) in q.iter().enumerate() {
+                let lo = _mm256_and_si256(qa, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4);
+                pair(&mut acc, &mut sacc, _mm256_unpacklo_epi8(lo, hi), tp.add((2 * a) * K * 32));
+                pair(&mut acc, &mut sacc, _mm256_unpackhi_epi8(lo, hi), tp.add((2 * a + 1) * K * 32));
+            }
+            c += cols;
+        }
+        // Remove the bias, 128 · Σ signs per row and lane (the row's two nibble positions
+        // added into its int16 lane), add the halves and scale the segment into f32.
+        let bias = _mm256_slli_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), sacc), 7);
+        let sc = t.scale.as_ptr().add(s * K + r0);
+        for (r, &ac) in acc.iter().enumerate() {
+            let a = _mm256_sub_epi16(ac, bias);
+            let a = _mm_add_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(a));
+            facc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(*sc.add(r)), facc[r]);
+        }
+    }
 }
