@@ -4,7 +4,7 @@
 
 mod common;
 
-use cairn::backend::cpu::bitstack::{rebuild_rows, stack_matvec_f32, stack_matvec_int8};
+use cairn::backend::cpu::bitstack::{rebuild_rows, stack_matvec_f32, stack_matvec_int8, stack_matvec_int8_many};
 use cairn::backend::cpu::kernels::Isa;
 use cairn::backend::cpu::CpuBackend;
 use cairn::bitstack::build::{decompose, global_order, Proxy, StackStats};
@@ -185,6 +185,39 @@ fn int8_tables_match_the_scalar_reference() {
             let y: Vec<f32> = y.iter().map(|v| v - 0.5).collect();
             let err = rel_diff(&y, &reference);
             assert!(err < 1e-5, "{m}x{n} k{k} {isa:?}: {err} from the scalar int8 reference");
+        }
+    }
+}
+
+/// Weights of one input sharing a table pass and a row pass (q, k, v; gate, up) give
+/// each weight exactly what its own pass gives: rows are independent of how the pass
+/// splits them, and every block's tables are the same.
+#[test]
+fn shared_passes_equal_one_weight_at_a_time() {
+    let n = 200;
+    let shapes = [(24usize, 4usize, 3usize), (67, 8, 2), (16, 4, 4)];
+    let stacks: Vec<(BlockShape, Vec<Vec<u8>>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(m, k, levels))| {
+            let shape = BlockShape::new(m, n, k).unwrap();
+            let st = decompose("w", random(m, n, 40 + i as u64), shape, levels, None, IterOptions::default(), &|| {})
+                .unwrap();
+            (shape, st.blocks)
+        })
+        .collect();
+    let blocks: Vec<Vec<Block<'_>>> =
+        stacks.iter().map(|(shape, bs)| bs.iter().map(|b| Block::new(*shape, b).unwrap()).collect()).collect();
+    let sets: Vec<&[Block<'_>]> = blocks.iter().map(|b| b.as_slice()).collect();
+    let x = random(1, n, 9);
+    for isa in Isa::available() {
+        let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(m, ..)| vec![0.25f32; m]).collect();
+        let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        stack_matvec_int8_many(isa, &sets, &x, &mut ys);
+        for (w, (bs, got)) in blocks.iter().zip(&outs).enumerate() {
+            let mut want = vec![0.25f32; got.len()];
+            stack_matvec_int8(isa, bs, &x, &mut want);
+            assert_eq!(got, &want, "{isa:?} weight {w}");
         }
     }
 }

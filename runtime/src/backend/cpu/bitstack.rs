@@ -234,19 +234,38 @@ pub fn stack_matvec(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// [`stack_matvec`] through int8 tables (kernels/lut.rs): every block's tables first
-/// (all blocks' segments in one parallel pass), then one parallel pass over runs of rows
-/// that visit every block; `Isa::Scalar` (or a rank without an AVX2 / NEON instance)
-/// runs the scalar reference ([`lut::rows`] picks).
+/// [`stack_matvec`] through int8 tables (kernels/lut.rs); see [`stack_matvec_int8_many`].
 pub fn stack_matvec_int8(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32]) {
-    let vs: Vec<(&[u8], usize, usize)> = blocks.iter().map(|b| (b.v_bytes(), b.shape.n, b.shape.k)).collect();
+    stack_matvec_int8_many(isa, std::slice::from_ref(&blocks), x, &mut [y]);
+}
+
+/// `ys[w] += Σ_blocks (S ⊙ (u v)) x` for several weights on one input: every block's
+/// tables first (all blocks' segments in one parallel pass), then one parallel pass over
+/// runs of rows (of every weight) that visit each of their weight's blocks. Sharing the
+/// passes between the weights of one input (q, k, v; gate, up) halves the fork-joins of
+/// a decode step, which at this size cost as much as a small matrix. `Isa::Scalar` (or a
+/// rank without an AVX2 / NEON instance) runs the scalar reference ([`lut::rows`] picks).
+pub fn stack_matvec_int8_many(isa: Isa, sets: &[&[Block<'_>]], x: &[f32], ys: &mut [&mut [f32]]) {
+    let vs: Vec<(&[u8], usize, usize)> =
+        sets.iter().flat_map(|bs| bs.iter().map(|b| (b.v_bytes(), b.shape.n, b.shape.k))).collect();
     let tabs = lut::build(isa, &vs, x);
-    let m = y.len();
-    let chunk = m.div_ceil(rayon::current_num_threads() * 4).next_multiple_of(8).max(8);
-    y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
-        let r0 = c * chunk;
+    let mut first = Vec::with_capacity(sets.len());
+    let mut at = 0;
+    for bs in sets {
+        first.push(at);
+        at += bs.len();
+    }
+    let total: usize = ys.iter().map(|y| y.len()).sum();
+    let chunk = total.div_ceil(rayon::current_num_threads() * 4).next_multiple_of(8).max(8);
+    let mut jobs = Vec::new();
+    for (w, y) in ys.iter_mut().enumerate() {
+        for (c, run) in y.chunks_mut(chunk).enumerate() {
+            jobs.push((w, c * chunk, run));
+        }
+    }
+    jobs.into_par_iter().for_each(|(w, r0, ys)| {
         let mut u = Vec::new();
-        for (b, t) in blocks.iter().zip(&tabs) {
+        for (b, t) in sets[w].iter().zip(&tabs[first[w]..]) {
             let k = b.shape.k;
             // This run's rows of u in f32.
             u.resize(ys.len() * k, 0f32);
@@ -255,6 +274,25 @@ pub fn stack_matvec_int8(isa: Isa, blocks: &[Block<'_>], x: &[f32], y: &mut [f32
             lut::rows(isa, t, signs, &u, r0, ys);
         }
     });
+}
+
+/// `x Wᵀ` for several BitStack weights of one input (q, k, v; gate, up): a decode step
+/// on the int8 tables with every weight on its blocks shares one table pass and one row
+/// pass ([`stack_matvec_int8_many`]); anything else runs weight by weight.
+pub fn matmul_many(x: &CpuTensor, ws: &[&StackWeight], isa: Option<Isa>) -> Vec<CpuTensor> {
+    let shared = isa.filter(|&i| int8_tables(i) && x.rows <= matvec_rows() && ws.iter().all(|w| w.dense().is_none()));
+    let Some(isa) = shared else {
+        return ws.iter().map(|w| matmul(x, w, isa)).collect();
+    };
+    let blocks: Vec<Vec<Block<'_>>> = ws.iter().map(|w| (0..w.active()).map(|l| w.block(l)).collect()).collect();
+    let sets: Vec<&[Block<'_>]> = blocks.iter().map(|b| b.as_slice()).collect();
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; x.rows * w.shape.m]).collect();
+    for (t, xr) in x.data.chunks_exact(x.cols).enumerate() {
+        let mut ys: Vec<&mut [f32]> =
+            outs.iter_mut().zip(ws).map(|(o, w)| &mut o[t * w.shape.m..(t + 1) * w.shape.m]).collect();
+        stack_matvec_int8_many(isa, &sets, xr, &mut ys);
+    }
+    outs.into_iter().zip(ws).map(|(data, w)| CpuTensor { data, rows: x.rows, cols: w.shape.m }).collect()
 }
 
 /// f16 bytes to f32, 64 at a time through `half`'s SIMD conversion (F16C on x86): one

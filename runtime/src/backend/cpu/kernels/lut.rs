@@ -493,7 +493,12 @@ unsafe fn rows8_avx2<const K: usize, const R: usize>(t: &Tables, signs: &[u8], u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn sweep_avx2<const K: usize, const R: usize>(t: &Tables, rows: &[*const u8; 8], r0: usize, facc: &mut [std::arch::x86_64::__m256]) {
+unsafe fn sweep_avx2<const K: usize, const R: usize>(
+    t: &Tables,
+    rows: &[*const u8; 8],
+    r0: usize,
+    facc: &mut [std::arch::x86_64::__m256],
+) {
     use std::arch::x86_64::*;
     let rb = t.bytes;
     // High nibbles (odd bytes) index the second group's 8 entries.
