@@ -5,7 +5,7 @@
 //! costs one table lookup per 4 weights and rank, then a k-wide dot with `u_i`. The
 //! integer path (`Isa::Scalar` and x86) rounds the tables to int8 and looks them up in
 //! registers with `vpshufb` (kernels/lut.rs: 16 bytes per rank and sign byte, 8 rows ×
-//! 8 inputs per step for every rank); the f32 tables (16 × k floats per run of 4 inputs,
+//! 128 inputs per step for every rank); the f32 tables (16 × k floats per run of 4 inputs,
 //! 384 KiB for a 1536-wide block, so L2-bound) stay as the `--exact` path and on NEON.
 //! Prefill rebuilds 16-row tiles of the dense weight in f32 and runs dot products against
 //! every token: the rebuild is paid once for all tokens, where the table path would pay k
