@@ -437,8 +437,7 @@ fn q8_0_tile_rounding_matches_the_reference() {
 /// scales and u they agree to 1e-5 relative ([`close`]: only the order of the f32 scale
 /// and u products differs). Odd shapes: row counts off the groups of 8 (the scalar tail),
 /// a first row off a group, sign rows not a multiple of 8 bytes (the padded tail) or of 16
-/// (a last run of 8 bytes),
-/// several scale segments, ranks with and without a SIMD instance.
+/// (a last run of 8 bytes), several scale segments, ranks with and without a SIMD instance.
 #[test]
 fn lut_kernels_equal_scalar() {
     use cairn::backend::cpu::kernels::lut;

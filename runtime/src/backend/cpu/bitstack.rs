@@ -249,12 +249,8 @@ pub fn stack_matvec_int8_many(isa: Isa, sets: &[&[Block<'_>]], x: &[f32], ys: &m
     let vs: Vec<(&[u8], usize, usize)> =
         sets.iter().flat_map(|bs| bs.iter().map(|b| (b.v_bytes(), b.shape.n, b.shape.k))).collect();
     let tabs = lut::build(isa, &vs, x);
-    let mut first = Vec::with_capacity(sets.len());
-    let mut at = 0;
-    for bs in sets {
-        first.push(at);
-        at += bs.len();
-    }
+    // Weight w's tables start where the blocks of the weights before it end.
+    let first: Vec<usize> = sets.iter().scan(0, |at, bs| Some(std::mem::replace(at, *at + bs.len()))).collect();
     let total: usize = ys.iter().map(|y| y.len()).sum();
     let chunk = total.div_ceil(rayon::current_num_threads() * 4).next_multiple_of(8).max(8);
     let mut jobs = Vec::new();

@@ -359,11 +359,9 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_many(&self, x: &CpuTensor, ws: &[&CpuWeight]) -> Vec<CpuTensor> {
-        if self.recorder.is_none() {
-            let stacks: Option<Vec<&StackWeight>> = ws.iter().map(|w| w.stack.as_deref()).collect();
-            if let Some(stacks) = stacks {
-                return self.pool.install(|| bitstack::matmul_many(x, &stacks, self.isa));
-            }
+        let stacks: Option<Vec<&StackWeight>> = ws.iter().map(|w| w.stack.as_deref()).collect();
+        if let (None, Some(stacks)) = (&self.recorder, stacks) {
+            return self.pool.install(|| bitstack::matmul_many(x, &stacks, self.isa));
         }
         if self.recorder.is_some() || ws.iter().any(|w| w.stack.is_some()) {
             return ws.iter().map(|w| self.matmul(x, w)).collect();
