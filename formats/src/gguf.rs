@@ -31,7 +31,7 @@ pub enum MetaValue {
     F32(f32),
     Bool(bool),
     String(String),
-    Array(Vec<MetaValue>),
+    Array(MetaArray),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -105,10 +105,159 @@ impl MetaValue {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[MetaValue]> {
+    pub fn as_array(&self) -> Option<&MetaArray> {
         match self {
             MetaValue::Array(a) => Some(a),
             _ => None,
+        }
+    }
+
+    /// An array of `items`, packed where they are all strings, f32 or i32.
+    pub fn array(items: Vec<MetaValue>) -> MetaValue {
+        MetaValue::Array(MetaArray::from(items))
+    }
+
+    /// An array of strings, packed.
+    pub fn strings<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> MetaValue {
+        let mut p = PackedStrings::default();
+        items.into_iter().for_each(|s| p.push(s.as_ref()));
+        MetaValue::Array(if p.is_empty() { MetaArray::Values(Vec::new()) } else { MetaArray::Strings(p) })
+    }
+}
+
+/// A metadata array. A vocabulary is 50k–260k strings with a score and a type each;
+/// held as one `MetaValue` per element that costs ~34 MB for Gemma-3's, so arrays of
+/// strings, f32 and i32 are packed (~5 MB). The form is canonical: an array is packed
+/// exactly when it is non-empty and all its elements are of one of those types, so
+/// derived equality compares contents.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaArray {
+    Strings(PackedStrings),
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    /// Any other element type, nested arrays, and the empty array.
+    Values(Vec<MetaValue>),
+}
+
+/// Strings end to end in one buffer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PackedStrings {
+    text: String,
+    ends: Vec<u32>,
+}
+
+impl PackedStrings {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)? as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.text.get(start..end)
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.len()).map(|i| self.get(i).unwrap_or_default())
+    }
+
+    /// Text beyond 4 GiB in one array is not a real vocabulary; the parser's bound on
+    /// counts (by the bytes left in a file) keeps it from being reached.
+    fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(u32::try_from(self.text.len()).unwrap_or(u32::MAX));
+    }
+}
+
+impl MetaArray {
+    pub fn len(&self) -> usize {
+        match self {
+            MetaArray::Strings(p) => p.len(),
+            MetaArray::F32(v) => v.len(),
+            MetaArray::I32(v) => v.len(),
+            MetaArray::Values(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i`, as an owned value (a copy of the string for packed strings).
+    pub fn get(&self, i: usize) -> Option<MetaValue> {
+        match self {
+            MetaArray::Strings(p) => p.get(i).map(|s| MetaValue::String(s.into())),
+            MetaArray::F32(v) => v.get(i).map(|&x| MetaValue::F32(x)),
+            MetaArray::I32(v) => v.get(i).map(|&x| MetaValue::I32(x)),
+            MetaArray::Values(v) => v.get(i).cloned(),
+        }
+    }
+
+    /// Element `i` where it is a string.
+    pub fn str(&self, i: usize) -> Option<&str> {
+        match self {
+            MetaArray::Strings(p) => p.get(i),
+            MetaArray::Values(v) => v.get(i)?.as_str(),
+            _ => None,
+        }
+    }
+
+    /// Every element as a string; `Err(i)` names the first that is not one.
+    pub fn strs(&self) -> core::result::Result<Vec<&str>, usize> {
+        match self {
+            MetaArray::Strings(p) => Ok(p.iter().collect()),
+            MetaArray::Values(v) => v.iter().enumerate().map(|(i, x)| x.as_str().ok_or(i)).collect(),
+            _ => Err(0),
+        }
+    }
+
+    /// Element `i` where it is a number.
+    pub fn f64(&self, i: usize) -> Option<f64> {
+        match self {
+            MetaArray::Strings(_) => None,
+            MetaArray::F32(v) => v.get(i).map(|&x| x as f64),
+            MetaArray::I32(v) => v.get(i).map(|&x| x as f64),
+            MetaArray::Values(v) => v.get(i)?.as_f64(),
+        }
+    }
+
+    /// Element `i` where it is an integer.
+    pub fn i64(&self, i: usize) -> Option<i64> {
+        match self {
+            MetaArray::I32(v) => v.get(i).map(|&x| x as i64),
+            MetaArray::Values(v) => v.get(i)?.as_i64(),
+            _ => None,
+        }
+    }
+
+    /// The GGUF type of the elements (u8 for an empty array: any would do).
+    fn elem_type(&self) -> u32 {
+        match self {
+            MetaArray::Strings(_) => 8,
+            MetaArray::F32(_) => 6,
+            MetaArray::I32(_) => 5,
+            MetaArray::Values(v) => v.first().map_or(0, MetaValue::type_id),
+        }
+    }
+}
+
+impl From<Vec<MetaValue>> for MetaArray {
+    fn from(items: Vec<MetaValue>) -> MetaArray {
+        let all = |f: fn(&MetaValue) -> bool| !items.is_empty() && items.iter().all(f);
+        if all(|v| matches!(v, MetaValue::String(_))) {
+            let mut p = PackedStrings::default();
+            items.iter().filter_map(MetaValue::as_str).for_each(|s| p.push(s));
+            MetaArray::Strings(p)
+        } else if all(|v| matches!(v, MetaValue::F32(_))) {
+            MetaArray::F32(items.iter().map(|v| if let MetaValue::F32(x) = v { *x } else { 0.0 }).collect())
+        } else if all(|v| matches!(v, MetaValue::I32(_))) {
+            MetaArray::I32(items.iter().map(|v| if let MetaValue::I32(x) = v { *x } else { 0 }).collect())
+        } else {
+            MetaArray::Values(items)
         }
     }
 }
@@ -270,6 +419,15 @@ impl<'a> Cursor<'a> {
         Ok((name, dims))
     }
 
+    /// `n` items read by `f`, in a vector allocated once.
+    fn each<T>(&mut self, n: usize, mut f: impl FnMut(&mut Self) -> Result<T>) -> Result<Vec<T>> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(f(self)?);
+        }
+        Ok(v)
+    }
+
     pub(crate) fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<MetaValue> {
         Ok(match ty {
             0 => MetaValue::U8(self.u8(key)?),
@@ -293,11 +451,20 @@ impl<'a> Cursor<'a> {
                 let min = min_value_size(elem_ty)
                     .ok_or_else(|| Error::invalid(format!("metadata {key}: unknown array element type {elem_ty}")))?;
                 let n = self.bounded_count(key, min)?;
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    items.push(self.value(elem_ty, depth + 1, key)?);
-                }
-                MetaValue::Array(items)
+                MetaValue::Array(match elem_ty {
+                    _ if n == 0 => MetaArray::Values(Vec::new()),
+                    8 => {
+                        let mut p = PackedStrings { text: String::new(), ends: Vec::with_capacity(n) };
+                        for _ in 0..n {
+                            let len = self.bounded_count(key, 1)?;
+                            p.push(&String::from_utf8_lossy(self.take(len, key)?));
+                        }
+                        MetaArray::Strings(p)
+                    }
+                    6 => MetaArray::F32(self.each(n, |c| Ok(f32::from_bits(c.u32(key)?)))?),
+                    5 => MetaArray::I32(self.each(n, |c| Ok(c.u32(key)? as i32))?),
+                    _ => MetaArray::Values(self.each(n, |c| c.value(elem_ty, depth + 1, key))?),
+                })
             }
             10 => MetaValue::U64(self.u64(key)?),
             11 => MetaValue::I64(self.u64(key)? as i64),
@@ -567,13 +734,14 @@ pub(crate) fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
         MetaValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
         MetaValue::Bool(x) => out.push(*x as u8),
         MetaValue::String(s) => put_str(out, s),
-        MetaValue::Array(items) => {
-            // An empty array's element type is irrelevant; u8 is as good as any.
-            let et = items.first().map_or(0, MetaValue::type_id);
-            out.extend_from_slice(&et.to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for it in items {
-                put_value(out, it);
+        MetaValue::Array(a) => {
+            out.extend_from_slice(&a.elem_type().to_le_bytes());
+            out.extend_from_slice(&(a.len() as u64).to_le_bytes());
+            match a {
+                MetaArray::Strings(p) => p.iter().for_each(|s| put_str(out, s)),
+                MetaArray::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                MetaArray::Values(v) => v.iter().for_each(|x| put_value(out, x)),
             }
         }
         MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),

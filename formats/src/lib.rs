@@ -21,5 +21,5 @@ pub mod types;
 pub use container::{CairnBuilder, CairnFile};
 pub use error::{Error, Result};
 pub use fine::FineType;
-pub use gguf::{Gguf, GgufBuilder, MetaValue, Metadata, TensorInfo};
+pub use gguf::{Gguf, GgufBuilder, MetaArray, MetaValue, Metadata, PackedStrings, TensorInfo};
 pub use types::GgmlType;

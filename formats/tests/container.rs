@@ -31,9 +31,9 @@ fn metadata() -> Vec<(String, MetaValue)> {
         ("f64".into(), MetaValue::F64(1e100)),
         (
             "tokenizer.ggml.tokens".into(),
-            MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("<|im_end|>".into())]),
+            MetaValue::array(vec![MetaValue::String("a".into()), MetaValue::String("<|im_end|>".into())]),
         ),
-        ("nested".into(), MetaValue::Array(vec![MetaValue::Array(vec![MetaValue::U32(1), MetaValue::U32(2)])])),
+        ("nested".into(), MetaValue::array(vec![MetaValue::array(vec![MetaValue::U32(1), MetaValue::U32(2)])])),
     ]
 }
 

@@ -8,7 +8,7 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use cairn_formats::quant::{dequantize, dot, quantize};
-use cairn_formats::{Error, GgmlType, Gguf, GgufBuilder, MetaValue};
+use cairn_formats::{Error, GgmlType, Gguf, GgufBuilder, MetaArray, MetaValue};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------- allocation meter
@@ -117,7 +117,9 @@ fn same(a: &MetaValue, b: &MetaValue) -> bool {
     match (a, b) {
         (MetaValue::F32(x), MetaValue::F32(y)) => x.to_bits() == y.to_bits(),
         (MetaValue::F64(x), MetaValue::F64(y)) => x.to_bits() == y.to_bits(),
-        (MetaValue::Array(x), MetaValue::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y)),
+        (MetaValue::Array(x), MetaValue::Array(y)) => {
+            x.len() == y.len() && (0..x.len()).all(|i| same(&x.get(i).unwrap(), &y.get(i).unwrap()))
+        }
         _ => a == b,
     }
 }
@@ -142,7 +144,7 @@ fn value_of(ty: u32, depth: u32) -> BoxedStrategy<MetaValue> {
                 (0u32..=12).boxed()
             };
             elem.prop_flat_map(move |t| {
-                proptest::collection::vec(value_of(t, depth.saturating_sub(1)), 0..6).prop_map(MetaValue::Array)
+                proptest::collection::vec(value_of(t, depth.saturating_sub(1)), 0..6).prop_map(MetaValue::array)
             })
             .boxed()
         }
@@ -263,7 +265,7 @@ fn encoded_len(v: &MetaValue) -> usize {
         MetaValue::U32(_) | MetaValue::I32(_) | MetaValue::F32(_) => 4,
         MetaValue::U64(_) | MetaValue::I64(_) | MetaValue::F64(_) => 8,
         MetaValue::String(s) => 8 + s.len(),
-        MetaValue::Array(a) => 4 + 8 + a.iter().map(encoded_len).sum::<usize>(),
+        MetaValue::Array(a) => 4 + 8 + (0..a.len()).map(|i| encoded_len(&a.get(i).unwrap())).sum::<usize>(),
     }
 }
 
@@ -499,12 +501,38 @@ fn allocation_meter_measures_parse() {
     let (v, peak, total) = metered(|| vec![0u8; 123_456]);
     assert_eq!(v.len(), 123_456);
     assert!(peak >= 123_456 && total >= 123_456, "{peak} {total}");
-    let array = MetaValue::Array(vec![MetaValue::U8(1); 10_000]);
+    let array = MetaValue::array(vec![MetaValue::U8(1); 10_000]);
     let bytes = GgufBuilder::new().meta("k", array).build();
     let (r, peak, _) = metered(|| Gguf::parse(&bytes));
     assert!(r.is_ok());
     assert!(peak >= 10_000 * std::mem::size_of::<MetaValue>(), "{peak}");
     assert!(peak <= alloc_bound(bytes.len()));
+}
+
+/// A vocabulary (strings, f32 scores, i32 types) is held packed: parsing allocates less
+/// than twice its encoded size, where one `MetaValue` per element would take 4×.
+#[test]
+fn vocabulary_arrays_parse_packed() {
+    let n = 100_000;
+    let tokens: Vec<String> = (0..n).map(|i| format!("tok{i}")).collect();
+    let bytes = GgufBuilder::new()
+        .meta("tokens", MetaValue::strings(&tokens))
+        .meta("scores", MetaValue::array((0..n).map(|i| MetaValue::F32(-(i as f32))).collect()))
+        .meta("types", MetaValue::array(vec![MetaValue::I32(1); n]))
+        .build();
+    let (g, _, total) = metered(|| Gguf::parse(&bytes));
+    let g = g.unwrap();
+    assert!(total < 2 * bytes.len(), "{total} bytes allocated for {} encoded", bytes.len());
+    let (t, s, ty) = (g.get("tokens").unwrap(), g.get("scores").unwrap(), g.get("types").unwrap());
+    assert!(matches!(t, MetaValue::Array(MetaArray::Strings(_))), "{:?}", t.as_array().map(MetaArray::len));
+    assert!(matches!(s, MetaValue::Array(MetaArray::F32(_))) && matches!(ty, MetaValue::Array(MetaArray::I32(_))));
+    let (t, s, ty) = (t.as_array().unwrap(), s.as_array().unwrap(), ty.as_array().unwrap());
+    assert_eq!((t.len(), t.str(0), t.str(n - 1), t.str(n)), (n, Some("tok0"), Some("tok99999"), None));
+    assert_eq!(t.strs().unwrap(), tokens.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!((s.f64(7), ty.i64(7), s.str(7), ty.f64(n)), (Some(-7.0), Some(1), None, None));
+    // The packed form is the canonical one: built element by element, it compares equal.
+    let one_by_one = MetaValue::array(tokens.iter().map(|t| MetaValue::String(t.clone())).collect());
+    assert_eq!(g.get("tokens"), Some(&one_by_one));
 }
 
 // ---------------------------------------------------------------- hostile headers
@@ -616,9 +644,9 @@ fn deep_array_nesting_is_refused_without_recursing_deeply() {
     let msg = hostile(&raw.u32(0).u64(0).done());
     assert!(msg.contains("nested"), "{msg}");
     // Moderate nesting, as built by the writer, is fine.
-    let mut v = MetaValue::Array(vec![MetaValue::U8(7)]);
+    let mut v = MetaValue::array(vec![MetaValue::U8(7)]);
     for _ in 0..5 {
-        v = MetaValue::Array(vec![v]);
+        v = MetaValue::array(vec![v]);
     }
     let bytes = GgufBuilder::new().meta("k", v.clone()).build();
     assert!(same(Gguf::parse(&bytes).unwrap().get("k").unwrap(), &v));

@@ -85,10 +85,7 @@ impl ChatTemplate {
         let source = meta.get_str("tokenizer.chat_template").ok_or(ChatError::NoTemplate)?;
         let token_text = |key: &str| -> String {
             let tokens = meta.get("tokenizer.ggml.tokens").and_then(|v| v.as_array());
-            meta.get_u64(key)
-                .and_then(|id| tokens?.get(usize::try_from(id).ok()?)?.as_str())
-                .unwrap_or_default()
-                .to_string()
+            meta.get_u64(key).and_then(|id| tokens?.str(usize::try_from(id).ok()?)).unwrap_or_default().to_string()
         };
         ChatTemplate::new(
             source,

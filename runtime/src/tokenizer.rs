@@ -23,7 +23,7 @@ use std::collections::BinaryHeap;
 use std::fmt;
 use std::sync::OnceLock;
 
-use cairn_formats::{MetaValue, Metadata};
+use cairn_formats::{MetaArray, MetaValue, Metadata};
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -299,10 +299,8 @@ impl Spm {
         // llama.cpp scores every token 0 when the key is absent.
         let scores = match meta_array(meta, SCORES)? {
             None => vec![0.0; n],
-            Some(a) if a.len() == n => a
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v.as_f64() {
+            Some(a) if a.len() == n => (0..n)
+                .map(|i| match a.f64(i) {
                     Some(x) if !x.is_nan() => Ok(x as f32 + 0.0),
                     _ => Err(TokenizerError::BadMetadata { key: SCORES, reason: format!("score {i} is not a number") }),
                 })
@@ -547,7 +545,7 @@ const EOT_TEXTS: &[&str] = &[
     "<end_of_utterance>",
 ];
 
-fn meta_array<'g>(meta: &'g dyn Metadata, key: &'static str) -> Result<Option<&'g [MetaValue]>> {
+fn meta_array<'g>(meta: &'g dyn Metadata, key: &'static str) -> Result<Option<&'g MetaArray>> {
     match meta.get(key) {
         None => Ok(None),
         Some(v) => {
@@ -560,13 +558,8 @@ fn meta_strings<'g>(meta: &'g dyn Metadata, key: &'static str) -> Result<Option<
     let Some(arr) = meta_array(meta, key)? else {
         return Ok(None);
     };
-    arr.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.as_str()
-                .ok_or_else(|| TokenizerError::BadMetadata { key, reason: format!("element {i} is not a string") })
-        })
-        .collect::<Result<Vec<_>>>()
+    arr.strs()
+        .map_err(|i| TokenizerError::BadMetadata { key, reason: format!("element {i} is not a string") })
         .map(Some)
 }
 
@@ -733,7 +726,7 @@ impl Tokenizer {
         }
         let mut types = match meta_array(meta, "tokenizer.ggml.token_type")? {
             None => vec![TokenType::Normal; n],
-            Some(a) if a.len() == n => a.iter().map(|v| TokenType::from_gguf(v.as_i64().unwrap_or(0))).collect(),
+            Some(a) if a.len() == n => (0..n).map(|i| TokenType::from_gguf(a.i64(i).unwrap_or(0))).collect(),
             Some(a) => {
                 return Err(TokenizerError::BadMetadata {
                     key: "tokenizer.ggml.token_type",

@@ -55,7 +55,7 @@ fn renders_multi_turn() {
 fn gguf_with(template: Option<&str>) -> Vec<u8> {
     let mut b = GgufBuilder::new().meta(
         "tokenizer.ggml.tokens",
-        MetaValue::Array(["<s>", "</s>"].iter().map(|s| MetaValue::String(s.to_string())).collect()),
+        MetaValue::array(["<s>", "</s>"].iter().map(|s| MetaValue::String(s.to_string())).collect()),
     );
     b = b.meta("tokenizer.ggml.bos_token_id", MetaValue::U32(0)).meta("tokenizer.ggml.eos_token_id", MetaValue::U32(1));
     if let Some(t) = template {

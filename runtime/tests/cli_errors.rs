@@ -320,9 +320,9 @@ fn more_ids_than_the_context() {
     let meta = [
         ("tokenizer.ggml.model", MetaValue::String("gpt2".into())),
         ("tokenizer.ggml.pre", MetaValue::String("smollm".into())),
-        ("tokenizer.ggml.tokens", MetaValue::Array(tokens)),
-        ("tokenizer.ggml.token_type", MetaValue::Array(vec![MetaValue::I32(1); 3])),
-        ("tokenizer.ggml.merges", MetaValue::Array(vec![MetaValue::String("a b".into())])),
+        ("tokenizer.ggml.tokens", MetaValue::array(tokens)),
+        ("tokenizer.ggml.token_type", MetaValue::array(vec![MetaValue::I32(1); 3])),
+        ("tokenizer.ggml.merges", MetaValue::array(vec![MetaValue::String("a b".into())])),
     ];
     let bytes = rebuild(&llama_gguf(&c, 5).unwrap(), &meta, keep);
     let m = dir.file("ctx8.gguf", &bytes);

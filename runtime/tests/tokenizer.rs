@@ -191,7 +191,7 @@ fn stream_decoder_flushes_invalid_bytes() {
 // ---- synthetic vocabularies: no download needed -------------------------------------
 
 fn strings(v: &[&str]) -> MetaValue {
-    MetaValue::Array(v.iter().map(|s| MetaValue::String(s.to_string())).collect())
+    MetaValue::array(v.iter().map(|s| MetaValue::String(s.to_string())).collect())
 }
 
 /// A tiny byte-level BPE: the printable ASCII bytes, "Ġ" (space), a few merges and
@@ -206,7 +206,7 @@ fn tiny_gguf(model: &str, pre: Option<&str>) -> Vec<u8> {
     let mut b = GgufBuilder::new()
         .meta("tokenizer.ggml.model", MetaValue::String(model.into()))
         .meta("tokenizer.ggml.tokens", strings(&token_refs))
-        .meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
+        .meta("tokenizer.ggml.token_type", MetaValue::array(types.into_iter().map(MetaValue::I32).collect()))
         .meta("tokenizer.ggml.merges", strings(&["Ġ a", "a b", "Ġa b"]))
         .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(0))
         .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(1))

@@ -178,7 +178,7 @@ fn perplexity_text_token_count_matches() {
 // ---- synthetic vocabularies: no download needed -------------------------------------
 
 fn strings(v: &[&str]) -> MetaValue {
-    MetaValue::Array(v.iter().map(|s| MetaValue::String(s.to_string())).collect())
+    MetaValue::array(v.iter().map(|s| MetaValue::String(s.to_string())).collect())
 }
 
 /// A tiny SentencePiece vocabulary: `<unk> <s> </s>`, the 256 byte tokens, then the
@@ -217,8 +217,8 @@ fn spm_gguf(scores: &[(&str, f32)], extra: &[(&str, MetaValue)]) -> Vec<u8> {
     let mut b = GgufBuilder::new()
         .meta("tokenizer.ggml.model", MetaValue::String("llama".into()))
         .meta("tokenizer.ggml.tokens", strings(&token_refs))
-        .meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
-        .meta("tokenizer.ggml.scores", MetaValue::Array(score_list.into_iter().map(MetaValue::F32).collect()));
+        .meta("tokenizer.ggml.token_type", MetaValue::array(types.into_iter().map(MetaValue::I32).collect()))
+        .meta("tokenizer.ggml.scores", MetaValue::array(score_list.into_iter().map(MetaValue::F32).collect()));
     for (k, v) in extra {
         b = b.meta(k, v.clone());
     }
@@ -294,7 +294,7 @@ fn synthetic_spm_malformed_metadata_is_an_error() {
     let bytes = GgufBuilder::new()
         .meta("tokenizer.ggml.model", MetaValue::String("llama".into()))
         .meta("tokenizer.ggml.tokens", strings(&["a", "b", "ab"]))
-        .meta("tokenizer.ggml.scores", MetaValue::Array(vec![MetaValue::F32(0.0); 2]))
+        .meta("tokenizer.ggml.scores", MetaValue::array(vec![MetaValue::F32(0.0); 2]))
         .build();
     let err = bad(bytes);
     assert!(matches!(err, TokenizerError::BadMetadata { key: "tokenizer.ggml.scores", .. }), "{err}");
@@ -312,7 +312,7 @@ fn synthetic_spm_malformed_metadata_is_an_error() {
     let bytes = GgufBuilder::new()
         .meta("tokenizer.ggml.model", MetaValue::String("llama".into()))
         .meta("tokenizer.ggml.tokens", strings(&["a", "<0xZZ>"]))
-        .meta("tokenizer.ggml.token_type", MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(6)]))
+        .meta("tokenizer.ggml.token_type", MetaValue::array(vec![MetaValue::I32(1), MetaValue::I32(6)]))
         .build();
     assert!(matches!(bad(bytes), TokenizerError::BadMetadata { key: "tokenizer.ggml.tokens", .. }));
 

@@ -231,7 +231,7 @@ impl StackStats {
     pub fn from_file(file: &ModelFile, levels: &[usize]) -> Option<StackStats> {
         let floats = |key: &str| -> Option<Vec<f64>> {
             match file.meta(key)? {
-                MetaValue::Array(v) => v.iter().map(|x| x.as_f64()).collect(),
+                MetaValue::Array(a) => (0..a.len()).map(|i| a.f64(i)).collect(),
                 _ => None,
             }
         };
@@ -437,12 +437,12 @@ pub fn build(
     for (s, g) in stacks.iter_mut().zip(stats.gains(proxy, &pages)) {
         s.gain = g;
     }
-    b.meta(META_RESIDUAL, MetaValue::Array(stats.residual_weight.iter().map(|&w| MetaValue::F64(w)).collect()));
+    b.meta(META_RESIDUAL, MetaValue::array(stats.residual_weight.iter().map(|&w| MetaValue::F64(w)).collect()));
     b.meta("cairn.stack.proxy", MetaValue::String(format!("{proxy:?}")));
     // Every matrix's error after each level, so other orders can be tried without a
     // reconversion (`stack-eval --order`).
     let flat = |f: &dyn Fn(&MatrixStack) -> &Vec<f64>| {
-        MetaValue::Array(stacks.iter().flat_map(|s| f(s).iter().map(|&e| MetaValue::F64(e))).collect())
+        MetaValue::array(stacks.iter().flat_map(|s| f(s).iter().map(|&e| MetaValue::F64(e))).collect())
     };
     b.meta(META_ENERGY, flat(&|s| &s.energy));
     b.meta(META_ENERGY_ACT, flat(&|s| &s.energy_act));
