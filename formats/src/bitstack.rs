@@ -214,6 +214,12 @@ pub fn block_name(name: &str, level: usize) -> String {
     format!("{name}.stack.{level}")
 }
 
+/// The matrix and level a block's tensor name stands for ([`block_name`] inverted).
+pub fn block_of(tensor: &str) -> Option<(&str, usize)> {
+    let (name, level) = tensor.rsplit_once(".stack.")?;
+    Some((name, level.parse().ok()?))
+}
+
 impl StackTable {
     pub fn shape(&self, matrix: usize) -> Result<BlockShape> {
         let mm = &self.matrices[matrix];

@@ -125,6 +125,43 @@ impl MetaValue {
     }
 }
 
+/// The short form people read (`cairn info`): numbers and strings bare, arrays past a
+/// few elements elided with their length.
+impl core::fmt::Display for MetaValue {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        const SHOWN: usize = 6;
+        match self {
+            MetaValue::U8(v) => write!(f, "{v}"),
+            MetaValue::I8(v) => write!(f, "{v}"),
+            MetaValue::U16(v) => write!(f, "{v}"),
+            MetaValue::I16(v) => write!(f, "{v}"),
+            MetaValue::U32(v) => write!(f, "{v}"),
+            MetaValue::I32(v) => write!(f, "{v}"),
+            MetaValue::F32(v) => write!(f, "{v}"),
+            MetaValue::Bool(v) => write!(f, "{v}"),
+            MetaValue::String(s) => f.write_str(s),
+            MetaValue::U64(v) => write!(f, "{v}"),
+            MetaValue::I64(v) => write!(f, "{v}"),
+            MetaValue::F64(v) => write!(f, "{v}"),
+            MetaValue::Array(a) => {
+                f.write_str("[")?;
+                for i in 0..a.len().min(SHOWN) {
+                    let sep = if i > 0 { ", " } else { "" };
+                    match a.get(i) {
+                        Some(MetaValue::String(s)) => write!(f, "{sep}{s:?}")?,
+                        Some(v) => write!(f, "{sep}{v}")?,
+                        None => {}
+                    }
+                }
+                if a.len() > SHOWN {
+                    write!(f, ", … ({} values)", a.len())?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
 /// A metadata array. A vocabulary is 50k–260k strings with a score and a type each;
 /// held as one `MetaValue` per element that costs ~34 MB for Gemma-3's, so arrays of
 /// strings, f32 and i32 are packed (~5 MB). The form is canonical: an array is packed

@@ -535,6 +535,16 @@ fn vocabulary_arrays_parse_packed() {
     assert_eq!(g.get("tokens"), Some(&one_by_one));
 }
 
+#[test]
+fn values_display_short() {
+    assert_eq!(MetaValue::U32(4).to_string(), "4");
+    assert_eq!(MetaValue::String("gpt2".into()).to_string(), "gpt2");
+    assert_eq!(MetaValue::strings(["a", "b"]).to_string(), r#"["a", "b"]"#);
+    let long = MetaValue::array((0..240).map(|i| MetaValue::F64(i as f64 / 2.0)).collect());
+    assert_eq!(long.to_string(), "[0, 0.5, 1, 1.5, 2, 2.5, … (240 values)]");
+    assert_eq!(MetaValue::array(vec![]).to_string(), "[]");
+}
+
 // ---------------------------------------------------------------- hostile headers
 
 /// Hand-assembled GGUF bytes, for headers the builder would never write.

@@ -10,6 +10,7 @@ use crate::engine::{Engine, EngineOptions};
 use crate::error::Result;
 use crate::model::{Logits, Segment, PREFILL_CHUNK};
 use crate::synthetic::SplitMix;
+use crate::weights::ModelFile;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -127,7 +128,7 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
             }
         }
     }
-    let weight_bytes_per_token = weight_bytes_per_token(&engine);
+    let weight_bytes_per_token = weight_bytes_per_token(&engine.file);
     // Before the bandwidth test, whose buffer is not the model's memory.
     let peak_rss_bytes = peak_rss();
     let threads = if o.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { o.threads };
@@ -155,16 +156,33 @@ pub fn run(path: &std::path::Path, o: &BenchOptions) -> Result<BenchReport> {
     })
 }
 
-/// Every matrix of the layers once, plus the output head; one embedding row is noise.
-fn weight_bytes_per_token(engine: &Engine) -> usize {
-    let f = &engine.file;
-    // A BitStack file's layers read only the blocks its budget keeps (or their copies).
-    let stacked = |name: &str| f.stack.as_ref().and_then(|s| s.weight(name)).is_some();
+/// Weight bytes a decode step reads: every matrix of the layers once, plus the output
+/// head; one embedding row is noise.
+pub fn weight_bytes_per_token(f: &ModelFile) -> usize {
+    // A BitStack file's layers read only the blocks its budget keeps (or their copies),
+    // counted below: neither the blocks' tensors nor their matrices count here.
+    let stacked = |name: &str| {
+        let name = cairn_formats::bitstack::block_of(name).map_or(name, |(m, _)| m);
+        f.stack.as_ref().and_then(|s| s.weight(name)).is_some()
+    };
     let mut bytes: u64 =
         f.tensors.iter().filter(|t| t.name.starts_with("blk.") && !stacked(&t.name)).map(|t| t.size).sum();
     if let Some(s) = &f.stack {
-        let counts: Vec<usize> = s.weights.iter().map(|w| w.active()).collect();
-        bytes += s.cost(&counts);
+        // The bytes of the blocks in use (not their page-rounded residency), or of the
+        // dense copy a matrix runs from.
+        for (i, w) in s.weights.iter().enumerate() {
+            let c = w.active();
+            bytes += match s.matrix_cost(i, c) {
+                (copy, true) => copy,
+                _ => s
+                    .table
+                    .entries
+                    .iter()
+                    .filter(|e| e.matrix as usize == i && (e.level as usize) < c)
+                    .map(|e| f.tensors[e.tensor as usize].size)
+                    .sum(),
+            };
+        }
     }
     let head = f.tensor_info("output.weight").or_else(|| f.tensor_info("token_embd.weight"));
     bytes += head.map_or(0, |t| t.size);

@@ -7,9 +7,10 @@ mod common;
 use cairn::backend::cpu::bitstack::{rebuild_rows, stack_matvec_f32, stack_matvec_int8, stack_matvec_int8_many};
 use cairn::backend::cpu::kernels::Isa;
 use cairn::backend::cpu::CpuBackend;
+use cairn::bench::weight_bytes_per_token;
 use cairn::bitstack::build::{decompose, global_order, Proxy, StackStats};
 use cairn::bitstack::linalg::{dense_svd, top_k, IterOptions};
-use cairn::bitstack::{apply_budget, parse_size, DenseCache};
+use cairn::bitstack::{apply_budget, fixed_bytes, parse_size, DenseCache};
 use cairn::model;
 use cairn::synthetic::SplitMix;
 use cairn_formats::bitstack::{Block, BlockShape};
@@ -285,6 +286,30 @@ fn live_budget_changes_equal_a_fresh_load() {
         rel_diff(&at_big, &full),
         rel_diff(&at_small, &full)
     );
+}
+
+/// `cairn bench`'s decode bytes per token count each block in use once: growing the
+/// stack adds exactly the bytes of the blocks that joined, and the whole stack reads no
+/// more than the file's tensors.
+#[test]
+fn bench_counts_the_blocks_in_use_once() {
+    let src = small_model();
+    let a = stacked(&src, 4);
+    let stack = a.stack.as_ref().unwrap();
+    stack.set_dense_cache(DenseCache::Off);
+    let runner = model::load(&a, CpuBackend::new(1).unwrap()).unwrap();
+    let cfg = runner.config().clone();
+    let (dense, kv, scratch) = fixed_bytes(&a, &cfg, 64);
+    let t = &stack.table;
+    let at = |blocks: usize| {
+        apply_budget(&a, &cfg, 64, 0, dense + kv + scratch + t.prefix_bytes(blocks)).unwrap();
+        weight_bytes_per_token(&a) as u64
+    };
+    let (lo, hi) = (at(t.min_prefix()), at(t.entries.len()));
+    let joined: u64 = t.entries[t.min_prefix()..].iter().map(|e| a.tensors[e.tensor as usize].size).sum();
+    assert_eq!(hi - lo, joined);
+    let tensors: u64 = a.tensors.iter().map(|t| t.size).sum();
+    assert!(hi <= tensors, "{hi} bytes per token from {tensors} bytes of tensors");
 }
 
 #[test]

@@ -184,7 +184,7 @@ fn check_matmul(d: &EmuDevice, ty: GgmlType, k: usize, m: usize, ns: &[usize]) {
     args.extend(&extra);
     d.launch(&format!("matvec_{name}"), Launch::grid2(m.div_ceil(4), 1, 128), &args).unwrap();
     let xs = if integer { q8_host(&x).1 } else { x.clone() };
-    let want = c.matmul(&c.upload(&xs, 1, k), &wc).data;
+    let want = c.to_host(c.matmul(&c.upload(&xs, 1, k), &wc));
     let diff = max_rel_diff(&y.f32s(), &want);
     assert!(diff < OP_TOL, "{ty} matvec 1x{k} by {m}: relative difference {diff}");
 
@@ -194,7 +194,7 @@ fn check_matmul(d: &EmuDevice, ty: GgmlType, k: usize, m: usize, ns: &[usize]) {
         let mut args = vec![w.arg(), xb.arg(), y.arg(), u(n), u(k), u(m), u(rb)];
         args.extend(&extra);
         d.launch(&format!("matmul_{name}"), Launch::grid2(m.div_ceil(64), n.div_ceil(64), 256), &args).unwrap();
-        let want = c.matmul(&c.upload(&x, n, k), &wc).data;
+        let want = c.to_host(c.matmul(&c.upload(&x, n, k), &wc));
         let diff = max_rel_diff(&y.f32s(), &want);
         assert!(diff < OP_TOL, "{ty} matmul {n}x{k} by {m}: relative difference {diff}");
     }
@@ -449,7 +449,7 @@ fn bitstack_matches_the_cpu() {
             stack.set_counts(&counts).unwrap();
             for n in [1, 19] {
                 let x = random(n * s.n, 40 + n as u64);
-                let want = c.matmul(&c.upload(&x, n, s.n), &wc).data;
+                let want = c.to_host(c.matmul(&c.upload(&x, n, s.n), &wc));
                 let got = stack_product(d, &blocks[..active], s, &x, n);
                 let diff = max_rel_diff(&got, &want);
                 assert!(diff < OP_TOL, "{name} with {active} blocks, {n} tokens: relative difference {diff}");

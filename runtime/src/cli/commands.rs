@@ -469,7 +469,12 @@ pub fn info(m: &ModelArgs) -> Result<()> {
         }
     }
     for (k, v) in file.metadata.iter().filter(|(k, _)| k.starts_with("cairn.")) {
-        println!("{k}: {}", v.as_str().map(str::to_string).unwrap_or_else(|| format!("{v:?}")));
+        println!("{k}: {v}");
+    }
+    // A BitStack file's matrices are its blocks (I8 tensors), at the whole stack.
+    if let Some(s) = &file.stack {
+        lin_bytes += s.table.prefix_bytes(s.table.entries.len());
+        lin_params += s.weights.iter().map(|w| (w.shape.m * w.shape.n) as u64).sum::<u64>();
     }
     println!(
         "linear weights: {lin_bytes} bytes, {lin_params} params, {:.3} bits/param",

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 
 use super::kernels::{self, attn, Isa};
-use super::{CpuKv, CpuTensor, KvData};
+use super::{scratch, CpuKv, CpuTensor, KvData};
 use crate::backend::AttnParams;
 
 fn round_f16(x: f32) -> f32 {
@@ -51,7 +51,7 @@ pub fn attention(
     let keys = kv.k.to_f32(span.clone());
     let values = kv.v.to_f32(span);
     let base = first_visible;
-    let mut out = vec![0f32; q.rows * p.n_heads * hd];
+    let mut out = scratch::zeroed(q.rows * p.n_heads * hd);
     // One task per (query row, head): independent, and enough of them to fill threads.
     // A short decode step is cheaper on the calling thread than split across threads.
     let work = q.rows * p.n_heads * (n_ctx - first_visible);
@@ -104,7 +104,7 @@ fn decode_f16(
     let (width, start) = (kv.width, kv.start);
     let hd = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
-    let mut out = vec![0f32; p.n_heads * hd];
+    let mut out = scratch::zeroed(p.n_heads * hd);
     let n = span.len();
     let task = |(g, o): (usize, &mut [f32])| {
         let mut qs = q.data[g * group * hd..(g + 1) * group * hd].to_vec();
@@ -162,7 +162,7 @@ fn batch_tiled(
     let keys = kv.k.to_f32(span.clone());
     let values = kv.v.to_f32(span);
     // Keys transposed per KV head, `[g][d][stride]`, zero padded to whole tiles.
-    let mut kt = vec![0f32; p.n_kv_heads * hd * stride];
+    let mut kt = scratch::zeroed(p.n_kv_heads * hd * stride);
     kt.par_chunks_mut(hd * stride).enumerate().for_each(|(g, kt)| {
         for (j, row) in keys.chunks_exact(width).enumerate() {
             for (d, &x) in row[g * hd..(g + 1) * hd].iter().enumerate() {
@@ -176,7 +176,7 @@ fn batch_tiled(
         first - base..pos + 1 - base
     };
     let tiles = q.rows.div_ceil(QT);
-    let mut out = vec![0f32; q.rows * p.n_heads * hd];
+    let mut out = scratch::zeroed(q.rows * p.n_heads * hd);
     let results: Vec<(usize, usize, Vec<f32>)> = (0..p.n_heads * tiles)
         .into_par_iter()
         .map(|task| {
@@ -195,7 +195,7 @@ fn batch_tiled(
                 qt[t * hd..(t + 1) * hd].iter_mut().zip(src).for_each(|(d, &x)| *d = round_f16(x));
             }
             let kt = &kt[g * hd * stride + lo..];
-            let mut s = vec![0f32; QT * sstride];
+            let mut s = scratch::zeroed(QT * sstride);
             for j in (0..n).step_by(KB) {
                 let len = KB.min(n - j);
                 for r in (0..rows).step_by(attn::TQ) {
@@ -236,9 +236,11 @@ fn batch_tiled(
                     attn::values(isa, &s[r * sstride + j..], sstride, &v[j * width..], width, hd, len, out);
                 }
             }
+            scratch::recycle(s);
             (h, t0, o)
         })
         .collect();
+    [kt, keys, values].into_iter().for_each(scratch::recycle);
     for (h, t0, o) in results {
         for (t, row) in o.chunks_exact(hd).enumerate().take(q.rows - t0) {
             let at = (t0 + t) * p.n_heads * hd + h * hd;

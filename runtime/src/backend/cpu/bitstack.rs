@@ -15,7 +15,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::kernels::{self, lut, Isa, Q8Acts};
-use super::CpuTensor;
+use super::{scratch, CpuTensor};
 use crate::bitstack::{DenseCopy, StackWeight};
 use cairn_formats::bitstack::Block;
 use cairn_formats::GgmlType;
@@ -65,7 +65,7 @@ pub fn matmul(x: &CpuTensor, w: &StackWeight, isa: Option<Isa>) -> CpuTensor {
     // rebuilding dense tiles of the whole matrix costs more than a few matvecs. The f32
     // path (`isa` None) runs the f32 tables with this CPU's f32 row kernel.
     if x.rows <= matvec_rows() {
-        let mut y = vec![0f32; x.rows * m];
+        let mut y = scratch::zeroed(x.rows * m);
         for (xr, yr) in x.data.chunks_exact(x.cols).zip(y.chunks_exact_mut(m)) {
             match isa {
                 Some(isa) => stack_matvec(isa, &blocks, xr, yr),
@@ -114,7 +114,7 @@ fn dense_matmul(x: &CpuTensor, d: &DenseCopy, m: usize, isa: Option<Isa>) -> Cpu
         _ => std::borrow::Cow::Borrowed(d.bytes()),
     };
     let Some(isa) = isa.filter(|&i| kernels::supports(i, ty)) else {
-        let mut out = vec![0f32; ntok * m];
+        let mut out = scratch::zeroed(ntok * m);
         let mut row = vec![0f32; n];
         for r in 0..m {
             // Rows are whole Q8_0 blocks by construction.
@@ -139,12 +139,12 @@ fn dense_matmul(x: &CpuTensor, d: &DenseCopy, m: usize, isa: Option<Isa>) -> Cpu
         let mut q = Q8Acts::default();
         q.quantize(&x.data, 1, n);
         let chunk = m.div_ceil(threads * 4).next_multiple_of(8).max(8);
-        let mut out = vec![0f32; m];
+        let mut out = scratch::zeroed(m);
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| rows_times(c * chunk, o.len(), &q, o));
         return CpuTensor { data: out, rows: 1, cols: m };
     }
     let per = ntok.div_ceil(threads).next_multiple_of(4);
-    let mut out = vec![0f32; ntok * m];
+    let mut out = scratch::zeroed(ntok * m);
     out.par_chunks_mut(per * m).zip(x.data.par_chunks(per * n)).for_each(|(o, xs)| {
         let mut q = Q8Acts::default();
         q.quantize(xs, xs.len() / n, n);
@@ -173,7 +173,7 @@ fn rebuild_matmul_q8(x: &CpuTensor, blocks: &[Block<'_>], m: usize, isa: Isa) ->
         kernels::quantize_q8_0(isa, &tile, &mut bytes);
         kernels::matmul(isa, GgmlType::Q8_0, &bytes, rb, &q, o);
     });
-    let mut out = vec![0f32; ntok * m];
+    let mut out = scratch::zeroed(ntok * m);
     for (c, o) in out_tiles.chunks(TILE * ntok).enumerate() {
         let rows = o.len() / ntok;
         for t in 0..ntok {
@@ -282,7 +282,7 @@ pub fn matmul_many(x: &CpuTensor, ws: &[&StackWeight], isa: Option<Isa>) -> Vec<
     };
     let blocks: Vec<Vec<Block<'_>>> = ws.iter().map(|w| (0..w.active()).map(|l| w.block(l)).collect()).collect();
     let sets: Vec<&[Block<'_>]> = blocks.iter().map(|b| b.as_slice()).collect();
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; x.rows * w.shape.m]).collect();
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| scratch::zeroed(x.rows * w.shape.m)).collect();
     for (t, xr) in x.data.chunks_exact(x.cols).enumerate() {
         let mut ys: Vec<&mut [f32]> =
             outs.iter_mut().zip(ws).map(|(o, w)| &mut o[t * w.shape.m..(t + 1) * w.shape.m]).collect();
@@ -447,7 +447,7 @@ fn rebuild_matmul(x: &CpuTensor, blocks: &[Block<'_>], m: usize, isa: Isa) -> Cp
             }
         }
     });
-    let mut out = vec![0f32; ntok * m];
+    let mut out = scratch::zeroed(ntok * m);
     for r in 0..m {
         for t in 0..ntok {
             out[t * m + r] = out_t[r * ntok + t];

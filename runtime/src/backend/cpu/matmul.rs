@@ -7,8 +7,12 @@
 use rayon::prelude::*;
 
 use super::kernels::{self, Isa, Q8Acts};
-use super::{CpuTensor, CpuWeight};
+use super::{scratch, CpuTensor, CpuWeight};
 use crate::weights::HostTensor;
+
+thread_local! {
+    static ACTS: std::cell::RefCell<Q8Acts> = std::cell::RefCell::new(Q8Acts::default());
+}
 
 /// Weight rows per task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 16;
@@ -77,8 +81,10 @@ pub fn matmul_many(x: &CpuTensor, ws: &[&CpuWeight], isa: Option<Isa>, threads: 
             o
         })
         .collect();
-    let mut outs: Vec<CpuTensor> =
-        ws.iter().map(|w| CpuTensor { data: vec![0f32; n * w.host.rows()], rows: n, cols: w.host.rows() }).collect();
+    let mut outs: Vec<CpuTensor> = ws
+        .iter()
+        .map(|w| CpuTensor { data: scratch::zeroed(n * w.host.rows()), rows: n, cols: w.host.rows() })
+        .collect();
     for (&(wi, r0, len), part) in items.iter().zip(&parts) {
         let out = &mut outs[wi];
         for t in 0..n {
@@ -100,17 +106,20 @@ fn matmul_q8(x: &CpuTensor, w: &CpuWeight, isa: Isa, threads: usize) -> CpuTenso
     // Prefill: each thread takes a run of tokens and streams all weight rows past them,
     // writing its own contiguous rows of the output.
     let per = n.div_ceil(threads).next_multiple_of(4);
-    let mut out = vec![0f32; n * m];
+    let mut out = scratch::zeroed(n * m);
     out.par_chunks_mut(per * m).zip(x.data.par_chunks(per * k)).for_each(|(o, xs)| {
-        let mut q = Q8Acts::default();
-        q.quantize(xs, xs.len() / k, k);
-        rows_times(isa, w, 0, &q, o);
+        // Each worker keeps its quantized rows between calls (see `scratch`).
+        // Each worker keeps its quantized rows between calls (see `scratch`).
+        ACTS.with_borrow_mut(|q| {
+            q.quantize(xs, xs.len() / k, k);
+            rows_times(isa, w, 0, q, o);
+        })
     });
     CpuTensor { data: out, rows: n, cols: m }
 }
 
 fn transpose(src: &[f32], rows: usize, cols: usize) -> CpuTensor {
-    let mut out = vec![0f32; rows * cols];
+    let mut out = scratch::zeroed(rows * cols);
     for r in 0..rows {
         for c in 0..cols {
             out[c * rows + r] = src[r * cols + c];
@@ -128,7 +137,7 @@ fn matmul_f32(x: &CpuTensor, w: &HostTensor, isa: Isa) -> CpuTensor {
     let bytes = w.bytes();
     let ty = w.ty;
     if n == 1 && isa != Isa::Scalar {
-        let mut out = vec![0f32; m];
+        let mut out = scratch::zeroed(m);
         out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, o)| {
             let mut row = vec![0f32; k];
             for (i, o) in o.iter_mut().enumerate() {
@@ -143,7 +152,7 @@ fn matmul_f32(x: &CpuTensor, w: &HostTensor, isa: Isa) -> CpuTensor {
         return CpuTensor { data: out, rows: 1, cols: m };
     }
     if n == 1 {
-        let mut out = vec![0f32; m];
+        let mut out = scratch::zeroed(m);
         out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, o)| {
             for (i, o) in o.iter_mut().enumerate() {
                 let j = c * ROWS_PER_TASK + i;

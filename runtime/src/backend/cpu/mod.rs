@@ -9,6 +9,7 @@ pub mod bitstack;
 pub mod kernels;
 mod matmul;
 mod ops;
+pub mod scratch;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,12 +21,24 @@ use crate::bitstack::StackWeight;
 use crate::error::{Error, Result};
 use crate::weights::HostTensor;
 
-/// Row-major f32 activations.
-#[derive(Debug, Clone, PartialEq)]
+/// Row-major f32 activations; their buffers go back to [`scratch`] when dropped.
+#[derive(Debug, PartialEq)]
 pub struct CpuTensor {
     pub data: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
+}
+
+impl Clone for CpuTensor {
+    fn clone(&self) -> Self {
+        CpuTensor { data: scratch::copy_of(&self.data), rows: self.rows, cols: self.cols }
+    }
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        scratch::recycle(std::mem::take(&mut self.data));
+    }
 }
 
 /// A weight borrowed from the mapping; small 1-D tensors (norms) are kept as f32, and
@@ -79,13 +92,13 @@ impl KvData {
         match self {
             KvData::F16(v) => {
                 use half::slice::HalfFloatSliceExt;
-                let mut out = vec![0f32; range.len()];
+                let mut out = scratch::zeroed(range.len());
                 // Long prompts convert megabytes per layer: on every thread of the pool.
                 const CHUNK: usize = 1 << 16;
                 out.par_chunks_mut(CHUNK).zip(v[range].par_chunks(CHUNK)).for_each(|(o, h)| h.convert_to_f32_slice(o));
                 out
             }
-            KvData::F32(v) => v[range].to_vec(),
+            KvData::F32(v) => scratch::copy_of(&v[range]),
         }
     }
 }
@@ -276,7 +289,10 @@ impl Backend for CpuBackend {
     }
 
     fn scope<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+        let r = self.pool.install(f);
+        // A pass's buffers serve its later layers; between passes they are not held.
+        scratch::trim();
+        r
     }
 
     fn load_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
@@ -309,29 +325,34 @@ impl Backend for CpuBackend {
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
         assert_eq!(data.len(), rows * cols, "upload: shape does not match data");
-        CpuTensor { data: data.to_vec(), rows, cols }
+        CpuTensor { data: scratch::copy_of(data), rows, cols }
     }
 
-    fn to_host(&self, x: CpuTensor) -> Vec<f32> {
-        x.data
+    fn to_host(&self, mut x: CpuTensor) -> Vec<f32> {
+        std::mem::take(&mut x.data)
     }
 
     fn rows(&self, x: &CpuTensor, start: usize, n: usize) -> CpuTensor {
-        let data = x.data[start * x.cols..(start + n) * x.cols].to_vec();
+        let data = scratch::copy_of(&x.data[start * x.cols..(start + n) * x.cols]);
         CpuTensor { data, rows: n, cols: x.cols }
     }
 
     fn concat(&self, parts: &[CpuTensor]) -> CpuTensor {
         let cols = parts.first().map_or(0, |p| p.cols);
         assert!(parts.iter().all(|p| p.cols == cols), "concat: parts of different widths");
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let mut data = scratch::zeroed(parts.iter().map(|p| p.data.len()).sum());
+        let mut at = 0;
+        for p in parts {
+            data[at..at + p.data.len()].copy_from_slice(&p.data);
+            at += p.data.len();
+        }
         CpuTensor { data, rows: parts.iter().map(|p| p.rows).sum(), cols }
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32], scale: f32) -> Result<CpuTensor> {
         let (vocab, dim) = (table.host.rows(), table.host.cols());
         let rb = table.host.row_bytes();
-        let mut out = vec![0f32; ids.len() * dim];
+        let mut out = scratch::zeroed(ids.len() * dim);
         for (row, &id) in out.chunks_mut(dim).zip(ids) {
             if id as usize >= vocab {
                 return Err(Error::input(format!("token id {id} is outside the vocabulary of {vocab}")));
