@@ -17,7 +17,7 @@ const MIN_LEN: usize = 1 << 14;
 /// Buffers longer than this (64 MiB) are never held.
 const MAX_LEN: usize = 1 << 24;
 /// The most bytes the pool holds while they wait for reuse.
-const MAX_HELD: usize = 96 << 20;
+const MAX_HELD: usize = 32 << 20;
 
 struct Pool {
     free: Vec<Vec<f32>>,
