@@ -174,13 +174,7 @@ pub fn weight_bytes_per_token(f: &ModelFile) -> usize {
             let c = w.active();
             bytes += match s.matrix_cost(i, c) {
                 (copy, true) => copy,
-                _ => s
-                    .table
-                    .entries
-                    .iter()
-                    .filter(|e| e.matrix as usize == i && (e.level as usize) < c)
-                    .map(|e| f.tensors[e.tensor as usize].size)
-                    .sum(),
+                _ => w.block_bytes(c),
             };
         }
     }

@@ -148,6 +148,12 @@ impl StackWeight {
         self.active.load(Ordering::Acquire)
     }
 
+    /// Bytes of the first `c` blocks as stored (what a pass over them reads; residency
+    /// rounds each up to pages).
+    pub fn block_bytes(&self, c: usize) -> u64 {
+        self.blocks.iter().take(c).map(|(_, info, _)| info.size).sum()
+    }
+
     pub fn levels(&self) -> usize {
         self.blocks.len()
     }

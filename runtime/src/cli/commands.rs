@@ -473,7 +473,7 @@ pub fn info(m: &ModelArgs) -> Result<()> {
     }
     // A BitStack file's matrices are its blocks (I8 tensors), at the whole stack.
     if let Some(s) = &file.stack {
-        lin_bytes += s.table.prefix_bytes(s.table.entries.len());
+        lin_bytes += s.weights.iter().map(|w| w.block_bytes(w.levels())).sum::<u64>();
         lin_params += s.weights.iter().map(|w| (w.shape.m * w.shape.n) as u64).sum::<u64>();
     }
     println!(

@@ -109,7 +109,6 @@ fn matmul_q8(x: &CpuTensor, w: &CpuWeight, isa: Isa, threads: usize) -> CpuTenso
     let mut out = scratch::zeroed(n * m);
     out.par_chunks_mut(per * m).zip(x.data.par_chunks(per * k)).for_each(|(o, xs)| {
         // Each worker keeps its quantized rows between calls (see `scratch`).
-        // Each worker keeps its quantized rows between calls (see `scratch`).
         ACTS.with_borrow_mut(|q| {
             q.quantize(xs, xs.len() / k, k);
             rows_times(isa, w, 0, q, o);
